@@ -1,0 +1,74 @@
+"""Helpers shared by the kernel files: implementation choice and interpreter detection.
+
+Triton reads `TRITON_INTERPRET` when a `@triton.jit` function is defined, i.e. when the kernel module is imported,
+so the flag is captured once here and every kernel module agrees with it.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# True when Triton kernels run in the CPU interpreter (tests on a machine without CUDA).
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+IMPLS = ("auto", "triton", "ref")
+
+
+def resolve_impl(impl: str, tensor: torch.Tensor, op: str) -> str:
+    """Map `impl` to "triton" or "ref"; "auto" picks Triton for CUDA tensors and the reference otherwise."""
+    if impl not in IMPLS:
+        raise ValueError(f"{op}: impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if tensor.is_cuda else "ref"
+    if impl == "triton" and not tensor.is_cuda and not INTERPRET:
+        raise ValueError(
+            f"{op}: impl='triton' got CPU tensors; run on CUDA, or set TRITON_INTERPRET=1 before triton is "
+            "imported to use the (slow) interpreter"
+        )
+    return impl
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`input_precision` for `tl.dot`: IEEE products for fp32 inputs.
+
+    Triton's default for fp32 is TF32 (~1e-3 relative error), which would break the 2x rule against a PyTorch fp32
+    matmul (no TF32 unless asked). For 16-bit inputs the argument has no effect.
+    """
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@triton.jit
+def dot_acc(a, b, acc, INTERPRET_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + a @ b with fp32 accumulation; a (M, K), b (K, P), acc (M, P) fp32.
+
+    Under the CPU interpreter (INTERPRET_DOT) `tl.dot` is replaced by a broadcast multiply and a sum over K:
+    - the Triton 3.9 interpreter computes `tl.dot` on bf16 operands wrongly (results off by ~1e10, seen
+      2026-11-22); upcasting is exact, since bf16/fp16 products are exact in fp32, as in the GPU's MMA;
+    - the interpreter's `tl.dot` is numpy's BLAS matmul, whose result for a row depends on the row's position in
+      the tile, so batch invariance could not be tested; a sum over an outer axis adds every element in the same
+      order. On the GPU one MMA computes each output element the same way wherever its row sits.
+    """
+    if INTERPRET_DOT:
+        return acc + tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    else:
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+def emulate_bf16_rounding(dtype: torch.dtype) -> bool:
+    """Whether kernels must round fp32 -> bf16 by hand before storing (meta-parameter ROUND_BF16).
+
+    The Triton 3.9 CPU interpreter converts fp32 to bf16 by truncation (round toward zero), even when asked for
+    "rtne" (seen 2026-11-22): a bias of -2^-9 relative on average, which fails the 2x rule on gradients. The GPU
+    rounds to nearest-even; `round_bf16_rtne` reproduces that exactly in the interpreter.
+    """
+    return INTERPRET and dtype == torch.bfloat16
+
+
+@triton.jit
+def round_bf16_rtne(x):
+    """fp32 tensor -> fp32 tensor holding the nearest bf16 value (ties to even), so a later cast is exact."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)

@@ -1,0 +1,578 @@
+"""Token log-probs (and entropy) straight from the LM head, without materialising the logits.
+
+Math, for token t with final hidden state h_t (D,), head weight W (V, D), temperature tau and target y_t:
+
+    z_t    = W h_t / tau                          (V,)  logits: computed tile by tile, never stored
+    lse_t  = log sum_v exp(z_tv)
+    logp_t = z_t[y_t] - lse_t
+    H_t    = lse_t - sum_v p_tv z_tv,             p_t = softmax(z_t)
+
+With upstream per-token gradients g_t = dL/dlogp_t and e_t = dL/dH_t (token log-probs feed a ratio, so the
+upstream gradient is per token, never a single scalar):
+
+    dL/dz_tv = g_t (1[v = y_t] - p_tv) - e_t p_tv (z_tv - lse_t + H_t)
+    dL/dh_t  = 1/tau sum_v dL/dz_tv W_v           dL/dW_v = 1/tau sum_t dL/dz_tv h_t
+
+Shapes: N tokens, D hidden size, V vocab size (any V: the ragged last vocab block is masked to -inf).
+
+Forward (one kernel): a program owns BLOCK_N rows and sweeps the vocabulary in BLOCK_V tiles; each logit tile is a
+`tl.dot` over D with fp32 accumulation, folded into an online max / sum-exp (and, for the entropy, an online
+sum of p * (z - max)); the target logit is picked up in the same pass. Only per-row statistics leave the kernel:
+logp, the row max m and log sum exp(z - m) (saved for backward) and the entropy: O(N) memory between forward and
+backward.
+
+Backward, per chunk of C vocabulary rows (C chosen so the chunk buffer stays under `_CHUNK_BYTES`):
+1. `_logprob_bwd_dz_kernel` recomputes the logit tiles of the chunk and writes dL/dz (N, C) in the input dtype;
+2. `_matmul_kernel` accumulates d_hidden (N, D) += dz @ W[chunk] in an fp32 buffer;
+3. `_matmul_kernel` writes d_weight[chunk] = dz^T @ hidden, complete in one pass over all N rows.
+No atomics: every output tile has one owner and a fixed reduction order, so the gradients are deterministic.
+Never an (N, V) tensor: the largest temporary is the (N, C) chunk plus the (N, D) fp32 accumulator.
+
+Batch invariance: the launch configuration depends on (device, dtype, D) only, never on N, and rows do not
+interact inside a tile, so a row's logp is bitwise the same whatever N is and wherever the row sits.
+
+Targets: int64; `ignore_index` rows give logp 0, entropy 0 and exactly zero gradient. A target outside [0, V)
+that is not `ignore_index` gives logp NaN in both implementations (raising would need a host sync on every call;
+the NaN poisons the loss, which the training loop checks).
+
+References: the online softmax of Milakov & Gimelshein (arXiv 1805.02867); Cut Cross-Entropy (Wijmans et al.,
+arXiv 2411.09009) for logits that never leave on-chip memory; Liger-Kernel's fused linear cross-entropy for the
+vocabulary-chunked backward.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import INTERPRET, dot_acc, dot_precision, emulate_bf16_rounding, resolve_impl, round_bf16_rtne
+
+# Upper bound on the backward's (N, C) dL/dz chunk buffer, in bytes.
+_CHUNK_BYTES = 128 * 2**20
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference
+
+
+def token_logprobs_ref(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    upcast: bool = False,
+):
+    """Readable PyTorch reference: materialises the (N, V) logits. The spec for tests, benchmarks and impl="ref".
+
+    The logits are computed in the inputs' dtype (fp32 with `upcast=True`) and the softmax in fp32 (fp64 for fp64
+    inputs, which is how tests build their gold values).
+    """
+    if upcast and hidden.dtype != torch.float64:
+        hidden, weight = hidden.float(), weight.float()
+    out_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logits = (hidden @ weight.T).to(out_dtype) / temperature  # (N, V)
+    logprobs = torch.log_softmax(logits, dim=-1)  # (N, V)
+    vocab = weight.shape[0]
+    valid = targets != ignore_index  # (N,)
+    in_range = (targets >= 0) & (targets < vocab)  # (N,)
+    safe_targets = torch.where(in_range, targets, torch.zeros_like(targets))
+    logp = logprobs.gather(1, safe_targets[:, None]).squeeze(1)  # (N,)
+    logp = torch.where(in_range, logp, torch.full_like(logp, float("nan")))
+    logp = torch.where(valid, logp, torch.zeros_like(logp))
+    if not return_entropy:
+        return logp
+    entropy = -(logprobs.exp() * logprobs).sum(dim=-1)  # (N,)
+    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
+    return logp, entropy
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels
+
+
+@triton.jit
+def _logits_tile(
+    # pointers
+    hidden_ptr,  # (N, D) fp32 / bf16 / fp16
+    weight_ptr,  # (V', D) same dtype; V' = V for the forward, the chunk width for the backward
+    # index vectors
+    rows,  # (BLOCK_N,) int64 row indices
+    cols,  # (BLOCK_V,) int64 column indices into weight_ptr's rows
+    row_mask,
+    col_mask,
+    # sizes
+    D,
+    # strides
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    # scalars
+    inv_temp,
+    # meta-parameters
+    INTERPRET_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """z tile (BLOCK_N, BLOCK_V) fp32 = hidden[rows] @ weight[cols]^T / tau; columns past the vocabulary are -inf."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        h = tl.load(
+            hidden_ptr + rows[:, None] * stride_hn + ds[None, :] * stride_hd,
+            mask=row_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        # W^T tile loaded directly in (BLOCK_D, BLOCK_V) layout
+        w = tl.load(
+            weight_ptr + cols[None, :] * stride_wv + ds[:, None] * stride_wd,
+            mask=col_mask[None, :] & d_mask[:, None],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_V)
+        acc = dot_acc(h, w, acc, INTERPRET_DOT, DOT_PRECISION)
+    z = acc * inv_temp
+    return tl.where(col_mask[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _logprob_fwd_kernel(
+    # pointers
+    hidden_ptr,  # (N, D) fp32 / bf16 / fp16
+    weight_ptr,  # (V, D) same dtype
+    targets_ptr,  # (N,) int64
+    logp_ptr,  # (N,) fp32, out
+    max_ptr,  # (N,) fp32, out: row max of z, saved for backward
+    logsum_ptr,  # (N,) fp32, out: log sum exp(z - max), saved for backward
+    entropy_ptr,  # (N,) fp32, out: written only when WITH_ENTROPY
+    # sizes
+    N,
+    V,
+    D,
+    # strides
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    # scalars
+    inv_temp,
+    ignore_index,
+    # meta-parameters
+    WITH_ENTROPY: tl.constexpr,
+    INTERPRET_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    tgt = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)  # (BLOCK_N,) int64
+
+    # Online statistics per row, relative to the running max m:
+    #   s = sum exp(z - m),  t = sum exp(z - m) * (z - m)  =>  lse = m + log s,  H = log s - t / s.
+    # Tracking t relative to m avoids the cancellation of lse - sum p z when logits are large.
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        z = _logits_tile(
+            hidden_ptr,
+            weight_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            D,
+            stride_hn,
+            stride_hd,
+            stride_wv,
+            stride_wd,
+            inv_temp,
+            INTERPRET_DOT,
+            DOT_PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+        )  # (BLOCK_N, BLOCK_V) fp32, -inf past V
+        # every vocab tile holds at least one real column, so m_new is finite after the first tile
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
+        e = tl.exp(z - m_new[:, None])  # 0 on masked columns
+        if WITH_ENTROPY:
+            # rescale t to the new max: sum e_old * (z - m_new) = alpha * (t + (m - m_new) * s); guarded because
+            # (m - m_new) * s is (-inf) * 0 on the first tile
+            shift = tl.where(s > 0, m - m_new, 0.0) * s
+            ez = e * tl.where(col_mask[None, :], z - m_new[:, None], 0.0)
+            t = alpha * (t + shift) + tl.sum(ez, axis=1)
+        s = alpha * s + tl.sum(e, axis=1)
+        m = m_new
+        # the target column lies in exactly one tile; elsewhere this adds 0
+        z_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+
+    # lse = m + log s is never formed: (z - m) - log s keeps the precision that rounding lse at the magnitude
+    # of the logits would lose (it measurably hurt the gradients of peaked rows)
+    log_s = tl.log(s)
+    valid = tgt != ignore_index
+    in_range = (tgt >= 0) & (tgt < V)
+    logp = tl.where(in_range, (z_tgt - m) - log_s, float("nan"))
+    logp = tl.where(valid, logp, 0.0)
+    tl.store(logp_ptr + rows, logp, mask=row_mask)
+    tl.store(max_ptr + rows, m, mask=row_mask)
+    tl.store(logsum_ptr + rows, log_s, mask=row_mask)
+    if WITH_ENTROPY:
+        entropy = tl.where(valid, log_s - t / s, 0.0)
+        tl.store(entropy_ptr + rows, entropy, mask=row_mask)
+
+
+@triton.jit
+def _logprob_bwd_dz_kernel(
+    # pointers
+    hidden_ptr,  # (N, D) fp32 / bf16 / fp16
+    weight_ptr,  # (C, D) same dtype: the vocabulary chunk starting at row v_start of the head weight
+    targets_ptr,  # (N,) int64
+    max_ptr,  # (N,) fp32
+    logsum_ptr,  # (N,) fp32
+    entropy_ptr,  # (N,) fp32, read only when WITH_ENTROPY
+    grad_logp_ptr,  # (N,) fp32, contiguous
+    grad_entropy_ptr,  # (N,) fp32, contiguous, read only when WITH_ENTROPY
+    dz_ptr,  # (N, C) in the inputs' dtype, out: dL/d(logits) = dL/dz / tau
+    # sizes
+    N,
+    C,
+    D,
+    v_start,
+    # strides
+    stride_hn,
+    stride_hd,
+    stride_wv,
+    stride_wd,
+    stride_dzn,
+    stride_dzv,
+    # scalars
+    inv_temp,
+    ignore_index,
+    # meta-parameters
+    WITH_ENTROPY: tl.constexpr,
+    INTERPRET_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    pid_v = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)  # within the chunk
+    row_mask = rows < N
+    col_mask = cols < C
+
+    tgt = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
+    valid = row_mask & (tgt != ignore_index)
+    row_max = tl.load(max_ptr + rows, mask=row_mask, other=0.0)
+    log_s = tl.load(logsum_ptr + rows, mask=row_mask, other=0.0)
+    # ignored rows get zero upstream gradient here, so their dz row (and gradient contribution) is exactly 0
+    g = tl.where(valid, tl.load(grad_logp_ptr + rows, mask=row_mask, other=0.0), 0.0)
+
+    z = _logits_tile(
+        hidden_ptr,
+        weight_ptr,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        D,
+        stride_hn,
+        stride_hd,
+        stride_wv,
+        stride_wd,
+        inv_temp,
+        INTERPRET_DOT,
+        DOT_PRECISION,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
+    )  # (BLOCK_N, BLOCK_V) fp32
+    logprob = (z - row_max[:, None]) - log_s[:, None]  # log softmax, -inf on masked columns
+    p = tl.exp(logprob)  # 0 on masked columns
+    is_tgt = (cols[None, :] + v_start) == tgt[:, None]
+    dz = tl.where(is_tgt, g[:, None], 0.0) - g[:, None] * p
+    if WITH_ENTROPY:
+        ent = tl.load(entropy_ptr + rows, mask=row_mask, other=0.0)
+        ge = tl.where(valid, tl.load(grad_entropy_ptr + rows, mask=row_mask, other=0.0), 0.0)
+        # dH/dz_v = -p_v (z_v - lse + H); masked columns (z = -inf, p = 0) get 0, not 0 * inf
+        z_centred = tl.where(col_mask[None, :], logprob + ent[:, None], 0.0)
+        dz -= ge[:, None] * p * z_centred
+    dz = dz * inv_temp
+    if ROUND_BF16:
+        dz = round_bf16_rtne(dz)
+    tl.store(
+        dz_ptr + rows[:, None] * stride_dzn + cols[None, :] * stride_dzv,
+        dz.to(dz_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
+
+
+@triton.jit
+def _matmul_kernel(
+    # pointers
+    a_ptr,  # (M, K)
+    b_ptr,  # (K, P)
+    c_ptr,  # (M, P) out; read first when ACCUMULATE (then fp32)
+    # sizes
+    M,
+    P,
+    K,
+    # strides
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bp,
+    stride_cm,
+    stride_cp,
+    # meta-parameters
+    ACCUMULATE: tl.constexpr,
+    INTERPRET_DOT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ROUND_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """c (+)= a @ b with fp32 accumulation; one program owns one output tile, so the result is deterministic."""
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1).to(tl.int64)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+    m_mask = rm < M
+    p_mask = rp < P
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_mask = rk < K
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :])
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rp[None, :] * stride_bp, mask=k_mask[:, None] & p_mask[None, :])
+        acc = dot_acc(a, b, acc, INTERPRET_DOT, DOT_PRECISION)
+    c_ptrs = c_ptr + rm[:, None] * stride_cm + rp[None, :] * stride_cp
+    c_mask = m_mask[:, None] & p_mask[None, :]
+    if ACCUMULATE:
+        acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
+    if ROUND_BF16:
+        acc = round_bf16_rtne(acc)
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Host launchers
+
+
+def _config(device: torch.device, dtype: torch.dtype) -> dict:
+    """Tile sizes. Depends on device and dtype only (never on N): a row's result must not depend on the batch."""
+    if INTERPRET or device.type != "cuda":
+        # small tiles keep the interpreter quick on test shapes and exercise many ragged edges
+        return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=3)
+    # bf16 / fp16; untuned starting point (GPU tuning is a later issue)
+    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+
+
+def _matmul_config(device: torch.device) -> dict:
+    if INTERPRET or device.type != "cuda":
+        return dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=64, num_warps=4, num_stages=1)
+    return dict(BLOCK_M=128, BLOCK_P=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumulate: bool) -> None:
+    """out (+)= a @ b in Triton with fp32 accumulation (any strides)."""
+    M, K = a.shape
+    P = b.shape[1]
+    cfg = _matmul_config(a.device)
+    precision = dot_precision(a.dtype)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(P, cfg["BLOCK_P"]))
+    _matmul_kernel[grid](
+        a, b, out,
+        M, P, K,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        ACCUMULATE=accumulate, INTERPRET_DOT=INTERPRET, DOT_PRECISION=precision,
+        ROUND_BF16=emulate_bf16_rounding(out.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+
+
+def _forward(hidden, weight, targets, inv_temp: float, ignore_index: int, with_entropy: bool):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    row_max = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    log_sum = torch.empty(N, dtype=torch.float32, device=hidden.device)
+    entropy = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=hidden.device)
+    if N == 0:
+        return logp, row_max, log_sum, entropy
+    cfg = _config(hidden.device, hidden.dtype)
+    precision = dot_precision(hidden.dtype)
+    _logprob_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
+        hidden, weight, targets, logp, row_max, log_sum, entropy,
+        N, V, D,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        inv_temp, ignore_index,
+        WITH_ENTROPY=with_entropy, INTERPRET_DOT=INTERPRET, DOT_PRECISION=precision,
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    return logp, row_max, log_sum, entropy
+
+
+def _chunk_width(N: int, V: int, elem_bytes: int, block: int) -> int:
+    """Vocabulary rows per backward chunk: the (N, C) buffer stays under _CHUNK_BYTES, C a multiple of `block`."""
+    width = _CHUNK_BYTES // max(1, N * elem_bytes)
+    width = max(block, width // block * block)
+    return min(width, triton.cdiv(V, block) * block)
+
+
+def _backward(
+    hidden,
+    weight,
+    targets,
+    row_max,
+    log_sum,
+    entropy,
+    grad_logp,
+    grad_entropy,
+    inv_temp,
+    ignore_index,
+    need_dh,
+    need_dw,
+):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    with_entropy = grad_entropy is not None
+    d_hidden_acc = torch.zeros(N, D, dtype=torch.float32, device=hidden.device) if need_dh else None
+    d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None
+    if N == 0:
+        if need_dw:
+            d_weight.zero_()
+        return (d_hidden_acc.to(hidden.dtype) if need_dh else None), d_weight
+
+    cfg = _config(hidden.device, hidden.dtype)
+    precision = dot_precision(hidden.dtype)
+    width = _chunk_width(N, V, hidden.element_size(), 256)
+    dz = torch.empty(N, width, dtype=hidden.dtype, device=hidden.device)  # (N, C) chunk buffer
+    grad_logp = grad_logp.contiguous()  # a sum()'s backward hands an expanded (stride 0) gradient
+    grad_entropy = grad_entropy.contiguous() if with_entropy else grad_logp
+    entropy = entropy if with_entropy else log_sum  # placeholder pointer, never read
+    for v0 in range(0, V, width):
+        c = min(width, V - v0)
+        w_chunk = weight[v0 : v0 + c]  # (C, D) view
+        dz_chunk = dz[:, :c]  # (N, C) view
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_V"]))
+        _logprob_bwd_dz_kernel[grid](
+            hidden, w_chunk, targets, row_max, log_sum, entropy, grad_logp, grad_entropy, dz_chunk,
+            N, c, D, v0,
+            hidden.stride(0), hidden.stride(1), w_chunk.stride(0), w_chunk.stride(1),
+            dz_chunk.stride(0), dz_chunk.stride(1),
+            inv_temp, ignore_index,
+            WITH_ENTROPY=with_entropy, INTERPRET_DOT=INTERPRET, DOT_PRECISION=precision,
+            ROUND_BF16=emulate_bf16_rounding(dz.dtype),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )  # fmt: skip
+        if need_dh:
+            _matmul(dz_chunk, w_chunk, d_hidden_acc, accumulate=True)  # (N, C) @ (C, D)
+        if need_dw:
+            _matmul(dz_chunk.T, hidden, d_weight[v0 : v0 + c], accumulate=False)  # (C, N) @ (N, D)
+    d_hidden = d_hidden_acc.to(hidden.dtype) if need_dh else None
+    return d_hidden, d_weight
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, ignore_index, return_entropy):
+        inv_temp = 1.0 / temperature
+        logp, row_max, log_sum, entropy = _forward(hidden, weight, targets, inv_temp, ignore_index, return_entropy)
+        ctx.save_for_backward(hidden, weight, targets, row_max, log_sum, entropy)
+        ctx.inv_temp, ctx.ignore_index, ctx.return_entropy = inv_temp, ignore_index, return_entropy
+        return (logp, entropy) if return_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        hidden, weight, targets, row_max, log_sum, entropy = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        d_hidden, d_weight = _backward(
+            hidden, weight, targets, row_max, log_sum, entropy, grad_logp,
+            grad_entropy if ctx.return_entropy else None,
+            ctx.inv_temp, ctx.ignore_index, need_dh, need_dw,
+        )  # fmt: skip
+        return d_hidden, d_weight, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public function
+
+
+def _check_inputs(hidden, weight, targets, temperature) -> None:
+    op = "token_logprobs"
+    if not (
+        isinstance(hidden, torch.Tensor) and isinstance(weight, torch.Tensor) and isinstance(targets, torch.Tensor)
+    ):
+        raise TypeError(f"{op}: hidden, weight and targets must be tensors")
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"{op}: hidden must be (N, D) and weight (V, D); got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"{op}: hidden size mismatch: hidden is {tuple(hidden.shape)}, weight is {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"{op}: weight has an empty vocabulary (V = 0)")
+    if targets.shape != (hidden.shape[0],):
+        raise ValueError(f"{op}: targets must be ({hidden.shape[0]},) to match hidden; got {tuple(targets.shape)}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"{op}: targets must be int64, got {targets.dtype}")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"{op}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
+    if hidden.dtype not in _FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"{op}: unsupported dtype {hidden.dtype}")
+    if not (hidden.device == weight.device == targets.device):
+        raise ValueError(f"{op}: tensors on different devices: {hidden.device}, {weight.device}, {targets.device}")
+    if not (isinstance(temperature, (int, float)) and 0.0 < float(temperature) < float("inf")):
+        raise ValueError(f"{op}: temperature must be a finite number > 0, got {temperature!r}")
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    impl: str = "auto",
+):
+    """Log-probability of each target token under softmax(hidden @ weight^T / temperature), never forming logits.
+
+    hidden (N, D) and weight (V, D) in fp32 / bf16 / fp16 (fp64 only with impl="ref"); targets (N,) int64.
+    Returns logp (N,) fp32, and entropy (N,) fp32 with `return_entropy=True`. Differentiable w.r.t. hidden and
+    weight. impl: "auto" (Triton on CUDA, reference otherwise), "triton" or "ref".
+    """
+    _check_inputs(hidden, weight, targets, temperature)
+    impl = resolve_impl(impl, hidden, "token_logprobs")
+    if impl == "ref":
+        return token_logprobs_ref(
+            hidden, weight, targets, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
+        )
+    if hidden.dtype == torch.float64:
+        raise TypeError("token_logprobs: fp64 is supported by impl='ref' only")
+    return _TokenLogprobs.apply(hidden, weight, targets, float(temperature), int(ignore_index), bool(return_entropy))

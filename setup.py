@@ -1,0 +1,37 @@
+"""Installable package for the GRPO + Stepwise Advantage Masking relevance-model codebase.
+
+Floors only, no upper pins: the package must install over an existing CUDA build of torch on a GPU node.
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+SCRIPTS = [name for name in ("train", "distill", "eval", "ablate") if (ROOT / f"{name}.py").exists()]
+
+setup(
+    name="grm-sam",
+    version="0.1.0",
+    description="RL-trained generative relevance models: GRPO + Stepwise Advantage Masking with fused Triton kernels",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["kernels", "sam", "model", "data", "bench"],
+    py_modules=SCRIPTS,
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0", "ruff>=0.6"],
+        "plot": ["matplotlib>=3.8"],
+        "gpu": ["flash-attn>=2.6"],
+        "peers": ["liger-kernel>=0.5"],
+    },
+)

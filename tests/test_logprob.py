@@ -1,0 +1,252 @@
+"""kernels/logprob.py: the Triton kernel (interpreter on CPU, compiled on GPU) against its PyTorch reference."""
+
+import pytest
+import torch
+
+import kernels.logprob as logprob_mod
+from kernels.logprob import token_logprobs, token_logprobs_ref
+from tests.numerics import assert_2x, requires_cuda
+
+IGNORE = -100
+
+# (N, D, V). The interpreter's tiles are BLOCK_N=16, BLOCK_V=64, BLOCK_D=32 (kernels/logprob.py:_config).
+SHAPES = [
+    pytest.param(48, 128, 640, id="small"),
+    pytest.param(37, 72, 1271, id="odd"),  # nothing a power of two; V not a multiple of any block size
+    pytest.param(1, 40, 300, id="n1"),
+    pytest.param(20, 48, 65, id="v-block-plus-one"),
+]
+FLOORS = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
+
+
+def make_inputs(N, D, V, dtype, *, seed=0, scale=2.0, ignore_frac=0.2, device="cpu"):
+    """Hidden states and head weight whose logits have standard deviation ~`scale`; some targets ignored."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(N, D, generator=g)
+    weight = torch.randn(V, D, generator=g) * (scale / D**0.5)
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[torch.rand(N, generator=g) < ignore_frac] = IGNORE
+    grad_logp = torch.randn(N, generator=g)
+    grad_entropy = torch.randn(N, generator=g)
+    to = dict(device=device)
+    return (
+        hidden.to(dtype=dtype, **to),
+        weight.to(dtype=dtype, **to),
+        targets.to(**to),
+        grad_logp.to(**to),
+        grad_entropy.to(**to),
+    )
+
+
+def run(fn, hidden, weight, targets, grad_logp, grad_entropy, **kw):
+    """Forward with entropy, backward with random upstream gradients for both outputs; returns 4 tensors."""
+    h = hidden.detach().clone().requires_grad_()
+    w = weight.detach().clone().requires_grad_()
+    logp, entropy = fn(h, w, targets, return_entropy=True, **kw)
+    (logp * grad_logp.to(logp.dtype) + entropy * grad_entropy.to(entropy.dtype)).sum().backward()
+    return logp.detach(), entropy.detach(), h.grad, w.grad
+
+
+def check_against_gold(hidden, weight, targets, grad_logp, grad_entropy, temperature=1.0):
+    kw = dict(temperature=temperature, ignore_index=IGNORE)
+    out = run(
+        lambda *a, **k: token_logprobs(*a, impl="triton", **k), hidden, weight, targets, grad_logp, grad_entropy, **kw
+    )
+    ref = run(token_logprobs_ref, hidden, weight, targets, grad_logp, grad_entropy, **kw)
+    gold = run(token_logprobs_ref, hidden.double(), weight.double(), targets, grad_logp, grad_entropy, **kw)
+    assert out[0].dtype == torch.float32 and out[1].dtype == torch.float32
+    assert out[2].dtype == hidden.dtype and out[3].dtype == weight.dtype
+    floor = FLOORS[hidden.dtype]
+    for name, o, r, g in zip(("logp", "entropy", "d_hidden", "d_weight"), out, ref, gold):
+        assert_2x(name, o, r, g, floor)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N,D,V", SHAPES)
+def test_matches_fp64_reference(N, D, V, dtype):
+    check_against_gold(*make_inputs(N, D, V, dtype))
+
+
+@pytest.mark.parametrize("temperature", [0.6, 1.7])
+def test_temperature(temperature):
+    check_against_gold(*make_inputs(37, 72, 1271, torch.float32, seed=1), temperature=temperature)
+
+
+def test_peaked_logits_are_stable():
+    # logits with std 30: the online max must keep exp() from overflowing, and entropy must not cancel badly
+    check_against_gold(*make_inputs(37, 72, 1271, torch.float32, seed=2, scale=30.0))
+
+
+def test_fp16():
+    check_against_gold(*make_inputs(37, 72, 1271, torch.float16, seed=3))
+
+
+def test_strided_inputs():
+    hidden, weight, targets, g1, g2 = make_inputs(37, 72, 300, torch.float32, seed=4)
+    wide = torch.zeros(37, 144)
+    wide[:, ::2] = hidden
+    hidden_view = wide[:, ::2]  # stride (144, 2)
+    weight_view = weight.T.contiguous().T  # column-major (V, D)
+    assert not hidden_view.is_contiguous() and not weight_view.is_contiguous()
+    check_against_gold(hidden_view, weight_view, targets, g1, g2)
+
+
+def test_multi_chunk_backward(monkeypatch):
+    """The backward's vocabulary chunking (several chunks, a ragged last one) gives the same gradients."""
+    inputs = make_inputs(37, 72, 1271, torch.float32, seed=5)
+    one_chunk = check_against_gold(*inputs)
+    # 37 rows x 4 bytes x 256 columns: chunks of 256 vocabulary rows, the last one 247 wide
+    monkeypatch.setattr(logprob_mod, "_CHUNK_BYTES", 37 * 4 * 256)
+    assert logprob_mod._chunk_width(37, 1271, 4, 256) == 256
+    chunked = check_against_gold(*inputs)
+    # d_weight of a chunk is one complete reduction over all rows either way: bitwise equal
+    assert torch.equal(one_chunk[3], chunked[3])
+
+
+def test_ignored_rows_get_zero_and_no_gradient():
+    hidden, weight, targets, g1, g2 = make_inputs(37, 72, 300, torch.float32, seed=6, ignore_frac=0.0)
+    targets[[0, 5, 16, 36]] = IGNORE
+    logp, entropy, d_hidden, _ = run(
+        lambda *a, **k: token_logprobs(*a, impl="triton", **k), hidden, weight, targets, g1, g2
+    )
+    ignored = targets == IGNORE
+    assert torch.all(logp[ignored] == 0) and torch.all(entropy[ignored] == 0)
+    assert torch.all(d_hidden[ignored] == 0)
+    assert torch.all(logp[~ignored] < 0) and torch.all(d_hidden[~ignored].abs().sum(1) > 0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_all_rows_ignored(impl):
+    hidden, weight, targets, g1, g2 = make_inputs(20, 48, 130, torch.float32, seed=7)
+    targets.fill_(IGNORE)
+    logp, entropy, d_hidden, d_weight = run(
+        lambda *a, **k: token_logprobs(*a, impl=impl, **k), hidden, weight, targets, g1, g2
+    )
+    for t in (logp, entropy, d_hidden, d_weight):
+        assert torch.all(t == 0)
+
+
+def test_custom_ignore_index():
+    hidden, weight, targets, _, _ = make_inputs(20, 48, 130, torch.float32, seed=8, ignore_frac=0.0)
+    targets[3] = -1
+    for impl in ("triton", "ref"):
+        logp = token_logprobs(hidden, weight, targets, ignore_index=-1, impl=impl)
+        assert logp[3] == 0 and torch.all(logp[torch.arange(20) != 3] < 0)
+
+
+@pytest.mark.parametrize("impl", ["triton", "ref"])
+def test_out_of_range_target_gives_nan(impl):
+    hidden, weight, targets, _, _ = make_inputs(20, 48, 130, torch.float32, seed=9, ignore_frac=0.0)
+    targets[2], targets[7] = 130, -5
+    logp = token_logprobs(hidden, weight, targets, impl=impl)
+    bad = torch.zeros(20, dtype=torch.bool)
+    bad[[2, 7]] = True
+    assert torch.isnan(logp[bad]).all() and torch.isfinite(logp[~bad]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_batch_invariance(dtype):
+    """The same rows give bitwise-equal logp and entropy whatever the batch size and their position in it."""
+    D, V = 72, 300
+    g = torch.Generator().manual_seed(10)
+    weight = (torch.randn(V, D, generator=g) / D**0.5).to(dtype)
+    rows = torch.randn(5, D, generator=g).to(dtype)
+    row_targets = torch.randint(0, V, (5,), generator=g)
+    base_logp, base_ent = token_logprobs(rows, weight, row_targets, return_entropy=True, impl="triton")
+    for n, offset in ((23, 7), (40, 14), (40, 35)):  # (40, 14) straddles a 16-row tile boundary
+        hidden = torch.randn(n, D, generator=g).to(dtype)
+        targets = torch.randint(0, V, (n,), generator=g)
+        hidden[offset : offset + 5] = rows
+        targets[offset : offset + 5] = row_targets
+        logp, ent = token_logprobs(hidden, weight, targets, return_entropy=True, impl="triton")
+        assert torch.equal(logp[offset : offset + 5], base_logp), f"logp differs at N={n}, offset={offset}"
+        assert torch.equal(ent[offset : offset + 5], base_ent), f"entropy differs at N={n}, offset={offset}"
+
+
+def test_on_policy_ratio_is_exactly_one():
+    hidden, weight, targets, _, _ = make_inputs(37, 72, 300, torch.bfloat16, seed=11)
+    with torch.no_grad():
+        old = token_logprobs(hidden, weight, targets, impl="triton")
+    new = token_logprobs(hidden.clone().requires_grad_(), weight, targets, impl="triton")
+    assert torch.equal(torch.exp(new.detach() - old), torch.ones_like(old))
+
+
+def test_empty_batch():
+    hidden = torch.zeros(0, 16, requires_grad=True)
+    weight = torch.randn(70, 16, requires_grad=True)
+    logp = token_logprobs(hidden, weight, torch.zeros(0, dtype=torch.int64), impl="triton")
+    logp.sum().backward()
+    assert logp.shape == (0,) and torch.all(weight.grad == 0)
+
+
+def test_only_requested_gradients():
+    hidden, weight, targets, _, _ = make_inputs(20, 48, 130, torch.float32, seed=12)
+    w = weight.clone().requires_grad_()
+    token_logprobs(hidden, w, targets, impl="triton").sum().backward()
+    ref_w = weight.clone().requires_grad_()
+    token_logprobs_ref(hidden.double(), ref_w.double(), targets).sum().backward()
+    assert_2x("d_weight", w.grad, w.grad, ref_w.grad, 1e-5)
+
+
+def test_auto_uses_reference_on_cpu():
+    hidden, weight, targets, _, _ = make_inputs(20, 48, 130, torch.float32, seed=13)
+    assert torch.equal(token_logprobs(hidden, weight, targets), token_logprobs_ref(hidden, weight, targets))
+
+
+def test_reference_gradcheck():
+    g = torch.Generator().manual_seed(14)
+    hidden = torch.randn(5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(9, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 8, IGNORE, 3, 3])
+
+    def fn(h, w):
+        return token_logprobs_ref(h, w, targets, temperature=0.8, return_entropy=True)
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight))
+
+
+@pytest.mark.parametrize(
+    "hidden,weight,targets,kw,err,match",
+    [
+        (torch.zeros(4, 8), torch.zeros(10, 6), torch.zeros(4, dtype=torch.int64), {}, ValueError, "hidden size"),
+        (torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(3, dtype=torch.int64), {}, ValueError, "targets must be"),
+        (torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(4, dtype=torch.int32), {}, TypeError, "int64"),
+        (torch.zeros(4, 8), torch.zeros(10, 8).bfloat16(), torch.zeros(4, dtype=torch.int64), {}, TypeError, "dtype"),
+        (torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(4, dtype=torch.int64), {"temperature": 0.0}, ValueError,
+         "temperature"),
+        (torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(4, dtype=torch.int64), {"impl": "cuda"}, ValueError,
+         "impl must be"),
+        (torch.zeros(8), torch.zeros(10, 8), torch.zeros(4, dtype=torch.int64), {}, ValueError, r"\(N, D\)"),
+        (torch.zeros(4, 8), torch.zeros(0, 8), torch.zeros(4, dtype=torch.int64), {}, ValueError, "empty vocabulary"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_rejected(hidden, weight, targets, kw, err, match):
+    with pytest.raises(err, match=match):
+        token_logprobs(hidden, weight, targets, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: compiled kernels at realistic shapes (skipped without CUDA)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("N,D,V", [(2048, 1024, 32000), (333, 896, 151936), (1, 4096, 151937)])
+def test_gpu_matches_reference(N, D, V, dtype):
+    check_against_gold(*make_inputs(N, D, V, dtype, device="cuda"))
+
+
+@requires_cuda
+def test_gpu_batch_invariance_and_memory():
+    N, D, V = 4096, 1024, 151936
+    hidden, weight, targets, _, _ = make_inputs(N, D, V, torch.bfloat16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    logp = token_logprobs(hidden, weight, targets, return_entropy=False)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < N * 64, f"forward used {extra} extra bytes; logits would be {N * V * 2}"
+    part = token_logprobs(hidden[1000:1100].contiguous(), weight, targets[1000:1100])
+    assert torch.equal(part, logp[1000:1100])
