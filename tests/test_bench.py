@@ -25,3 +25,15 @@ def test_bench_logprob_rejects_unknown_provider():
     with pytest.raises(SystemExit) as exc:
         bench_logprob.parse_args(["--smoke", "--providers", "naive,nope"])
     assert exc.value.code == 2
+
+
+def test_bench_policy_loss_smoke(tmp_path):
+    from bench import bench_policy_loss
+
+    out = tmp_path / "rows.csv"
+    assert bench_policy_loss.main(["--smoke", "--tokens", "500", "--rollouts", "8", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["provider"], r["mode"]) for r in rows] == [
+        ("ref", "fwd"), ("ref", "fwd+bwd"), ("ours", "fwd"), ("ours", "fwd+bwd"),
+    ]  # fmt: skip
+    assert all(r["status"] == "ok" and float(r["loss_err"]) < 1e-5 for r in rows)
