@@ -179,13 +179,23 @@ def _evidence(rng: random.Random, q: dict, case: str) -> tuple[str, list[str], s
     if t == "qualifier":
         qual = q["qualifier"]
         if case == "kept":
-            return f"{qual} {e}", [f"Everything here is about {qual} {e}."], f"the note keeps the qualifier {qual}", author
+            return (
+                f"{qual} {e}",
+                [f"Everything here is about {qual} {e}."],
+                f"the note keeps the qualifier {qual}",
+                author,
+            )
         if case == "dropped":
             return e, [f"This is about {e} in general."], f"the note drops the qualifier {qual}", author
         return e, [f"To be clear, this {e} is not {qual}."], f"the note contradicts the qualifier {qual}", author
     if t == "comparison":
         if case == "both":
-            return e, [f"I put {e} and {q['other']} side by side."], f"the note covers both {e} and {q['other']}", author
+            return (
+                e,
+                [f"I put {e} and {q['other']} side by side."],
+                f"the note covers both {e} and {q['other']}",
+                author,
+            )
         return e, [f"I only had time for {e}."], f"the note covers only {e}", author
     if t == "ranking":
         k = {"three or more": rng.randint(3, q["size"]), "two": 2, "one": 1}[case]
@@ -398,6 +408,17 @@ def tokenizer_corpus(splits: dict[str, list[Record]]):
                 yield render_gold_reasoning(r, fmt)
 
 
+def vocabulary_corpus():
+    """Texts whose pieces make the tokenizer's vocabulary: the world's lexicon and templates, and every text of a
+    canonical sample (seed 0, default sizes). It does not depend on the seed or sizes being written, so one
+    tokenizer serves every generated benchmark."""
+    for entities, qualifiers in CATEGORIES.values():
+        yield " ".join(entities + qualifiers)
+    yield " ".join(PLACES + FIRST_NAMES + LAST_NAMES + BRANDS + MODELS + list(CATEGORIES) + list(QUERY_TYPES))
+    yield " ".join(TOPIC_TEMPLATES + FILLER)
+    yield from tokenizer_corpus(generate(0))
+
+
 def write_benchmark(out: str | Path, seed: int = 0, sizes: dict | None = None) -> dict:
     """Generate and write `out`/{split}.jsonl, stats.json and tokenizer/; returns the stats."""
     out = Path(out)
@@ -406,7 +427,7 @@ def write_benchmark(out: str | Path, seed: int = 0, sizes: dict | None = None) -
         write_jsonl(out / f"{name}.jsonl", records)
     stats = compute_stats(splits, seed)
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
-    save_tokenizer(build_tokenizer(tokenizer_corpus(splits)), out / "tokenizer")
+    save_tokenizer(build_tokenizer(vocabulary_corpus()), out / "tokenizer")
     return stats
 
 

@@ -33,6 +33,8 @@ def build_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
     found = set()
     for text in corpus:
         found.update(pieces(text))
+    # every word both with and without its leading space, so a known word is known at any position
+    found |= {p.strip() for p in found if p.strip().isalpha()} | {" " + p.strip() for p in found if p.strip().isalpha()}
     fallback = set(string.ascii_letters + string.digits + string.punctuation)
     fallback |= {" " + c for c in fallback} | {"\n", " ", "\n\n"}
     vocab = {tok: i for i, tok in enumerate(SPECIALS)}

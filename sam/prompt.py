@@ -65,8 +65,7 @@ BUSINESS_RULES = {
     "place": "The query names a place. A guide for that place keeps its score; a note about another place is 0.",
     "product": "The query names a product. Details of that product keep the score; a note that only mentions "
     "using it for something else is 1.",
-    "author": "The query names an author. A note by exactly that author keeps its score; a partial name match "
-    "is 1.",
+    "author": "The query names an author. A note by exactly that author keeps its score; a partial name match is 1.",
 }
 
 

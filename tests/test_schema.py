@@ -1,0 +1,79 @@
+"""data/schema.py: validation with file and line, atomic writes."""
+
+import json
+
+import pytest
+
+from data.schema import Record, RecordError, read_jsonl, write_jsonl
+
+
+def good(**over):
+    obj = {"id": "r1", "query": "vegan ramen", "note": {"title": "t", "content": "c", "tags": ["food"]}, "label": 2}
+    obj.update(over)
+    return obj
+
+
+def write_lines(path, objs):
+    path.write_text("".join((o if isinstance(o, str) else json.dumps(o)) + "\n" for o in objs), encoding="utf-8")
+
+
+def test_round_trip(tmp_path):
+    records = [
+        Record("a", "q", {"title": "t", "content": "c", "tags": [], "ocr": "text"}, -1),
+        Record("b", "q2", {"title": "", "content": "c", "tags": ["x"]}, 3, {"category": "food"}, {"author": "A"},
+               {"initial": 3, "calibrated": 2, "hits": ["q2"]}, "Step 1: ..."),
+    ]  # fmt: skip
+    write_jsonl(tmp_path / "x.jsonl", records)
+    assert read_jsonl(tmp_path / "x.jsonl") == records
+
+
+@pytest.mark.parametrize(
+    "line,reason",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "expected a JSON object"),
+        (good(label=4), "'label' must be an integer in -1..3"),
+        (good(label=2.0), "'label' must be an integer"),
+        (good(label="2"), "'label' must be an integer"),
+        (good(label=True), "'label' must be an integer"),
+        ({k: v for k, v in good().items() if k != "query"}, "missing field 'query'"),
+        (good(note={"title": "t", "content": "c"}), "note.tags"),
+        (good(note={"title": "t", "content": 3, "tags": []}), "note.content"),
+        (good(note={"title": "t", "content": "c", "tags": [], "ocr": 5}), "note.ocr"),
+        (good(gold={"initial": 7}), "gold.initial"),
+        (good(extra=1), "unknown field"),
+        (good(id=""), "'id' must be"),
+        ("", "empty line"),
+    ],
+)  # fmt: skip
+def test_bad_line_names_file_line_and_reason(tmp_path, line, reason):
+    path = tmp_path / "bad.jsonl"
+    write_lines(path, [good(id="ok1"), line, good(id="ok2")])
+    with pytest.raises(RecordError) as exc:
+        read_jsonl(path)
+    message = str(exc.value)
+    assert f"{path}:2:" in message and reason in message
+    assert "ok1" not in message  # only the bad line is reported
+
+
+def test_duplicate_ids_and_all_errors_listed(tmp_path):
+    path = tmp_path / "dup.jsonl"
+    write_lines(path, [good(), good(), good(id="x", label=9)])
+    message = str(pytest.raises(RecordError, read_jsonl, path).value)
+    assert ":2: duplicate id 'r1' (first on line 1)" in message and ":3: 'label'" in message
+
+
+def test_write_is_atomic_and_validates(tmp_path):
+    path = tmp_path / "out.jsonl"
+    write_jsonl(path, [Record("a", "q", {"title": "t", "content": "c", "tags": []}, 1)])
+    before = path.read_bytes()
+    with pytest.raises(RecordError, match="record 1"):
+        write_jsonl(path, [Record("a", "q", {"title": "t", "content": "c", "tags": []}, 1),
+                           Record("b", "q", {"title": "t", "content": "c", "tags": []}, 5)])  # fmt: skip
+    assert path.read_bytes() == before  # the old file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]  # no temporary left behind
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(RecordError, match="cannot read"):
+        read_jsonl(tmp_path / "nope.jsonl")
