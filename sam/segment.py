@@ -1,0 +1,108 @@
+"""Completion -> per-token step segment ids, cut on character offsets (never on token-id patterns).
+
+Segmenters (S = number of segments, fixed per segmenter and format so a batch forms a (B, S) keep matrix):
+- "boxes":      the paper's S1 | S2 | S3, each ending right after its box (S = number of boxes: 3 for criteria);
+- "steps":      one segment per reasoning step, cut at each step header (S = 7 for criteria, 3 for generic);
+- "box_tokens": text and box tokens alternate: [text][box 1][text][box 2][text][box 3 + rest] (S = 2 * boxes);
+                the `token` masking policy needs this layout to reach the score tokens alone;
+- "none":       one segment.
+A token belongs to the segment in which its first character lies, so a token that spans a cut (a byte-level BPE
+merge of "}" and "\\n", say) stays with the box it closes, and a multi-token box such as `\\boxed{-1}` stays whole
+(the author's code assumed 5 tokens per box; that bug is avoided by construction). Tokens that decode to no
+text (EOS) belong to the segment at the end of the text: the last one. Malformed completions get a single
+segment (id 0 everywhere). Response tokens get ids 0..S-1 partitioning the response exactly; everything else
+(prompt, padding) gets -1.
+"""
+
+import torch
+
+from sam.parse import ParseResult, parse_scores
+from sam.prompt import NUM_BOXES, NUM_STEPS
+
+SEGMENTERS = ("boxes", "steps", "box_tokens", "none")
+
+
+def num_segments(segmenter: str, fmt: str = "criteria") -> int:
+    if segmenter not in SEGMENTERS:
+        raise ValueError(f"unknown segmenter {segmenter!r}; choose from {SEGMENTERS}")
+    if segmenter == "boxes":
+        return NUM_BOXES[fmt]
+    if segmenter == "steps":
+        return max(1, NUM_STEPS[fmt])
+    if segmenter == "box_tokens":
+        return 2 * NUM_BOXES[fmt]
+    return 1
+
+
+def token_char_spans(ids: list[int], tokenizer) -> tuple[str, list[tuple[int, int]]]:
+    """(text, [start, end) character span of each token) with special tokens decoding to nothing.
+
+    Fast path: decode each token alone and concatenate, valid when that equals decoding the whole sequence
+    (word-level and byte-level BPE on ASCII text). Otherwise (SentencePiece-style leading spaces, multi-byte
+    characters split across tokens) fall back to prefix decoding, which is exact for any tokenizer.
+    """
+    special = set(tokenizer.all_special_ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    pieces = ["" if i in special else tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids]
+    if "".join(pieces) != text:
+        ends = [
+            len(tokenizer.decode(ids[: k + 1], skip_special_tokens=True, clean_up_tokenization_spaces=False))
+            for k in range(len(ids))
+        ]
+        pieces = [text[(ends[k - 1] if k else 0) : ends[k]] for k in range(len(ids))]
+    spans, pos = [], 0
+    for piece in pieces:
+        spans.append((pos, pos + len(piece)))
+        pos += len(piece)
+    return text, spans
+
+
+def _cuts(parse: ParseResult, segmenter: str) -> list[int]:
+    """Character offsets at which a new segment starts (ascending)."""
+    if segmenter == "boxes":
+        return [end for _, end in parse.box_spans[:-1]]
+    if segmenter == "steps":
+        return list(parse.step_starts[1:])
+    if segmenter == "box_tokens":
+        cuts = []
+        for start, end in parse.box_spans:
+            cuts += [start, end]
+        return cuts[:-1]  # text after the last box joins the last box's segment
+    return []
+
+
+def segment_completion(ids: list[int], tokenizer, *, segmenter: str = "boxes", fmt: str = "criteria"):
+    """(segment id per token (list of int), ParseResult, the completion text)."""
+    num_segments(segmenter, fmt)  # validates the names
+    text, spans = token_char_spans(ids, tokenizer)
+    parse = parse_scores(text, fmt)
+    cuts = _cuts(parse, segmenter) if parse.ok else []
+    seg = []
+    for start, end in spans:
+        # a zero-length token (EOS) sits at the end of the text; count cuts up to its position
+        seg.append(sum(c <= start for c in cuts) if end > start else len(cuts))
+    return seg, parse, text
+
+
+def segment_batch(completion_ids: torch.Tensor, response_mask: torch.Tensor, tokenizer, *, segmenter="boxes",
+                  fmt="criteria"):  # fmt: skip
+    """Per-token step ids for a batch of completions.
+
+    completion_ids (B, T) int, response_mask (B, T) bool (True on the real response tokens, EOS included; False on
+    prompt and padding). Returns (step_id (B, T) int32 on the ids' device, parses (list of B ParseResult),
+    texts (list of B str)). This is string work on the host by nature (decode, regex): call it once per rollout
+    batch, outside the loss.
+    """
+    if completion_ids.shape != response_mask.shape or completion_ids.dim() != 2:
+        raise ValueError(f"completion_ids {tuple(completion_ids.shape)} and response_mask "
+                         f"{tuple(response_mask.shape)} must be the same (B, T) shape")  # fmt: skip
+    ids_cpu, mask_cpu = completion_ids.cpu(), response_mask.cpu().bool()
+    step_id = torch.full(ids_cpu.shape, -1, dtype=torch.int32)
+    parses, texts = [], []
+    for b in range(ids_cpu.shape[0]):
+        positions = mask_cpu[b].nonzero().squeeze(1)
+        seg, parse, text = segment_completion(ids_cpu[b, positions].tolist(), tokenizer, segmenter=segmenter, fmt=fmt)
+        step_id[b, positions] = torch.tensor(seg, dtype=torch.int32)
+        parses.append(parse)
+        texts.append(text)
+    return step_id.to(completion_ids.device), parses, texts
