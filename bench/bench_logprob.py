@@ -32,7 +32,16 @@ if not torch.cuda.is_available():
     # Triton reads this when kernels are defined: it must be set before kernels.logprob is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import REPO, append_csv, environment, int_list, peak_extra_bytes, print_table, time_ms  # noqa: E402
+from bench.common import (  # noqa: E402
+    REPO,
+    append_csv,
+    bench_device,
+    int_list,
+    peak_extra_bytes,
+    pick,
+    print_table,
+    time_ms,
+)
 from kernels.logprob import token_logprobs, token_logprobs_ref  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -133,13 +142,10 @@ def parse_args(argv=None):
     p.add_argument("--error-rows", type=int, default=256, help="rows sampled for the fp64 error check")
     p.add_argument("--csv", default=str(REPO / "bench" / "results" / "bench_logprob.csv"), help="CSV to append to")
     args = p.parse_args(argv)
-    providers = (args.providers or ("naive,ours" if args.smoke else ",".join(PROVIDERS))).split(",")
-    modes = args.modes.split(",")
-    for name, given, allowed in (("provider", providers, PROVIDERS), ("mode", modes, MODES)):
-        bad = [x for x in given if x not in allowed]
-        if bad:
-            p.error(f"unknown {name} {bad}; choose from {allowed}")
-    args.providers, args.modes = providers, modes
+    args.providers = pick(
+        p, args.providers or ("naive,ours" if args.smoke else ",".join(PROVIDERS)), PROVIDERS, "provider"
+    )
+    args.modes = pick(p, args.modes, MODES, "mode")
     if args.smoke:
         args.dims, args.tokens, args.vocab = args.dims or [64], args.tokens or [48], args.vocab or [1000]
     else:
@@ -153,13 +159,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        print("error: no CUDA device; full shapes need a GPU (use --smoke on the CPU)", file=sys.stderr)
+    found = bench_device(args.smoke, "bench_logprob")
+    if found is None:
         return 2
+    device, env = found
     dtype = DTYPES[args.dtype]
-    env = environment(device)
-    print(f"# bench_logprob on {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
     rows = []
     for name in args.providers:
         fn, why = make_provider(name)

@@ -23,7 +23,16 @@ if not torch.cuda.is_available():
     # Triton reads this when kernels are defined: it must be set before kernels.policy_loss is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.common import REPO, append_csv, environment, int_list, peak_extra_bytes, print_table, time_ms  # noqa: E402
+from bench.common import (  # noqa: E402
+    REPO,
+    append_csv,
+    bench_device,
+    int_list,
+    peak_extra_bytes,
+    pick,
+    print_table,
+    time_ms,
+)
 from kernels.policy_loss import policy_loss, policy_loss_ref  # noqa: E402
 
 PROVIDERS = ("ref", "compiled", "ours")
@@ -106,13 +115,10 @@ def parse_args(argv=None):
     p.add_argument("--segments", type=int, default=3, help="segments per rollout S")
     p.add_argument("--csv", default=str(REPO / "bench" / "results" / "bench_policy_loss.csv"))
     args = p.parse_args(argv)
-    providers = (args.providers or ("ref,ours" if args.smoke else ",".join(PROVIDERS))).split(",")
-    modes = args.modes.split(",")
-    for name, given, allowed in (("provider", providers, PROVIDERS), ("mode", modes, MODES)):
-        bad = [x for x in given if x not in allowed]
-        if bad:
-            p.error(f"unknown {name} {bad}; choose from {allowed}")
-    args.providers, args.modes = providers, modes
+    args.providers = pick(
+        p, args.providers or ("ref,ours" if args.smoke else ",".join(PROVIDERS)), PROVIDERS, "provider"
+    )
+    args.modes = pick(p, args.modes, MODES, "mode")
     args.tokens = args.tokens or ([2000] if args.smoke else [327680, 655360])
     args.rollouts = args.rollouts or (16 if args.smoke else 320)
     if args.rollouts < 1 or args.segments < 1:
@@ -122,14 +128,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and not args.smoke:
-        print("error: no CUDA device; full shapes need a GPU (use --smoke on the CPU)", file=sys.stderr)
+    found = bench_device(args.smoke, "bench_policy_loss")
+    if found is None:
         return 2
-    env = environment(device)
-    print(
-        f"# bench_policy_loss on {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}"
-    )
+    device, env = found
     rows = []
     for name in args.providers:
         fn = make_provider(name)

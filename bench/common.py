@@ -12,6 +12,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,6 +109,27 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
     for row in cells:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)))
+
+
+def pick(parser: argparse.ArgumentParser, text: str, allowed: tuple, what: str) -> list[str]:
+    """A comma list of names, each one of `allowed`; exits through `parser.error` otherwise."""
+    chosen = [x for x in text.split(",") if x]
+    bad = [x for x in chosen if x not in allowed]
+    if bad or not chosen:
+        parser.error(f"unknown or empty {what} {bad or text!r}; choose from {allowed}")
+    return chosen
+
+
+def bench_device(smoke: bool, name: str) -> tuple[torch.device, dict] | None:
+    """The device to run on and its environment stamp (printed); None, with a message, when full shapes are
+    asked for without a GPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not smoke:
+        print("error: no CUDA device; full shapes need a GPU (use --smoke on the CPU)", file=sys.stderr)
+        return None
+    env = environment(device)
+    print(f"# {name} on {env['device']}, torch {env['torch']}, triton {env['triton']}, commit {env['commit']}")
+    return device, env
 
 
 def int_list(text: str) -> list[int]:
