@@ -28,12 +28,12 @@ Backward, per chunk of C vocabulary rows (C chosen so the chunk buffer stays und
 No atomics: every output tile has one owner and a fixed reduction order, so the gradients are deterministic.
 Never an (N, V) tensor: the largest temporary is the (N, C) chunk plus the (N, D) fp32 accumulator.
 
-Batch invariance: the launch configuration depends on (device, dtype, D) only, never on N, and rows do not
+Batch invariance: the launch configuration depends on the device and dtype only, never on N, and rows do not
 interact inside a tile, so a row's logp is bitwise the same whatever N is and wherever the row sits.
 
 Targets: int64; `ignore_index` rows give logp 0, entropy 0 and exactly zero gradient. A target outside [0, V)
 that is not `ignore_index` gives logp NaN in both implementations (raising would need a host sync on every call;
-the NaN poisons the loss, which the training loop checks).
+the NaN poisons the loss, which a training loop must check for).
 
 References: the online softmax of Milakov & Gimelshein (arXiv 1805.02867); Cut Cross-Entropy (Wijmans et al.,
 arXiv 2411.09009) for logits that never leave on-chip memory; Liger-Kernel's fused linear cross-entropy for the
