@@ -139,7 +139,11 @@ def main(argv=None) -> int:
             for N in args.tokens:
                 rows.append({**env, **bench_one(name, fn, mode, N, args.rollouts, args.segments, device)})
     print_table(rows, ["provider", "mode", "N", "B", "S", "ms", "gb_s", "extra_mib", "loss_err", "status"])
-    append_csv(Path(args.csv), rows)
+    try:
+        append_csv(Path(args.csv), rows)
+    except OSError as exc:
+        print(f"error: cannot write {args.csv}: {exc}", file=sys.stderr)
+        return 1
     print(f"# appended {len(rows)} rows to {args.csv}")
     return 0
 

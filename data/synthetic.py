@@ -450,7 +450,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sizes", type=parse_sizes, default=dict(DEFAULT_SIZES), help="e.g. sft=2000,rl=8000,val=500")
     args = p.parse_args(argv)
-    stats = write_benchmark(args.out, args.seed, args.sizes)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        p.error(f"--out {args.out} exists and is not a folder")
+    try:
+        stats = write_benchmark(args.out, args.seed, args.sizes)
+    except OSError as exc:
+        print(f"error: cannot write the benchmark to {args.out}: {exc}", file=sys.stderr)
+        return 1
     for name, s in stats["splits"].items():
         b = s["baseline_acc"]
         print(

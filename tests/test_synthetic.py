@@ -118,3 +118,12 @@ def test_cli_rejects_bad_sizes(tmp_path, capsys):
         synthetic.main(["--out", str(tmp_path), "--sizes", "train=5"])
     assert exc.value.code == 2 and "unknown split 'train'" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_rejects_a_file_as_out(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    with pytest.raises(SystemExit) as exc:
+        synthetic.main(["--out", str(target)])
+    assert exc.value.code == 2 and "is not a folder" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
