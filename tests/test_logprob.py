@@ -180,13 +180,21 @@ def test_empty_batch():
     assert logp.shape == (0,) and torch.all(weight.grad == 0)
 
 
-def test_only_requested_gradients():
-    hidden, weight, targets, _, _ = make_inputs(20, 48, 130, torch.float32, seed=12)
-    w = weight.clone().requires_grad_()
-    token_logprobs(hidden, w, targets, impl="triton").sum().backward()
-    ref_w = weight.clone().requires_grad_()
-    token_logprobs_ref(hidden.double(), ref_w.double(), targets).sum().backward()
-    assert_2x("d_weight", w.grad, w.grad, ref_w.grad, 1e-5)
+@pytest.mark.parametrize("trainable", ["weight", "hidden"])
+def test_only_requested_gradients(trainable):
+    """A frozen input gets no gradient; the other one is still right (the backward skips the unneeded GEMM)."""
+    hidden, weight, targets, g1, _ = make_inputs(20, 48, 130, torch.float32, seed=12)
+
+    def grad_of(fn, h, w):
+        h, w = h.clone().requires_grad_(trainable == "hidden"), w.clone().requires_grad_(trainable == "weight")
+        (fn(h, w, targets) * g1.to(h.dtype)).sum().backward()
+        assert (h.grad is None) == (trainable == "weight") and (w.grad is None) == (trainable == "hidden")
+        return h.grad if trainable == "hidden" else w.grad
+
+    out = grad_of(lambda h, w, t: token_logprobs(h, w, t, impl="triton"), hidden, weight)
+    ref = grad_of(token_logprobs_ref, hidden, weight)
+    gold = grad_of(token_logprobs_ref, hidden.double(), weight.double())
+    assert_2x(f"d_{trainable}", out, ref, gold, 1e-5)
 
 
 def test_auto_uses_reference_on_cpu():

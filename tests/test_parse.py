@@ -27,35 +27,35 @@ def test_negative_scores_and_trailing_whitespace():
     assert r.ok and r.scores == (-1, -1, 0)
 
 
-@pytest.mark.parametrize(
-    "text,status",
-    [
-        ("", "empty"),
-        ("   \n", "empty"),
-        (criteria().replace("\\boxed{2}", "2"), "wrong_box_count"),
-        ("Step 1: no scores at all.", "no_box"),
-        (criteria(b7="\\boxed{2 or 3}"), "non_integer"),
-        (criteria(b7="\\boxed{}"), "non_integer"),
-        (criteria(b7="\\boxed{ 2}"), "non_integer"),
-        (criteria(b7="\\boxed{+2}"), "non_integer"),
-        (criteria(b7="\\boxed{02}"), "non_integer"),
-        (criteria(b7="\\boxed{2.0}"), "non_integer"),
-        (criteria(b7="\\boxed{two}"), "non_integer"),
-        (criteria(b7="\\boxed{\\boxed{2}}"), "malformed_box"),
-        (criteria(b7="\\boxed{4}"), "out_of_range"),
-        (criteria(b5="\\boxed{-2}"), "out_of_range"),
-        (criteria(b7="\\boxed{2"), "malformed_box"),
-        (criteria(b7="\\boxed 2"), "malformed_box"),
-        (criteria(tail=" \\boxed{3}"), "wrong_box_count"),  # four boxes
-        (criteria(tail="\nI hope this helps."), "trailing_text"),
-        ("\\boxed{3}\\boxed{3}\\boxed{3}", "missing_steps"),  # bare boxes without the step headers
-        ("Query: \\boxed{2} ramen\n" + criteria(b5="3"), "box_outside_step"),  # a box echoed from the query
-        (criteria().replace("Step 4:", "Step 5:"), "missing_steps"),  # a repeated header
-        (criteria().replace("Step 6:", "Step 6 -"), "missing_steps"),  # a missing header
-        (criteria().replace("\nStep 3:", " Step 3:"), "missing_steps"),  # a header not at a line start
-        (criteria(b6="no box here", b7="\\boxed{2} \\boxed{2}"), "box_outside_step"),  # two boxes in step 7
-    ],
-)  # fmt: skip
+MALFORMED = [
+    ("", "empty"),
+    ("   \n", "empty"),
+    (criteria().replace("\\boxed{2}", "2"), "wrong_box_count"),
+    ("Step 1: no scores at all.", "no_box"),
+    (criteria(b7="\\boxed{2 or 3}"), "non_integer"),
+    (criteria(b7="\\boxed{}"), "non_integer"),
+    (criteria(b7="\\boxed{ 2}"), "non_integer"),
+    (criteria(b7="\\boxed{+2}"), "non_integer"),
+    (criteria(b7="\\boxed{02}"), "non_integer"),
+    (criteria(b7="\\boxed{2.0}"), "non_integer"),
+    (criteria(b7="\\boxed{two}"), "non_integer"),
+    (criteria(b7="\\boxed{\\boxed{2}}"), "malformed_box"),
+    (criteria(b7="\\boxed{4}"), "out_of_range"),
+    (criteria(b5="\\boxed{-2}"), "out_of_range"),
+    (criteria(b7="\\boxed{2"), "malformed_box"),
+    (criteria(b7="\\boxed 2"), "malformed_box"),
+    (criteria(tail=" \\boxed{3}"), "wrong_box_count"),  # four boxes
+    (criteria(tail="\nI hope this helps."), "trailing_text"),
+    ("\\boxed{3}\\boxed{3}\\boxed{3}", "missing_steps"),  # bare boxes without the step headers
+    ("Query: \\boxed{2} ramen\n" + criteria(b5="3"), "box_outside_step"),  # a box echoed from the query
+    (criteria().replace("Step 4:", "Step 5:"), "missing_steps"),  # a repeated header
+    (criteria().replace("Step 6:", "Step 6 -"), "missing_steps"),  # a missing header
+    (criteria().replace("\nStep 3:", " Step 3:"), "missing_steps"),  # a header not at a line start
+    (criteria(b6="no box here", b7="\\boxed{2} \\boxed{2}"), "box_outside_step"),  # two boxes in step 7
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text,status", MALFORMED)
 def test_malformed_criteria(text, status):
     r = parse_scores(text)
     assert r.status == status, (r.status, r.detail)
@@ -78,8 +78,8 @@ def test_label_format():
     assert parse_scores("\\boxed{2}\\boxed{2}", "label").status == "wrong_box_count"
 
 
-def test_every_status_is_reachable_and_named():
-    assert set(STATUSES) >= {"ok", "empty", "no_box", "malformed_box", "wrong_box_count", "non_integer"}
+def test_every_failure_status_is_exercised():
+    assert {status for _, status in MALFORMED} == set(STATUSES) - {"ok"}
 
 
 def test_bad_arguments():
