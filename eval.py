@@ -1,0 +1,165 @@
+"""Evaluate a checkpoint on one or more JSONL splits.
+
+    python eval.py --checkpoint runs/default/best                          # test_random + test_longtail, greedy
+    python eval.py --checkpoint DIR --splits val,my.jsonl --temperature 0.6 --seed 1   # sampled, as the authors
+    python eval.py --checkpoint DIR --data-dir DIR --limit 200 --out results.json
+
+Reports 5-class accuracy, macro-F1 and per-class F1, binary accuracy / F1 (relevant iff label >= 1), the confusion
+matrix, the malformed rate, per-step agreement with gold (criteria format, records with gold values), accuracy per
+query type (when records carry `gold.query_type`) and throughput. The prompt settings (format, instruction, rules)
+default to the ones saved with the checkpoint by train.py (`prompt.json`). Writes JSON (atomically) and prints a
+table. A malformed completion counts as a wrong answer (sam/metrics.py).
+"""
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data.schema import RecordError, write_text_atomic
+from model.hf import ModelLoadError, load_model, load_tokenizer
+from model.sampling import generate, pad_left
+from runtime.config import ConfigError, parse_config
+from runtime.data import BUILTIN_DIR, DataError, encode_prompts, load_split
+from sam.metrics import relevance_metrics
+from sam.parse import parse_scores
+from sam.prompt import FORMATS, load_rules
+from sam.verdict import gold_verdicts
+
+PROMPT_FILE = "prompt.json"  # prompt settings saved beside every checkpoint
+
+
+@torch.no_grad()
+def evaluate_split(model, tokenizer, encoded, *, fmt, temperature=0.0, top_p=1.0, max_new_tokens=160,
+                   batch_size=64, seed=0, device="cpu", progress=None) -> tuple[dict, list[dict]]:  # fmt: skip
+    """(metrics, per-example predictions) for the encoded prompts of one split. Prompts are batched by length
+    (less padding); results come back in the split's order."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    order = sorted(range(len(encoded.prompts)), key=lambda i: len(encoded.prompts[i]))
+    texts, gen_tokens = [None] * len(order), 0
+    start = time.perf_counter()
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo : lo + batch_size]
+        ids, mask = pad_left([encoded.prompts[i] for i in idx], tokenizer.pad_token_id, device)
+        completion, response = generate(
+            model, ids, mask, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, vocab_size=len(tokenizer),
+            generator=generator,
+        )  # fmt: skip
+        gen_tokens += int(response.sum())
+        for row, i in enumerate(idx):
+            n = int(response[row].sum())
+            texts[i] = tokenizer.decode(completion[row, :n].tolist(), skip_special_tokens=True)
+        if progress is not None:
+            progress(len(idx))
+    seconds = time.perf_counter() - start
+    parses = [parse_scores(t, fmt) for t in texts]
+    records = encoded.records
+    predicted = [p.label if p.ok else None for p in parses]
+    labels = [r.label for r in records]
+    groups = [(r.gold or {}).get("query_type") for r in records]
+    step_correct = None
+    if fmt == "criteria" and any(r.gold for r in records):
+        v = gold_verdicts(texts, parses, [r.gold for r in records])
+        step_correct = [[bool(c) if k else None for c, k in zip(cr, kr)] for cr, kr in
+                        zip(v.correct.tolist(), v.known.tolist())]  # fmt: skip
+    metrics = relevance_metrics(predicted, labels, groups=groups if any(groups) else None, step_correct=step_correct)
+    metrics.update(
+        seconds=seconds,
+        examples_per_s=len(texts) / seconds,
+        generated_tokens_per_s=gen_tokens / seconds,
+        mean_completion_tokens=gen_tokens / len(texts),
+        skipped_long_prompts=encoded.skipped,
+    )
+    preds = [{"id": r.id, "label": r.label, "predicted": p, "status": q.status, "completion": t}
+             for r, p, q, t in zip(records, predicted, parses, texts)]  # fmt: skip
+    return metrics, preds
+
+
+def format_compact(rows: dict[str, dict[str, dict]]) -> str:
+    """One line per (row, split): accuracy, macro-F1, binary F1, malformed rate, step agreement."""
+    lines = [f"{'model':<12} {'split':<16} {'acc':>7} {'macroF1':>8} {'binF1':>7} {'malformed':>10} {'steps ok':>9}"]
+    for name, by_split in rows.items():
+        for split, m in by_split.items():
+            steps = [a for a in m.get("step_agreement") or [] if a is not None]
+            step = f"{sum(steps) / len(steps):>9.3f}" if steps else f"{'-':>9}"
+            lines.append(f"{name:<12} {split:<16} {m['accuracy']:>7.3f} {m['macro_f1']:>8.3f} {m['binary_f1']:>7.3f} "
+                         f"{m['malformed_rate']:>10.3f} {step}")  # fmt: skip
+    return "\n".join(lines)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str = ""  # checkpoint folder (Hugging Face format), e.g. runs/default/best
+    data_dir: str = BUILTIN_DIR  # folder of the splits
+    splits: str = "test_random,test_longtail"  # comma list of split names or .jsonl paths
+    limit: int = 0  # evaluate the first N records of each split (0 = all)
+    fmt: str = ""  # prompt format; default: the checkpoint's prompt.json, else criteria
+    instruction: str = ""  # full | none; default: the checkpoint's prompt.json, else full
+    rules: str = ""  # business rules JSON; default: the checkpoint's
+    temperature: float = 0.0  # 0 = greedy; the authors validate at 0.6
+    top_p: float = 1.0  # nucleus sampling threshold
+    max_new_tokens: int = 160  # completion budget
+    max_prompt_tokens: int = 512  # longer prompts follow --long-prompts
+    long_prompts: str = "error"  # error | skip
+    batch_size: int = 64  # prompts per generation batch
+    seed: int = 0  # sampling seed
+    device: str = "auto"  # auto | cpu | cuda
+    out: str = ""  # JSON output (default: <checkpoint>/eval.json)
+
+    def __post_init__(self):
+        if not self.checkpoint:
+            raise ConfigError("--checkpoint is required")
+        if self.fmt and self.fmt not in FORMATS:
+            raise ConfigError(f"--fmt must be one of {FORMATS}, got {self.fmt!r}")
+        if self.instruction not in ("", "full", "none"):
+            raise ConfigError(f"--instruction must be full or none, got {self.instruction!r}")
+        if self.long_prompts not in ("error", "skip"):
+            raise ConfigError(f"--long-prompts must be error or skip, got {self.long_prompts!r}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1, --batch-size >= 1, --max-new-tokens >= 1")
+
+
+def main(argv=None) -> int:
+    cfg, _ = parse_config(EvalConfig, argv, __doc__)
+    try:
+        ckpt = Path(cfg.checkpoint)
+        saved = json.loads((ckpt / PROMPT_FILE).read_text()) if (ckpt / PROMPT_FILE).exists() else {}
+        fmt = cfg.fmt or saved.get("fmt", "criteria")
+        with_instruction = (cfg.instruction or ("full" if saved.get("with_instruction", True) else "none")) == "full"
+        rules = load_rules(cfg.rules) if cfg.rules else saved.get("rules")
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        tokenizer = load_tokenizer(ckpt)
+        model = load_model(ckpt, device=device)
+        results = {}
+        for split in [s.strip() for s in cfg.splits.split(",") if s.strip()]:
+            records = load_split(cfg.data_dir, split)
+            records = records[: cfg.limit] if cfg.limit else records
+            enc = encode_prompts(records, tokenizer, fmt=fmt, with_instruction=with_instruction, rules=rules,
+                                 max_prompt_tokens=cfg.max_prompt_tokens, long_prompts=cfg.long_prompts,
+                                 split=split)  # fmt: skip
+            if not enc.records:
+                raise DataError(f"split {split!r}: every prompt was skipped as too long")
+            metrics, _ = evaluate_split(model, tokenizer, enc, fmt=fmt, temperature=cfg.temperature, top_p=cfg.top_p,
+                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
+                                        device=device)  # fmt: skip
+            results[Path(split).stem] = metrics
+    except (ModelLoadError, RecordError, DataError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(cfg.out) if cfg.out else ckpt / "eval.json"
+    payload = {"checkpoint": str(ckpt), "fmt": fmt, "with_instruction": with_instruction,
+               "temperature": cfg.temperature, "results": results}  # fmt: skip
+    write_text_atomic(out, json.dumps(payload, indent=2) + "\n")
+    print(format_compact({ckpt.name: results}))
+    for split, m in results.items():
+        print(f"{split} confusion (rows gold, columns predicted): {m['confusion']}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Prompt packing, batched sampling with a KV cache, and response log-probs through the fused kernel.
+
+Layout shared by sampling, SFT and RL (B sequences, P prompt columns, T completion columns):
+
+    input_ids = [ left-padded prompt (B, P) | completion (B, T), padded after EOS ]
+
+Left padding puts every prompt's last token in column P - 1, so the hidden state that predicts completion token
+t is always column P - 1 + t: the response hidden states are one slice, `hidden[:, P-1:-1]`, with no gather and no
+host sync. Position ids count real tokens only (`cumsum(mask) - 1`), so padding does not shift positions.
+
+The response mask is positional: True from the first completion token up to and including the first EOS (or the
+last generated token when the budget ran out). It never compares ids with the pad id, so a tokenizer whose pad
+token is its EOS token still trains on the real EOS.
+"""
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from kernels import token_logprobs
+from model.hf import head_weight
+
+
+def pad_left(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, P) int64, mask (B, P) bool) with every sequence right-aligned."""
+    if not seqs or min(len(s) for s in seqs) == 0:
+        raise ValueError("pad_left needs at least one sequence and no empty sequence")
+    P = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), P), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), P, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, P - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[b, P - len(s) :] = True
+    return ids.to(device), mask.to(device)
+
+
+def pad_right(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, T) int64, mask (B, T) bool) with every sequence left-aligned."""
+    T = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[b, : len(s)] = True
+    return ids.to(device), mask.to(device)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """(B,) sampled ids from fp32 logits (B, V): greedy at temperature 0, else temperature + nucleus (top-p)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the mass strictly before it already reaches top_p (the top token always survives)
+        drop = sorted_p.cumsum(dim=-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    vocab_size: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample completions for left-padded prompts (B, P); returns (completion ids (B, T), response mask (B, T)).
+
+    T <= max_new_tokens: decoding stops once every sequence has produced EOS. `vocab_size` (the tokenizer's
+    length) keeps padded head rows beyond the tokenizer from ever being sampled. Only the last position's logits
+    are formed, (B, V) per step; the prompt's own logits are never computed.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    was_training = model.training
+    model.eval()
+    base, weight = model.base_model, head_weight(model)
+    B = prompt_ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    attn = prompt_mask.long()  # (B, P + t)
+    pos = _positions(prompt_mask)[:, -1:]  # (B, 1)
+    hidden = base(
+        input_ids=prompt_ids, attention_mask=attn, position_ids=_positions(prompt_mask), past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state[:, -1]  # fmt: skip
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    tokens, alive = [], []
+    for step in range(max_new_tokens):
+        logits = F.linear(hidden, weight).float()  # (B, V)
+        if vocab_size is not None and vocab_size < logits.shape[-1]:
+            logits[:, vocab_size:] = float("-inf")
+        tok = _next_token(logits, temperature, top_p, generator)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        tokens.append(tok)
+        alive.append(~done)
+        done = done | (tok == eos_id)
+        if step + 1 == max_new_tokens or bool(done.all()):  # host sync: one per decode step, to stop early
+            break
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        pos = pos + 1
+        hidden = base(
+            input_ids=tok[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+        ).last_hidden_state[:, -1]
+    model.train(was_training)
+    return torch.stack(tokens, dim=1), torch.stack(alive, dim=1)
+
+
+def response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask) -> torch.Tensor:
+    """Final hidden states (B, T, D) that predict each completion token (after the model's final norm)."""
+    P = prompt_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
+    mask = torch.cat([prompt_mask, response_mask], dim=1)
+    hidden = model.base_model(input_ids=input_ids, attention_mask=mask.long(), position_ids=_positions(mask))
+    return hidden.last_hidden_state[:, P - 1 : -1]  # (B, T, D)
+
+
+def response_logprobs(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Log-probs (B, T) fp32 of the completion tokens under `model` (0 outside the response), through
+    `kernels.token_logprobs`: the (B, T, V) logits are never formed."""
+    hidden = response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask)
+    B, T, D = hidden.shape
+    targets = completion_ids.masked_fill(~response_mask, -100)  # (B, T)
+    logp = token_logprobs(
+        hidden.reshape(B * T, D), head_weight(model), targets.reshape(-1), temperature=temperature, impl=impl
+    )
+    return logp.view(B, T)

@@ -1,0 +1,80 @@
+"""Run folders and atomic checkpoints that resume exactly.
+
+A checkpoint is a folder: the model in Hugging Face format (safetensors + config + tokenizer, loadable by
+`model.hf.load_model` or any transformers code) plus `trainer_state.pt` (optimizer, LR scheduler, every RNG state,
+stage, step and data position). It is written into `<name>.tmp`, then swapped in by renames: the old folder moves
+to `<name>.old`, the new one takes its name, the old one is deleted. A crash at any point leaves either the old or
+the new checkpoint complete, and `recover` puts back `<name>.old` when the swap was cut between its two renames.
+"""
+
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.hf import save_pretrained
+
+STATE_FILE = "trainer_state.pt"
+
+
+def recover(path: Path) -> None:
+    """Undo a swap interrupted between its renames; drop a half-written `.tmp`."""
+    old, tmp = path.with_name(path.name + ".old"), path.with_name(path.name + ".tmp")
+    if not path.exists() and old.exists():
+        os.replace(old, path)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(path: Path, model, tokenizer, trainer_state: dict | None = None) -> None:
+    """Write the model (HF format) and optionally the trainer state to `path`, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_pretrained(model, tokenizer, tmp)
+    if trainer_state is not None:
+        torch.save(trainer_state, tmp / STATE_FILE)
+    _swap_in(tmp, path)
+
+
+def load_trainer_state(path: Path) -> dict:
+    file = Path(path) / STATE_FILE
+    if not file.exists():
+        raise FileNotFoundError(f"{path}: no {STATE_FILE}; not a resumable checkpoint")
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+def rng_states(generator: torch.Generator | None = None) -> dict:
+    """Every random state a training step draws from."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_states(state: dict, generator: torch.Generator | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])

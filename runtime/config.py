@@ -1,0 +1,70 @@
+"""A config dataclass becomes flat CLI flags (`group_size` -> `--group-size`), and back.
+
+Every field needs a default and a one-line `#` comment after it in the source (the comment becomes the flag's
+help). Booleans take `--flag` / `--no-flag`. Unknown flags, bad values and `__post_init__` failures become one
+clear line on stderr and exit code 2, before anything runs.
+"""
+
+import argparse
+import dataclasses
+import inspect
+import json
+import re
+import sys
+
+
+class ConfigError(ValueError):
+    """A bad option value or combination; the message names the option."""
+
+
+def _help_texts(cls) -> dict[str, str]:
+    """`field: type = default  # help` comments of the dataclass source."""
+    out = {}
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return out
+    for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, re.MULTILINE):
+        out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = _help_texts(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        help_text = f"{helps.get(f.name, '')} (default: {default!r})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)  # fmt: skip
+        else:
+            parser.add_argument(flag, dest=f.name, type=type(default), default=default, help=help_text)
+    return parser
+
+
+def parse_config(cls, argv=None, description: str = ""):
+    """(config, names of the flags given explicitly); exits with code 2 and one line on a bad value."""
+    parser = build_parser(cls, description)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    words = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    given = {a.dest for a in parser._actions if words & set(a.option_strings)}
+    try:
+        return cls(**vars(args)), given
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+def to_json(config) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2) + "\n"
+
+
+def from_dict(cls, data: dict, *, where: str):
+    """A config from a saved config.json; unknown keys are an error (the run was made by another version)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {unknown}; was it written by another version of this code?")
+    return cls(**data)

@@ -1,0 +1,79 @@
+"""Loading the JSONL splits and turning records into token ids, with every check done before training starts.
+
+Prompts longer than `max_prompt_tokens`: policy "error" (the default) stops with the count and the first ids;
+policy "skip" leaves them out, prints how many per split and records the count in the run's results. Neither ever
+truncates a prompt (a truncated note would be judged on text the label was not given for).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from data.schema import Record, RecordError, read_jsonl
+from sam.prompt import render_gold_reasoning, render_prompt
+
+BUILTIN_DIR = "data/builtin"
+
+
+class DataError(ValueError):
+    """Data that cannot be used as asked; the message names the file or split and the reason."""
+
+
+def ensure_builtin(data_dir: str | Path, seed: int = 0) -> bool:
+    """Generate the built-in benchmark into `data_dir` when it is missing; True if it was generated."""
+    from data.synthetic import write_benchmark
+
+    data_dir = Path(data_dir)
+    if (data_dir / "rl.jsonl").exists() and (data_dir / "tokenizer" / "tokenizer.json").exists():
+        return False
+    print(f"generating the built-in benchmark into {data_dir} (seed {seed}) ...", flush=True)
+    write_benchmark(data_dir, seed)
+    return True
+
+
+def load_split(data_dir: str | Path, name: str) -> list[Record]:
+    """Records of `data_dir/name.jsonl` (or `name` itself when it is a path to a .jsonl file)."""
+    path = Path(name) if name.endswith(".jsonl") else Path(data_dir) / f"{name}.jsonl"
+    if not path.exists():
+        raise DataError(f"{path}: split {name!r} not found")
+    records = read_jsonl(path)  # raises RecordError listing file:line: reason
+    if not records:
+        raise DataError(f"{path}: split {name!r} has no records")
+    return records
+
+
+@dataclass
+class Encoded:
+    records: list[Record]  # the records kept
+    prompts: list[list[int]]  # their prompt ids
+    skipped: int  # prompts longer than the limit, left out under policy "skip"
+
+
+def encode_prompts(records, tokenizer, *, fmt, with_instruction, rules, max_prompt_tokens, long_prompts, split):
+    """Prompt ids per record, after the length policy."""
+    texts = [render_prompt(r, fmt, tokenizer=tokenizer, rules=rules, with_instruction=with_instruction)
+             for r in records]  # fmt: skip
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    long = [r.id for r, p in zip(records, ids) if len(p) > max_prompt_tokens]
+    if long and long_prompts == "error":
+        raise DataError(
+            f"split {split!r}: {len(long)} prompt(s) longer than --max-prompt-tokens {max_prompt_tokens} "
+            f"(first: {long[:3]}); raise the limit or pass --long-prompts skip to leave them out"
+        )
+    keep = [i for i, p in enumerate(ids) if len(p) <= max_prompt_tokens]
+    if long:
+        print(f"split {split!r}: skipped {len(long)} prompt(s) longer than {max_prompt_tokens} tokens", flush=True)
+    return Encoded([records[i] for i in keep], [ids[i] for i in keep], len(long))
+
+
+def sft_target(record: Record, fmt: str) -> str:
+    """The warm-up target: the record's own trace for the criteria format, else one rendered from gold values."""
+    if fmt == "criteria" and record.reasoning:
+        return record.reasoning
+    try:
+        return render_gold_reasoning(record, fmt)
+    except ValueError as exc:
+        raise DataError(f"record {record.id}: no reasoning trace for format {fmt!r} ({exc})") from None
+
+
+__all__ = ["BUILTIN_DIR", "DataError", "Encoded", "RecordError", "encode_prompts", "ensure_builtin", "load_split",
+           "sft_target"]  # fmt: skip

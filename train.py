@@ -1,0 +1,715 @@
+"""Warm-up SFT, then GRPO with Stepwise Advantage Masking (SAM), for a generative relevance model.
+
+    python train.py                                   # the default run: built-in benchmark, `tiny` preset, CPU ok
+    python train.py --name sam-steps --segmenter steps --verdicts gold       # an ablation arm
+    python train.py --stages rl --init runs/default/sft --name outcome --policy none
+    python train.py --model /models/Qwen2.5-0.5B-Instruct --data-dir /data/grm --name qwen \
+        --max-prompt-tokens 2048 --max-new-tokens 1024 --prompts-per-step 40 --group-size 8 --rl-lr 1e-6
+    python train.py --name default --resume           # continue an interrupted run exactly
+    python train.py --help                            # every option
+
+The default run generates the built-in benchmark into data/builtin when it is missing, trains the `tiny` preset
+(about 0.9M parameters, random weights) on the warm-up traces, then runs GRPO+SAM on label-only prompts, evaluates
+both stages on test_random and test_longtail, and prints the table. Everything lands in runs/<name>/: config.json,
+metrics.jsonl (one JSON line per step), ckpt/ (the latest checkpoint, resumable), sft/ (the warm-up model), best/
+(the RL checkpoint with the best validation accuracy), eval_sft.json, eval_rl.json, results.json, curves.png.
+
+One RL step (DESIGN.md, "One GRPO step, as data"): P prompts x G samples -> parse, segment, reward, verdicts ->
+group advantages -> SAM keep weights -> `policy_loss(token_logprobs(...))` over micro-batches with one
+normaliser for the whole rollout batch -> `mu` AdamW steps with gradient clipping. The model's own (B, T, V)
+logits are never formed: hidden states and the head weight go to `kernels.token_logprobs`.
+
+Where this departs from the paper or the authors' settings (PAPER.md), and why:
+- The reward for a correct label is 1.0 (authors: 2.0). GRPO normalises by the group's std, so the scale cancels.
+- The default run is sized for a 2-core CPU in under 10 minutes: a 0.9M-parameter model, 16 prompts x 8 samples
+  per step (authors: 40 x 8), a learning rate suited to a small random-initialised model (authors: 1e-6 on 32B),
+  and prompts without the instruction text (`--instruction auto`: a model trained from random weights cannot read
+  the instruction, which is the same for every record and would be 80% of each prompt). Real models keep it.
+- With mu = 1 the old log-probs are the current ones detached (the ratio is exactly 1, as it would be after a
+  recomputation, since the kernel is batch-invariant); with mu > 1 they are computed once before the updates.
+- Validation is greedy by default (`--eval-temperature 0`); the authors validate at 0.6, which is one flag away.
+- Zero-variance groups stay in the batch with advantage 0 (`--zero-variance drop` leaves them out of the loss).
+"""
+
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from data.schema import RecordError, write_text_atomic
+from eval import PROMPT_FILE, evaluate_split, format_compact
+from kernels import policy_loss, policy_loss_normalizer
+from kernels.policy_loss import AGG_MODES
+from model.hf import (
+    ModelLoadError,
+    build_preset,
+    default_dtype,
+    head_weight,
+    is_preset,
+    load_model,
+    load_tokenizer,
+    num_parameters,
+    prepare,
+)
+from model.sampling import generate, pad_left, pad_right, response_logprobs
+from runtime.checkpoint import load_trainer_state, recover, rng_states, save_checkpoint, set_rng_states
+from runtime.config import ConfigError, from_dict, parse_config, to_json
+from runtime.data import BUILTIN_DIR, DataError, encode_prompts, ensure_builtin, load_split, sft_target
+from sam.advantage import METHODS, group_advantages
+from sam.mask import POLICIES, keep_weights
+from sam.prompt import FORMATS, NUM_BOXES, load_rules
+from sam.reward import outcome_reward
+from sam.segment import SEGMENTERS, num_segments, segment_batch
+from sam.verdict import SOURCES, box_verdicts, expand_to_segments, gold_verdicts
+
+STAGES = ("sft", "rl")
+
+
+@dataclass
+class Config:
+    # run
+    name: str = "default"  # run name: everything is written under <out_dir>/<name>/
+    out_dir: str = "runs"  # parent folder of the runs
+    data_dir: str = BUILTIN_DIR  # folder of the JSONL splits (the built-in benchmark is generated there if missing)
+    model: str = "tiny"  # preset (tiny, small; random weights) or a local Hugging Face model directory
+    init: str = ""  # start from this checkpoint folder instead of --model (e.g. runs/default/sft)
+    tokenizer: str = ""  # tokenizer folder (default: <data_dir>/tokenizer for presets, else the model's)
+    stages: str = "sft,rl"  # comma list of stages to run, in order: sft, rl
+    fmt: str = "criteria"  # reasoning format: criteria (7 steps, 3 boxes), generic (3 steps), label (answer only)
+    instruction: str = "auto"  # prompt instruction text: full, none, auto (none for presets, full for real models)
+    rules: str = ""  # business rules JSON {name: text} (default: the built-in rules)
+    device: str = "auto"  # auto (cuda if available), cpu, cuda
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
+    attention: str = "auto"  # auto (flash_attention_2 if installed on GPU, else sdpa), sdpa, eager
+    impl: str = "auto"  # kernels: auto (Triton on CUDA, reference on CPU), triton, ref
+    seed: int = 0  # seed for model init, data order and sampling
+    trust_remote_code: bool = False  # allow custom model code from the model directory
+    max_prompt_tokens: int = 512  # longer prompts follow --long-prompts
+    long_prompts: str = "error"  # error (stop before training) or skip (leave out and count)
+    max_new_tokens: int = 160  # completion budget for sampling (RL and evaluation)
+    micro_batch: int = 32  # sequences per forward/backward pass (gradient accumulation over the rest)
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient-norm clip
+    lr_schedule: str = "cosine"  # constant, linear or cosine decay to 10% after warm-up
+    # warm-up SFT
+    sft_split: str = "sft"  # split with reasoning traces (or gold values to render them from)
+    sft_epochs: float = 3.0  # passes over the SFT split
+    sft_batch_size: int = 16  # sequences per SFT optimizer step
+    sft_lr: float = 3e-3  # peak SFT learning rate
+    sft_warmup: int = 20  # SFT warm-up steps
+    # GRPO + SAM
+    rl_split: str = "rl"  # label-only split for RL prompts
+    rl_steps: int = 40  # RL steps (rollout batches)
+    prompts_per_step: int = 16  # P: prompts per RL step
+    group_size: int = 8  # G: samples per prompt
+    mu: int = 1  # inner epochs: optimizer steps per rollout batch
+    rl_lr: float = 5e-4  # peak RL learning rate
+    rl_warmup: int = 0  # RL warm-up steps
+    temperature: float = 1.0  # rollout sampling temperature (log-probs use it too)
+    top_p: float = 1.0  # rollout nucleus threshold
+    policy: str = "sam"  # masking policy: none, sam, soft, sequence, token
+    segmenter: str = "boxes"  # segments: boxes (paper), steps, box_tokens (with --policy token), none
+    verdicts: str = "box"  # verdict source: box (each boxed score vs the label, paper) or gold (each step vs gold)
+    exception: bool = True  # SAM's exception: keep both when calibration fixed a wrong initial score
+    alpha: float = 0.5  # weight a masked segment keeps under --policy soft
+    adv_method: str = "grpo"  # grpo, drgrpo, rloo
+    adv_clamp: float = 3.0  # clamp advantages to [-c, c] (0 = off)
+    zero_variance: str = "keep"  # groups with equal rewards: keep (advantage 0) or drop (out of the loss)
+    reward_correct: float = 1.0  # reward for a correct final label
+    malformed_penalty: float = 0.0  # subtracted from the reward of a malformed completion
+    ordinal_reward: bool = False  # partial credit for a near-miss label
+    clip_low: float = 0.2  # PPO clip epsilon below 1
+    clip_high: float = 0.28  # PPO clip epsilon above 1
+    dual_clip: float = 3.0  # dual-clip constant for negative advantages (0 = off)
+    kl_coef: float = 0.0  # k3 KL to the frozen RL-start model (0 = off, no reference model)
+    agg: str = "seq-mean-token-mean"  # loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum
+    # evaluation
+    val_split: str = "val"  # validation split
+    val_limit: int = 200  # validation records used (0 = all)
+    eval_every: int = 10  # evaluate on validation every N RL steps (and at the end of each stage)
+    eval_temperature: float = 0.0  # 0 = greedy; the authors validate at 0.6
+    eval_batch_size: int = 128  # prompts per evaluation batch
+    test_splits: str = "test_random,test_longtail"  # splits evaluated after each stage ("" = none)
+    test_limit: int = 0  # test records used per split (0 = all)
+    # checkpoints and logging
+    save_every: int = 20  # write the resumable checkpoint every N steps (and at the end of each stage)
+    resume: bool = False  # continue runs/<name> from its last checkpoint
+    halt_after: int = 0  # stop (checkpointed) after N steps in this invocation, as if preempted (0 = never)
+    progress: bool = True  # show a progress bar
+    tensorboard: bool = False  # also log to runs/<name>/tb when tensorboard is installed
+
+    def __post_init__(self):
+        def need(cond, message):
+            if not cond:
+                raise ConfigError(message)
+
+        stages = self.stage_list
+        need(stages and all(s in STAGES for s in stages), f"--stages: choose from {STAGES}, got {self.stages!r}")
+        need(self.fmt in FORMATS, f"--fmt must be one of {FORMATS}, got {self.fmt!r}")
+        need(self.instruction in ("auto", "full", "none"), "--instruction must be auto, full or none")
+        need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
+        need(self.dtype in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        need(self.attention in ("auto", "sdpa", "eager", "flash_attention_2"), "--attention: auto, sdpa, eager or "
+             "flash_attention_2")  # fmt: skip
+        need(self.impl in ("auto", "triton", "ref"), f"--impl must be auto, triton or ref, got {self.impl!r}")
+        need(self.long_prompts in ("error", "skip"), "--long-prompts must be error or skip")
+        need(self.lr_schedule in ("constant", "linear", "cosine"), "--lr-schedule: constant, linear or cosine")
+        need(self.policy in POLICIES, f"--policy must be one of {POLICIES}, got {self.policy!r}")
+        need(self.segmenter in SEGMENTERS, f"--segmenter must be one of {SEGMENTERS}, got {self.segmenter!r}")
+        need(
+            (self.policy == "token") == (self.segmenter == "box_tokens"),
+            "--policy token and --segmenter box_tokens go together (the token policy masks the box tokens alone)",
+        )
+        need(self.verdicts in SOURCES, f"--verdicts must be one of {SOURCES}, got {self.verdicts!r}")
+        need(self.verdicts == "box" or self.fmt == "criteria", "--verdicts gold needs --fmt criteria")
+        need(self.adv_method in METHODS, f"--adv-method must be one of {METHODS}")
+        need(self.zero_variance in ("keep", "drop"), "--zero-variance must be keep or drop")
+        need(self.agg in AGG_MODES, f"--agg must be one of {AGG_MODES}, got {self.agg!r}")
+        need(self.group_size >= 2, "--group-size must be >= 2 (advantages are relative to the group)")
+        for name in ("prompts_per_step", "mu", "micro_batch", "sft_batch_size", "max_new_tokens",
+                     "max_prompt_tokens", "eval_batch_size", "save_every", "eval_every"):  # fmt: skip
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("rl_steps", "val_limit", "test_limit", "halt_after", "sft_warmup", "rl_warmup"):
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
+        need(self.sft_epochs > 0, "--sft-epochs must be > 0")
+        need(self.sft_lr > 0 and self.rl_lr > 0, "learning rates must be > 0")
+        need(self.temperature > 0, "--temperature must be > 0 (RL samples its rollouts)")
+        need(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
+        need(self.eval_temperature >= 0, "--eval-temperature must be >= 0")
+        need(0 <= self.alpha <= 1, "--alpha must be in [0, 1]")
+        need(self.dual_clip == 0 or self.dual_clip > 1, "--dual-clip must be > 1, or 0 to turn it off")
+        need(0 <= self.clip_low < 1 and self.clip_high >= 0, "need 0 <= --clip-low < 1 and --clip-high >= 0")
+        need(self.kl_coef >= 0 and self.adv_clamp >= 0 and self.malformed_penalty >= 0,
+             "--kl-coef, --adv-clamp and --malformed-penalty must be >= 0")  # fmt: skip
+        need(self.weight_decay >= 0 and self.grad_clip > 0, "need --weight-decay >= 0 and --grad-clip > 0")
+
+    @property
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in self.stages.split(",") if s.strip()]
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or inf loss: the step is not applied and the last checkpoint stays as it was."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Small pieces of the loop
+
+
+def lr_lambda(total: int, warmup: int, kind: str):
+    """Multiplier of the peak LR at optimizer step s: linear warm-up, then constant / linear / cosine to 10%."""
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if kind == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        decay = 1 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return 0.1 + 0.9 * decay
+
+    return f
+
+
+def make_optimizer(model, cfg: Config, lr: float, total: int, warmup: int):
+    # no weight decay on norms and biases (1-D parameters)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, cfg.lr_schedule))
+    return opt, sched
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """Indices of batch `step` in a stream of per-epoch permutations of range(n): the data position is the step
+    alone, so resuming needs no saved iterator."""
+    out = []
+    for pos in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def micro_slices(B: int, micro: int) -> list[slice]:
+    return [slice(lo, min(B, lo + micro)) for lo in range(0, B, micro)]
+
+
+def check_finite(loss: torch.Tensor, where: str, last_ckpt: str) -> None:
+    if not bool(torch.isfinite(loss)):  # host sync: once per micro-batch, to stop before a bad update
+        raise NonFiniteLoss(
+            f"non-finite loss ({loss.item()}) at {where}: the update was not applied; the last good checkpoint is "
+            f"{last_ckpt}. Lower the learning rate or check the data, then continue with --resume."
+        )
+
+
+class Logger:
+    """metrics.jsonl (one line per step), optional TensorBoard, the progress bar's postfix."""
+
+    def __init__(self, run: Path, tensorboard: bool):
+        self.path = run / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run / "tb"))
+            except ImportError:
+                print("tensorboard is not installed; logging to metrics.jsonl only", flush=True)
+
+    def truncate_after(self, order: int, step: int) -> None:
+        """On resume, drop lines written after the checkpoint (they will be written again)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            row = json.loads(line)
+            if (STAGES.index(row["stage"]), row["step"]) <= (order, step):
+                keep.append(line)
+        write_text_atomic(self.path, "".join(k + "\n" for k in keep))
+
+    def log(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            global_step = row["step"] + (0 if row["stage"] == "sft" else 1_000_000)
+            for key, value in row.items():
+                if isinstance(value, int | float) and key != "step":
+                    self.tb.add_scalar(f"{row['stage']}/{key}", value, global_step)
+
+
+def scalars(metrics: dict, prefix: str = "") -> dict:
+    return {prefix + k: float(v) for k, v in metrics.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Run setup: everything checked before training starts
+
+
+class Run:
+    """Resolved settings, data, tokenizer, model and paths of one training run."""
+
+    def __init__(self, cfg: Config, state: dict | None):
+        self.cfg = cfg
+        self.dir = Path(cfg.out_dir) / cfg.name
+        self.ckpt = self.dir / "ckpt"
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                                   else cfg.device)  # fmt: skip
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but CUDA is not available")
+        self.dtype = {"auto": default_dtype(self.device), "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+        self.attention = None if cfg.attention == "auto" else cfg.attention
+        source = cfg.init or cfg.model
+        self.preset = is_preset(source)
+        if cfg.data_dir == BUILTIN_DIR:
+            ensure_builtin(cfg.data_dir)
+        tok_dir = cfg.tokenizer or (str(Path(cfg.data_dir) / "tokenizer") if self.preset else source)
+        self.tokenizer = load_tokenizer(tok_dir)
+        self.with_instruction = cfg.instruction == "full" or (cfg.instruction == "auto" and not self.preset)
+        self.rules = load_rules(cfg.rules) if cfg.rules else None
+        self.load_data()
+        self.model = self.load_start_model() if state is None else self.load(self.ckpt)
+        if head_weight(self.model).shape[0] < len(self.tokenizer):
+            raise ModelLoadError(f"{source}: the LM head has {head_weight(self.model).shape[0]} rows but the "
+                                 f"tokenizer has {len(self.tokenizer)} tokens; they do not belong together")  # fmt: skip
+
+    def encode(self, split: str, limit: int = 0):
+        records = load_split(self.cfg.data_dir, split)
+        records = records[:limit] if limit else records
+        enc = encode_prompts(records, self.tokenizer, fmt=self.cfg.fmt, with_instruction=self.with_instruction,
+                             rules=self.rules, max_prompt_tokens=self.cfg.max_prompt_tokens,
+                             long_prompts=self.cfg.long_prompts, split=split)  # fmt: skip
+        if not enc.records:
+            raise DataError(f"split {split!r}: every prompt is longer than --max-prompt-tokens")
+        return enc
+
+    def load_data(self) -> None:
+        cfg, tok = self.cfg, self.tokenizer
+        self.sft = self.rl = None
+        if "sft" in cfg.stage_list:
+            self.sft = self.encode(cfg.sft_split)
+            targets = [tok(sft_target(r, cfg.fmt), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                       for r in self.sft.records]  # fmt: skip
+            long = sum(len(t) > cfg.max_new_tokens for t in targets)
+            if long:
+                raise DataError(f"split {cfg.sft_split!r}: {long} warm-up trace(s) are longer than --max-new-tokens "
+                                f"{cfg.max_new_tokens}; the model could never finish one when sampling")  # fmt: skip
+            self.sft_targets = targets
+        if "rl" in cfg.stage_list:
+            self.rl = self.encode(cfg.rl_split)
+            if len(self.rl.records) < cfg.prompts_per_step:
+                raise DataError(f"split {cfg.rl_split!r} has {len(self.rl.records)} prompts, fewer than "
+                                f"--prompts-per-step {cfg.prompts_per_step}")  # fmt: skip
+        self.val = self.encode(cfg.val_split, cfg.val_limit)
+        self.tests = {s.strip(): self.encode(s.strip(), cfg.test_limit) for s in cfg.test_splits.split(",") if
+                      s.strip()}  # fmt: skip
+
+    def load(self, path) -> torch.nn.Module:
+        return load_model(path, device=self.device, dtype=self.dtype, attention=self.attention,
+                          trust_remote_code=self.cfg.trust_remote_code)  # fmt: skip
+
+    def load_start_model(self):
+        source = self.cfg.init or self.cfg.model
+        if self.preset:
+            model = build_preset(source, self.tokenizer, seed=self.cfg.seed,
+                                 max_positions=self.cfg.max_prompt_tokens + self.cfg.max_new_tokens)  # fmt: skip
+            return prepare(model, device=self.device, dtype=self.dtype, attention=self.attention)
+        return self.load(source)
+
+    def rl_start_model(self):
+        """The model RL started from (the frozen KL reference): the warm-up checkpoint or the starting model."""
+        return self.load(self.dir / "sft") if "sft" in self.cfg.stage_list else self.load_start_model()
+
+    def save_model(self, path: Path, model=None) -> None:
+        save_checkpoint(path, model or self.model, self.tokenizer)
+        prompt = {"fmt": self.cfg.fmt, "with_instruction": self.with_instruction, "rules": self.rules}
+        write_text_atomic(path / PROMPT_FILE, json.dumps(prompt, indent=2) + "\n")
+
+    def save_resumable(self, state: dict, opt, sched, generator=None) -> None:
+        state = dict(state, optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=rng_states(generator))
+        save_checkpoint(self.ckpt, self.model, self.tokenizer, state)
+        prompt = {"fmt": self.cfg.fmt, "with_instruction": self.with_instruction, "rules": self.rules}
+        write_text_atomic(self.ckpt / PROMPT_FILE, json.dumps(prompt, indent=2) + "\n")
+
+    def evaluate(self, enc, model=None, progress=None) -> dict:
+        cfg = self.cfg
+        metrics, _ = evaluate_split(model or self.model, self.tokenizer, enc, fmt=cfg.fmt,
+                                    temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
+                                    batch_size=cfg.eval_batch_size, seed=cfg.seed, device=self.device,
+                                    progress=progress)  # fmt: skip
+        return metrics
+
+    def evaluate_tests(self, model, label: str) -> dict:
+        results = {}
+        for split, enc in self.tests.items():
+            bar = tqdm(total=len(enc.records), desc=f"eval {label} {split}", disable=not self.cfg.progress,
+                       leave=False)  # fmt: skip
+            results[split] = self.evaluate(enc, model, progress=bar.update)
+            bar.close()
+        return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stages
+
+
+def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
+    """Warm-up SFT (token NLL through token_logprobs). Returns False when halted."""
+    cfg, model, tok, dev = run.cfg, run.model, run.tokenizer, run.device
+    n = len(run.sft.records)
+    total = math.ceil(cfg.sft_epochs * n / cfg.sft_batch_size)
+    opt, sched = make_optimizer(model, cfg, cfg.sft_lr, total, cfg.sft_warmup)
+    if state.get("optimizer") is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_states(state["rng"])
+    model.train()
+    bar = tqdm(total=total, initial=state["step"], desc="sft", disable=not cfg.progress)
+    for step in range(state["step"], total):
+        if budget[0] == 0:  # halted; the checkpoint of the previous step is on disk
+            bar.close()
+            return False
+        t0 = time.perf_counter()
+        idx = batch_indices(n, cfg.sft_batch_size, step, cfg.seed)
+        p_ids, p_mask = pad_left([run.sft.prompts[i] for i in idx], tok.pad_token_id, dev)
+        t_ids, t_mask = pad_right([run.sft_targets[i] for i in idx], tok.pad_token_id, dev)
+        num_tokens = t_mask.sum().clamp(min=1)  # normaliser of the whole batch: micro-batches add up to it
+        total_loss = 0.0
+        for sl in micro_slices(len(idx), cfg.micro_batch):
+            logp = response_logprobs(model, p_ids[sl], p_mask[sl], t_ids[sl], t_mask[sl], impl=cfg.impl)  # (b, T)
+            loss = -(logp * t_mask[sl]).sum() / num_tokens
+            check_finite(loss, f"sft step {step}", str(run.ckpt))
+            loss.backward()
+            total_loss += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t0
+        row = {"stage": "sft", "step": step + 1, "loss": total_loss, "grad_norm": float(grad_norm),
+               "lr": sched.get_last_lr()[0], "tokens": int(num_tokens), "step_s": seconds,
+               "tokens_per_s": int(num_tokens) / seconds}  # fmt: skip
+        state["step"] = step + 1
+        if state["step"] == total:
+            row.update(scalars(headline(run.evaluate(run.val)), "val/"))
+            model.train()
+        logger.log(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{total_loss:.3f}")
+        budget[0] -= 1
+        if state["step"] == total or state["step"] % cfg.save_every == 0 or budget[0] == 0:
+            run.save_resumable(state, opt, sched)
+    bar.close()
+    return True
+
+
+def headline(m: dict) -> dict:
+    return {k: m[k] for k in ("accuracy", "macro_f1", "binary_f1", "malformed_rate")}
+
+
+def rollout_scores(run: Run, records, completion, response):
+    """Parse, segment, reward and judge a rollout batch: host-side string work, once per step."""
+    cfg = run.cfg
+    step_id, parses, texts = segment_batch(completion, response, run.tokenizer, segmenter=cfg.segmenter, fmt=cfg.fmt)
+    labels = torch.tensor([r.label for r in records])
+    rewards, comp = outcome_reward(parses, labels, correct=cfg.reward_correct,
+                                   malformed_penalty=cfg.malformed_penalty, ordinal=cfg.ordinal_reward)  # fmt: skip
+    if cfg.verdicts == "box":
+        raw = box_verdicts(parses, labels, NUM_BOXES[cfg.fmt])
+    else:
+        raw = gold_verdicts(texts, parses, [r.gold for r in records])
+    verdicts = expand_to_segments(raw, cfg.segmenter, cfg.fmt, source=cfg.verdicts)
+    return step_id, parses, rewards, comp, verdicts
+
+
+def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
+    """GRPO + SAM. Returns False when halted."""
+    cfg, model, tok, dev = run.cfg, run.model, run.tokenizer, run.device
+    P, G = cfg.prompts_per_step, cfg.group_size
+    opt, sched = make_optimizer(model, cfg, cfg.rl_lr, cfg.rl_steps * cfg.mu, cfg.rl_warmup)
+    generator = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
+    if state.get("optimizer") is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_states(state["rng"], generator)
+    ref_model = None
+    if cfg.kl_coef > 0:
+        ref_model = (copy.deepcopy(model) if state["step"] == 0 else run.rl_start_model()).eval()
+        ref_model.requires_grad_(False)
+    exception_segments = (4, 5) if cfg.segmenter == "steps" else (0, 1)
+    S = num_segments(cfg.segmenter, cfg.fmt)
+    if budget[0] == 0 and state["step"] < cfg.rl_steps:
+        return False
+    if state["step"] == 0:
+        logger.log({"stage": "rl", "step": 0, **scalars(headline(run.evaluate(run.val)), "val/")})
+    bar = tqdm(total=cfg.rl_steps, initial=state["step"], desc="rl", disable=not cfg.progress)
+    for step in range(state["step"], cfg.rl_steps):
+        if budget[0] == 0:  # halted; the checkpoint of the previous step is on disk
+            bar.close()
+            return False
+        times = {}
+        t0 = time.perf_counter()
+        # 1. rollouts: G samples for each of P prompts, prompt-major so groups are contiguous
+        idx = batch_indices(len(run.rl.records), P, step, cfg.seed)
+        records = [run.rl.records[i] for i in idx for _ in range(G)]
+        p_ids, p_mask = pad_left([run.rl.prompts[i] for i in idx for _ in range(G)], tok.pad_token_id, dev)
+        completion, response = generate(model, p_ids, p_mask, max_new_tokens=cfg.max_new_tokens,
+                                        eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=cfg.temperature,
+                                        top_p=cfg.top_p, vocab_size=len(tok), generator=generator)  # fmt: skip
+        model.train()
+        times["generate_s"] = time.perf_counter() - t0
+        gen_tokens = int(response.sum())
+
+        # 2. parse, segment, reward, verdicts, advantages, SAM keep weights
+        t1 = time.perf_counter()
+        step_id, parses, rewards, comp, verdicts = rollout_scores(run, records, completion, response)
+        adv, valid, adv_stats = group_advantages(rewards, G, method=cfg.adv_method, clamp=cfg.adv_clamp or None,
+                                                 zero_variance=cfg.zero_variance)  # fmt: skip
+        seg_tokens = torch.stack([(step_id == s).sum(1) for s in range(S)], dim=1)  # (B, S)
+        keep, sam_diag = keep_weights(verdicts.correct, comp["correct"], comp["well_formed"], policy=cfg.policy,
+                                      exception=cfg.exception, alpha=cfg.alpha, known=verdicts.known,
+                                      exception_segments=exception_segments, segment_tokens=seg_tokens.cpu(),
+                                      seq_adv=adv)  # fmt: skip
+        step_id = torch.where(valid.to(dev)[:, None], step_id, -1)  # dropped groups leave the loss entirely
+        B, T = completion.shape
+        seq_id = torch.arange(B, device=dev).repeat_interleave(T)  # (B*T,)
+        step_flat = step_id.reshape(-1).to(dev)  # (B*T,)
+        adv, keep = adv.to(dev), keep.to(dev)
+        normalizer = policy_loss_normalizer(seq_id, step_flat, keep, agg=cfg.agg)  # whole rollout batch
+        times["score_s"] = time.perf_counter() - t1
+
+        # 3. old and reference log-probs, no grad
+        t2 = time.perf_counter()
+        slices = micro_slices(B, cfg.micro_batch)
+
+        def logprobs_of(m, sl, grad=False):
+            with torch.set_grad_enabled(grad):
+                return response_logprobs(m, p_ids[sl], p_mask[sl], completion[sl], response[sl],
+                                         temperature=cfg.temperature, impl=cfg.impl).reshape(-1)  # fmt: skip
+
+        old = torch.cat([logprobs_of(model, sl) for sl in slices]) if cfg.mu > 1 else None
+        ref = torch.cat([logprobs_of(ref_model, sl) for sl in slices]) if ref_model is not None else None
+        times["logprob_s"] = time.perf_counter() - t2
+
+        # 4. mu optimizer steps over micro-batches, one normaliser
+        t3 = time.perf_counter()
+        loss_sum, metric_sums, grad_norms = 0.0, {}, []
+        for epoch in range(cfg.mu):
+            for m, sl in enumerate(slices):
+                tok_sl = slice(sl.start * T, sl.stop * T)
+                logp = logprobs_of(model, sl, grad=True)
+                old_sl = old[tok_sl] if old is not None else logp.detach()
+                loss, metrics = policy_loss(
+                    logp, old_sl, adv, seq_id[tok_sl], step_flat[tok_sl], keep,
+                    ref_logp=None if ref is None else ref[tok_sl], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                    dual_clip=cfg.dual_clip or None, kl_coef=cfg.kl_coef, agg=cfg.agg, normalizer=normalizer,
+                    impl=cfg.impl,
+                )  # fmt: skip
+                check_finite(loss, f"rl step {step} (epoch {epoch}, micro-batch {m})", str(run.ckpt))
+                loss.backward()
+                loss_sum += loss.item() / cfg.mu
+                weight = (sl.stop - sl.start) / B / cfg.mu  # metrics: averaged over micro-batches by rollouts
+                for k, v in metrics.items():
+                    metric_sums[k] = max(metric_sums.get(k, 0.0), float(v)) if k == "ratio_max" else (
+                        metric_sums.get(k, 0.0) + weight * float(v))  # fmt: skip
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        times["update_s"] = time.perf_counter() - t3
+        times["step_s"] = time.perf_counter() - t0
+
+        state["step"] = step + 1
+        row = {"stage": "rl", "step": step + 1, "loss": loss_sum, "reward": float(rewards.mean()),
+               "accuracy": float(comp["correct"].float().mean()),
+               "malformed_rate": 1 - float(comp["well_formed"].float().mean()),
+               "response_tokens": gen_tokens / B, "grad_norm": sum(grad_norms) / len(grad_norms),
+               "lr": sched.get_last_lr()[0], "generate_tokens_per_s": gen_tokens / times["generate_s"],
+               "update_tokens_per_s": gen_tokens * cfg.mu / times["update_s"], **times,
+               **scalars(metric_sums, "pl/"), **scalars(sam_diag, "sam/"), **scalars(adv_stats, "adv/")}  # fmt: skip
+        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.rl_steps:
+            val = headline(run.evaluate(run.val))
+            model.train()
+            row.update(scalars(val, "val/"))
+            if val["accuracy"] > state["best_val"]:
+                state["best_val"], state["best_step"] = val["accuracy"], state["step"]
+                run.save_model(run.dir / "best")
+        logger.log(row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward']:.2f}", masked=f"{row['pl/masked_frac']:.2f}")
+        budget[0] -= 1
+        if state["step"] == cfg.rl_steps or state["step"] % cfg.save_every == 0 or budget[0] == 0:
+            run.save_resumable(state, opt, sched, generator)
+    bar.close()
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reports
+
+
+def plot_curves(run_dir: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    panels = [("sft", "loss", "SFT loss"), ("rl", "reward", "RL reward"), ("rl", "val/accuracy", "RL val accuracy"),
+              ("rl", "pl/masked_frac", "RL masked token fraction")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (stage, key, title) in zip(axes, panels):
+        pts = [(r["step"], r[key]) for r in rows if r["stage"] == stage and key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    out = run_dir / "curves.png"
+    tmp = out.with_name("curves.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def report(run: Run, started: float) -> None:
+    rows = {}
+    for stage, file in (("sft", "eval_sft.json"), ("rl", "eval_rl.json")):
+        if (run.dir / file).exists():
+            rows[{"sft": "sft warm-up", "rl": "after RL"}[stage]] = json.loads((run.dir / file).read_text())
+    if rows:
+        print(format_compact(rows))
+    results = {"tests": rows, "wall_s_this_invocation": time.perf_counter() - started,
+               "parameters": num_parameters(run.model), "config": json.loads(to_json(run.cfg))}  # fmt: skip
+    write_text_atomic(run.dir / "results.json", json.dumps(results, indent=2) + "\n")
+    png = plot_curves(run.dir)
+    print(f"wrote {run.dir}/results.json" + (f" and {png}" if png else ""))
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def setup(cfg: Config, given: set[str]) -> tuple[Config, dict | None]:
+    """Check the run folder; on --resume, take the saved config (explicit flags must agree with it)."""
+    run_dir = Path(cfg.out_dir) / cfg.name
+    ckpt = run_dir / "ckpt"
+    for name in ("ckpt", "sft", "best"):
+        recover(run_dir / name)
+    if not cfg.resume:
+        if (run_dir / "metrics.jsonl").exists() or ckpt.exists():
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another --name")
+        return cfg, None
+    if not (run_dir / "config.json").exists() or not ckpt.exists():
+        raise ConfigError(f"--resume: no resumable checkpoint in {ckpt}")
+    saved = from_dict(Config, json.loads((run_dir / "config.json").read_text()), where=str(run_dir / "config.json"))
+    free = {"resume", "halt_after", "progress", "name", "out_dir"}
+    differ = sorted(f for f in given - free if getattr(cfg, f) != getattr(saved, f))
+    if differ:
+        raise ConfigError(f"--resume: {', '.join('--' + f.replace('_', '-') for f in differ)} differ from the saved "
+                          f"run {run_dir}; a resumed run keeps its settings")  # fmt: skip
+    return replace(saved, resume=True, halt_after=cfg.halt_after, progress=cfg.progress), load_trainer_state(ckpt)
+
+
+def main(argv=None) -> int:
+    started = time.perf_counter()
+    cfg, given = parse_config(Config, argv, __doc__)
+    try:
+        cfg, state = setup(cfg, given)
+        torch.manual_seed(cfg.seed)
+        run = Run(cfg, state)
+    except (ConfigError, ModelLoadError, RecordError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run.dir.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        write_text_atomic(run.dir / "config.json", to_json(cfg))
+    print(to_json(cfg), end="")
+    print(f"device {run.device}, dtype {run.dtype}, model {num_parameters(run.model) / 1e6:.2f}M parameters, "
+          f"instruction {'on' if run.with_instruction else 'off'}, run folder {run.dir}", flush=True)  # fmt: skip
+
+    stages = cfg.stage_list
+    state = state or {"stage": stages[0], "step": 0, "best_val": -1.0, "best_step": -1}
+    logger = Logger(run.dir, cfg.tensorboard)
+    logger.truncate_after(STAGES.index(state["stage"]), state["step"])
+    budget = [cfg.halt_after or -1]  # steps left in this invocation (-1: unlimited)
+    try:
+        for stage in stages[stages.index(state["stage"]) :]:
+            if state["stage"] != stage:  # a fresh stage: new optimizer, step 0
+                state = {"stage": stage, "step": 0, "best_val": -1.0, "best_step": -1}
+            if stage == "sft":
+                if not run_sft(run, state, logger, budget):
+                    print(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
+                    return 0
+                if not (run.dir / "eval_sft.json").exists():
+                    run.save_model(run.dir / "sft")
+                    tests = run.evaluate_tests(run.model, "sft")
+                    write_text_atomic(run.dir / "eval_sft.json", json.dumps(tests, indent=2) + "\n")
+            else:
+                if not run_rl(run, state, logger, budget):
+                    print(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
+                    return 0
+                if not (run.dir / "eval_rl.json").exists():
+                    best = run.dir / "best"
+                    model = run.load(best) if best.exists() else run.model
+                    tests = run.evaluate_tests(model, "rl")
+                    print(f"after RL: the best validation accuracy was at RL step {state['best_step']}", flush=True)
+                    write_text_atomic(run.dir / "eval_rl.json", json.dumps(tests, indent=2) + "\n")
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    report(run, started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
