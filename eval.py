@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from data.schema import RecordError, write_text_atomic
 from model.hf import ModelLoadError, load_model, load_tokenizer
@@ -124,6 +125,7 @@ class EvalConfig:
 
 
 def main(argv=None) -> int:
+    hf_logging.disable_progress_bar()  # the per-file bars of save/load would break the progress bar's line
     cfg, _ = parse_config(EvalConfig, argv, __doc__)
     try:
         ckpt = Path(cfg.checkpoint)

@@ -37,10 +37,12 @@ import math
 import sys
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers.utils import logging as hf_logging
 
 from data.schema import RecordError, write_text_atomic
 from eval import PROMPT_FILE, evaluate_split, format_compact
@@ -82,7 +84,7 @@ class Config:
     tokenizer: str = ""  # tokenizer folder (default: <data_dir>/tokenizer for presets, else the model's)
     stages: str = "sft,rl"  # comma list of stages to run, in order: sft, rl
     fmt: str = "criteria"  # reasoning format: criteria (7 steps, 3 boxes), generic (3 steps), label (answer only)
-    instruction: str = "auto"  # prompt instruction text: full, none, auto (none for presets, full for real models)
+    instruction: str = "auto"  # instruction text in prompts: full, none, auto (init's own, none for presets, else full)
     rules: str = ""  # business rules JSON {name: text} (default: the built-in rules)
     device: str = "auto"  # auto (cuda if available), cpu, cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
@@ -238,6 +240,13 @@ def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
     return out
 
 
+def rollout_logprobs(model, sl: slice, grad: bool = False, *, batch, cfg) -> torch.Tensor:
+    """Flat (b * T,) log-probs of rows `sl` of a rollout batch (prompt ids, prompt mask, completion, response)."""
+    with torch.set_grad_enabled(grad):
+        rows = [t[sl] for t in batch]
+        return response_logprobs(model, *rows, temperature=cfg.temperature, impl=cfg.impl).reshape(-1)
+
+
 def micro_slices(B: int, micro: int) -> list[slice]:
     return [slice(lo, min(B, lo + micro)) for lo in range(0, B, micro)]
 
@@ -312,13 +321,18 @@ class Run:
             ensure_builtin(cfg.data_dir)
         tok_dir = cfg.tokenizer or (str(Path(cfg.data_dir) / "tokenizer") if self.preset else source)
         self.tokenizer = load_tokenizer(tok_dir)
-        self.with_instruction = cfg.instruction == "full" or (cfg.instruction == "auto" and not self.preset)
+        saved = Path(source) / PROMPT_FILE  # a checkpoint of this codebase remembers how it was prompted
+        if cfg.instruction == "auto" and saved.exists():
+            self.with_instruction = json.loads(saved.read_text())["with_instruction"]
+        else:
+            self.with_instruction = cfg.instruction == "full" or (cfg.instruction == "auto" and not self.preset)
         self.rules = load_rules(cfg.rules) if cfg.rules else None
         self.load_data()
         self.model = self.load_start_model() if state is None else self.load(self.ckpt)
         if head_weight(self.model).shape[0] < len(self.tokenizer):
-            raise ModelLoadError(f"{source}: the LM head has {head_weight(self.model).shape[0]} rows but the "
-                                 f"tokenizer has {len(self.tokenizer)} tokens; they do not belong together")  # fmt: skip
+            rows = head_weight(self.model).shape[0]
+            raise ModelLoadError(f"{source}: the LM head has {rows} rows but the tokenizer has "
+                                 f"{len(self.tokenizer)} tokens; they do not belong together")  # fmt: skip
 
     def encode(self, split: str, limit: int = 0):
         records = load_split(self.cfg.data_dir, split)
@@ -528,11 +542,7 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         # 3. old and reference log-probs, no grad
         t2 = time.perf_counter()
         slices = micro_slices(B, cfg.micro_batch)
-
-        def logprobs_of(m, sl, grad=False):
-            with torch.set_grad_enabled(grad):
-                return response_logprobs(m, p_ids[sl], p_mask[sl], completion[sl], response[sl],
-                                         temperature=cfg.temperature, impl=cfg.impl).reshape(-1)  # fmt: skip
+        logprobs_of = partial(rollout_logprobs, batch=(p_ids, p_mask, completion, response), cfg=cfg)
 
         old = torch.cat([logprobs_of(model, sl) for sl in slices]) if cfg.mu > 1 else None
         ref = torch.cat([logprobs_of(ref_model, sl) for sl in slices]) if ref_model is not None else None
@@ -661,6 +671,7 @@ def setup(cfg: Config, given: set[str]) -> tuple[Config, dict | None]:
 
 
 def main(argv=None) -> int:
+    hf_logging.disable_progress_bar()  # the per-file bars of save/load would break the progress bar's line
     started = time.perf_counter()
     cfg, given = parse_config(Config, argv, __doc__)
     try:

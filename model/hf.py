@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 PRESETS = {
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -27,6 +27,7 @@ PRESETS = {
     "small": dict(hidden_size=320, num_hidden_layers=8, num_attention_heads=5, num_key_value_heads=5,
                   intermediate_size=1024),
 }  # fmt: skip
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 _UNSUPPORTED_HEAD = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
@@ -75,7 +76,17 @@ def load_tokenizer(path: str | Path):
     if not path.is_dir():
         raise ModelLoadError(f"{path}: tokenizer directory not found")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tok_class = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, json.JSONDecodeError):
+        tok_class = None
+    try:
+        if tok_class in _GENERIC_TOKENIZERS and (path / "tokenizer.json").exists():
+            # a generic tokenizer.json (the built-in one, or one trained with `tokenizers`): load it as it is.
+            # AutoTokenizer would pick the class of the model type in config.json (Qwen2Tokenizer for a Qwen2
+            # checkpoint), which rebuilds its own pre-tokenizer and silently tokenizes differently.
+            tok = PreTrainedTokenizerFast.from_pretrained(str(path), local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # transformers raises many types (OSError, ValueError, KeyError) for a bad directory
         raise ModelLoadError(f"{path}: cannot load a tokenizer: {type(exc).__name__}: {exc}") from None
     if tok.eos_token_id is None:

@@ -1,0 +1,280 @@
+"""train.py and eval.py end to end on a slice of the built-in benchmark (CPU): a tiny run, exact resume, the
+bad-input table, a non-finite loss, the Hugging Face path with a byte-level BPE tokenizer trained on the fly, and
+the mini-convergence check of the fused kernels against their references inside a training loop."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+import eval as eval_script
+import train
+from data import synthetic
+from data.schema import read_jsonl
+from data.tokenizer import load_tokenizer as load_builtin_tokenizer
+from kernels import policy_loss, policy_loss_normalizer
+from model.sampling import pad_left, pad_right, response_logprobs
+from runtime.checkpoint import load_trainer_state
+from sam.prompt import render_gold_reasoning, render_prompt
+
+SIZES = {"sft": 24, "rl": 16, "val": 6, "test_random": 6, "test_longtail": 6}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    synthetic.write_benchmark(out, seed=0, sizes=SIZES)
+    return out
+
+
+def fast_args(bench, out, *extra):
+    return ["--data-dir", str(bench), "--out-dir", str(out), "--no-progress", "--sft-epochs", "0.33",
+            "--sft-batch-size", "4", "--rl-steps", "2", "--prompts-per-step", "2", "--group-size", "2",
+            "--val-limit", "4", "--test-limit", "3", "--eval-every", "1", "--micro-batch", "3", *extra]  # fmt: skip
+
+
+GENERIC = ["--fmt", "generic", "--max-new-tokens", "64"]
+
+
+def metric_rows(run_dir):
+    drop = ("_s", "tokens_per_s")  # wall-clock fields differ between runs
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith(drop)} for r in rows]
+
+
+def test_tiny_end_to_end_run_and_eval(bench, tmp_path, capsys):
+    assert train.main(fast_args(bench, tmp_path, "--name", "e2e", "--max-new-tokens", "136")) == 0
+    run = tmp_path / "e2e"
+    for name in ("config.json", "metrics.jsonl", "eval_sft.json", "eval_rl.json", "results.json",
+                 "ckpt/trainer_state.pt", "ckpt/model.safetensors", "ckpt/tokenizer.json", "sft/prompt.json",
+                 "best/config.json"):  # fmt: skip
+        assert (run / name).exists(), name
+    rows = metric_rows(run)
+    assert [r["step"] for r in rows if r["stage"] == "sft"] == [1, 2]
+    rl = [r for r in rows if r["stage"] == "rl"]
+    assert [r["step"] for r in rl] == [0, 1, 2]
+    for key in ("reward", "accuracy", "malformed_rate", "pl/masked_frac", "pl/clip_frac_low", "sam/seg_masked_frac_pos",
+                "adv/zero_variance_frac", "val/accuracy", "lr", "grad_norm"):  # fmt: skip
+        assert key in rl[1], key
+    assert rows[0]["loss"] > 0 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    out = capsys.readouterr().out
+    assert "sft warm-up" in out and "after RL" in out and "test_longtail" in out
+    tests = json.loads((run / "eval_rl.json").read_text())
+    assert set(tests) == {"test_random", "test_longtail"} and tests["test_random"]["n"] == 3
+
+    # eval.py on the best checkpoint, with the prompt settings saved beside it
+    out_json = tmp_path / "eval.json"
+    argv = ["--checkpoint", str(run / "best"), "--data-dir", str(bench), "--limit", "3", "--out", str(out_json),
+            "--max-new-tokens", "136"]  # fmt: skip
+    assert eval_script.main(argv) == 0
+    result = json.loads(out_json.read_text())
+    assert result["with_instruction"] is False and result["fmt"] == "criteria"
+    m = result["results"]["test_random"]
+    for key in ("accuracy", "macro_f1", "per_class_f1", "binary_accuracy", "binary_f1", "confusion", "malformed_rate",
+                "accuracy_by_type", "examples_per_s"):  # fmt: skip
+        assert key in m, key
+
+
+def test_resume_is_exact(bench, tmp_path):
+    common = fast_args(bench, tmp_path, *GENERIC, "--rl-steps", "3", "--save-every", "100")
+    assert train.main([*common, "--name", "whole"]) == 0
+    # the same run cut twice: inside SFT (after 1 step) and inside RL (after SFT's 2nd step and 1 RL step)
+    assert train.main([*common, "--name", "cut", "--halt-after", "1"]) == 0
+    assert load_trainer_state(tmp_path / "cut" / "ckpt")["step"] == 1
+    assert train.main([*common, "--name", "cut", "--resume", "--halt-after", "2"]) == 0
+    state = load_trainer_state(tmp_path / "cut" / "ckpt")
+    assert (state["stage"], state["step"]) == ("rl", 1)
+    assert train.main([*common, "--name", "cut", "--resume"]) == 0
+    whole = load_file(tmp_path / "whole" / "ckpt" / "model.safetensors")
+    cut = load_file(tmp_path / "cut" / "ckpt" / "model.safetensors")
+    assert whole.keys() == cut.keys()
+    for key in whole:
+        assert torch.equal(whole[key], cut[key]), key
+    assert metric_rows(tmp_path / "whole") == metric_rows(tmp_path / "cut")
+    # a resumed run keeps its settings
+    assert train.main([*common, "--name", "cut", "--resume", "--rl-lr", "1"]) == 2
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def _bad_split(bench, tmp_path, transform):
+    """A copy of the benchmark whose rl split is transform(lines of rl.jsonl)."""
+    import shutil
+
+    out = tmp_path / "bad"
+    shutil.copytree(bench, out)
+    lines = (bench / "rl.jsonl").read_text().splitlines()
+    _write(out / "rl.jsonl", transform(lines))
+    return out
+
+
+def _label(lines, value):
+    obj = json.loads(lines[1])
+    obj["label"] = value
+    return [lines[0], json.dumps(obj), *lines[2:]]
+
+
+BAD = {
+    "missing model": (["--model", "{tmp}/nope"], "model directory not found"),
+    "not a causal LM": (["--model", "{tmp}/notlm"], "cannot load a causal LM"),
+    "no config": (["--model", "{tmp}/empty"], "not a Hugging Face model directory"),
+    "unknown preset-like path": (["--init", "{tmp}/nope"], "model directory not found"),
+    "malformed jsonl": ("broken", "rl.jsonl:2: not valid JSON"),
+    "empty jsonl": ("empty", "has no records"),
+    "label out of range": ("label7", "rl.jsonl:2: 'label' must be an integer in -1..3"),
+    "label as float": ("label2.0", "'label' must be an integer"),
+    "missing split": (["--rl-split", "nosuch"], "split 'nosuch' not found"),
+    "prompt too long": (["--max-prompt-tokens", "20"], "longer than --max-prompt-tokens 20"),
+    "trace longer than budget": (["--max-new-tokens", "20"], "longer than --max-new-tokens 20"),
+    "resume without run": (["--resume"], "no resumable checkpoint"),
+    "token policy without box tokens": (["--policy", "token"], "go together"),
+}
+TRANSFORMS = {
+    "broken": lambda lines: [lines[0], "{not json", *lines[2:]],
+    "empty": lambda lines: [],
+    "label7": lambda lines: _label(lines, 7),
+    "label2.0": lambda lines: _label(lines, 2.0),
+}
+
+
+def call_main(main, argv) -> int:
+    """Exit code of a script's main(), whether it returns one or argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_fails_clearly_before_training(bench, tmp_path, capsys, case):
+    args, message = BAD[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notlm").mkdir()
+    (tmp_path / "notlm" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    data = bench
+    if isinstance(args, str):
+        data, args = _bad_split(bench, tmp_path, TRANSFORMS[args]), []
+    argv = fast_args(data, tmp_path / "runs", *[a.format(tmp=tmp_path) for a in args], "--name", "bad")
+    assert call_main(train.main, argv) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs" / "bad" / "metrics.jsonl").exists()
+
+
+def test_long_prompts_can_be_skipped_and_counted(bench, tmp_path):
+    tok = load_builtin_tokenizer(bench / "tokenizer")
+
+    def lengths(split, n):
+        return [len(tok(render_prompt(r, "generic", with_instruction=False))["input_ids"])
+                for r in read_jsonl(bench / f"{split}.jsonl")[:n]]  # fmt: skip
+
+    val, test = lengths("val", 4), lengths("test_random", 3)
+    limit = max(min(val), min(test), min(lengths("sft", 24)))  # every split keeps at least one prompt
+    argv = fast_args(bench, tmp_path, *GENERIC, "--name", "skip", "--stages", "sft", "--long-prompts", "skip",
+                     "--max-prompt-tokens", str(limit), "--sft-epochs", "0.2")  # fmt: skip
+    assert train.main(argv) == 0
+    result = json.loads((tmp_path / "skip" / "eval_sft.json").read_text())
+    assert result["test_random"]["skipped_long_prompts"] == sum(n > limit for n in test)
+    assert result["test_random"]["n"] == sum(n <= limit for n in test)
+    if max(test + val) > limit:  # the same limit under the default policy is an error
+        argv = [a if a != "skip" else "error" for a in argv]
+        assert train.main([*argv, "--name", "skip2"]) == 2
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(bench, tmp_path, monkeypatch, capsys):
+    argv = fast_args(bench, tmp_path, *GENERIC, "--name", "nan")
+    assert train.main([*argv, "--halt-after", "1"]) == 0
+    before = load_file(tmp_path / "nan" / "ckpt" / "model.safetensors")
+
+    def poisoned(*args, **kwargs):
+        return response_logprobs(*args, **kwargs) * float("nan")
+
+    monkeypatch.setattr(train, "response_logprobs", poisoned)
+    assert train.main([*argv, "--resume"]) == 3
+    assert "non-finite loss" in capsys.readouterr().err
+    assert load_trainer_state(tmp_path / "nan" / "ckpt")["step"] == 1
+    after = load_file(tmp_path / "nan" / "ckpt" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _bpe_tokenizer(texts):
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def test_hugging_face_model_with_bpe_tokenizer(bench, tmp_path):
+    records = read_jsonl(bench / "sft.jsonl") + read_jsonl(bench / "rl.jsonl")
+    texts = [render_prompt(r, "generic", with_instruction=False) + render_gold_reasoning(r, "generic")
+             for r in records]  # fmt: skip
+    tok = _bpe_tokenizer(texts)
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    model_dir = tmp_path / "hf"
+    Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    argv = fast_args(bench, tmp_path, *GENERIC, "--name", "hf", "--model", str(model_dir), "--instruction", "none",
+                     "--max-prompt-tokens", "1024", "--max-new-tokens", "96")  # fmt: skip
+    assert train.main(argv) == 0
+    rows = metric_rows(tmp_path / "hf")
+    assert any(r["stage"] == "rl" and r["step"] == 2 for r in rows)
+    saved = json.loads((tmp_path / "hf" / "ckpt" / "config.json").read_text())
+    assert saved["vocab_size"] == len(tok) and saved["tie_word_embeddings"] is False
+
+
+def test_mini_convergence_fused_equals_reference(bench):
+    """A few optimizer steps (SFT NLL, then the SAM policy loss) with impl="ref" and impl="triton" (the Triton
+    interpreter on the CPU) give the same losses and parameters."""
+    tok = load_builtin_tokenizer(bench / "tokenizer")
+    records = read_jsonl(bench / "sft.jsonl")[:4]
+    prompts = [tok(render_prompt(r, "generic", with_instruction=False))["input_ids"] for r in records]
+    targets = [tok(render_gold_reasoning(r, "generic"))["input_ids"] + [tok.eos_token_id] for r in records]
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, intermediate_size=48, tie_word_embeddings=True)  # fmt: skip
+    p_ids, p_mask = pad_left(prompts, tok.pad_token_id, "cpu")
+    c_ids, c_mask = pad_right(targets, tok.pad_token_id, "cpu")
+    B, T = c_ids.shape
+    g = torch.Generator().manual_seed(0)
+    adv = torch.randn(B, generator=g)
+    keep = (torch.rand(B, 3, generator=g) > 0.3).float()
+    step_id = torch.where(c_mask, torch.arange(T) * 3 // T, -1).int().reshape(-1)
+    seq_id = torch.arange(B).repeat_interleave(T)
+    norm = policy_loss_normalizer(seq_id, step_id, keep)
+
+    def run(impl):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(config)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        old = None
+        losses = []
+        for step in range(4):
+            logp = response_logprobs(model, p_ids, p_mask, c_ids, c_mask, impl=impl)
+            if step < 2:  # SFT
+                loss = -(logp * c_mask).sum() / c_mask.sum()
+            else:  # policy loss with old log-probs from before the first RL update (ratios != 1 at step 3)
+                old = logp.detach().reshape(-1) if old is None else old
+                loss, _ = policy_loss(logp.reshape(-1), old, adv, seq_id, step_id, keep, normalizer=norm, impl=impl)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses, model.state_dict()
+
+    ref_losses, ref_params = run("ref")
+    fused_losses, fused_params = run("triton")
+    assert fused_losses == pytest.approx(ref_losses, rel=1e-4, abs=1e-5)
+    for key in ref_params:
+        torch.testing.assert_close(fused_params[key], ref_params[key], atol=1e-4, rtol=1e-4, msg=key)
+    assert ref_losses[1] < ref_losses[0]  # the steps do train
