@@ -27,7 +27,7 @@ Where this departs from the paper or the authors' settings (PAPER.md), and why:
   the instruction, which is the same for every record and would be 80% of each prompt). Real models keep it.
 - With mu = 1 the old log-probs are the current ones detached (the ratio is exactly 1, as it would be after a
   recomputation, since the kernel is batch-invariant); with mu > 1 they are computed once before the updates.
-- Validation is greedy by default (`--eval-temperature 0`); the authors validate at 0.6, which is one flag away.
+- Evaluation samples at temperature 0.6 as the authors validate (seeded, so repeatable); `--eval-temperature 0` is greedy.
 - Zero-variance groups stay in the batch with advantage 0 (`--zero-variance drop` leaves them out of the loss).
 """
 
@@ -49,6 +49,7 @@ from eval import PROMPT_FILE, evaluate_split, format_compact
 from kernels import policy_loss, policy_loss_normalizer
 from kernels.policy_loss import AGG_MODES
 from model.hf import (
+    PRESETS,
     ModelLoadError,
     build_preset,
     default_dtype,
@@ -101,18 +102,18 @@ class Config:
     lr_schedule: str = "cosine"  # constant, linear or cosine decay to 10% after warm-up
     # warm-up SFT
     sft_split: str = "sft"  # split with reasoning traces (or gold values to render them from)
-    sft_epochs: float = 3.0  # passes over the SFT split
+    sft_epochs: float = 2.0  # passes over the SFT split
     sft_batch_size: int = 16  # sequences per SFT optimizer step
     sft_lr: float = 3e-3  # peak SFT learning rate
     sft_warmup: int = 20  # SFT warm-up steps
     # GRPO + SAM
     rl_split: str = "rl"  # label-only split for RL prompts
-    rl_steps: int = 40  # RL steps (rollout batches)
+    rl_steps: int = 30  # RL steps (rollout batches)
     prompts_per_step: int = 16  # P: prompts per RL step
     group_size: int = 8  # G: samples per prompt
     mu: int = 1  # inner epochs: optimizer steps per rollout batch
-    rl_lr: float = 5e-4  # peak RL learning rate
-    rl_warmup: int = 0  # RL warm-up steps
+    rl_lr: float = 5e-5  # peak RL learning rate
+    rl_warmup: int = 5  # RL warm-up steps
     temperature: float = 1.0  # rollout sampling temperature (log-probs use it too)
     top_p: float = 1.0  # rollout nucleus threshold
     policy: str = "sam"  # masking policy: none, sam, soft, sequence, token
@@ -135,7 +136,7 @@ class Config:
     val_split: str = "val"  # validation split
     val_limit: int = 200  # validation records used (0 = all)
     eval_every: int = 10  # evaluate on validation every N RL steps (and at the end of each stage)
-    eval_temperature: float = 0.0  # 0 = greedy; the authors validate at 0.6
+    eval_temperature: float = 0.6  # sampling temperature of evaluation (the authors validate at 0.6; 0 = greedy)
     eval_batch_size: int = 128  # prompts per evaluation batch
     test_splits: str = "test_random,test_longtail"  # splits evaluated after each stage ("" = none)
     test_limit: int = 0  # test records used per split (0 = all)
@@ -153,6 +154,7 @@ class Config:
 
         stages = self.stage_list
         need(stages and all(s in STAGES for s in stages), f"--stages: choose from {STAGES}, got {self.stages!r}")
+        need(stages == [s for s in STAGES if s in stages], f"--stages: each at most once, in the order {STAGES}")
         need(self.fmt in FORMATS, f"--fmt must be one of {FORMATS}, got {self.fmt!r}")
         need(self.instruction in ("auto", "full", "none"), "--instruction must be auto, full or none")
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
@@ -317,6 +319,8 @@ class Run:
         self.attention = None if cfg.attention == "auto" else cfg.attention
         source = cfg.init or cfg.model
         self.preset = is_preset(source)
+        if not self.preset and not Path(source).is_dir():
+            raise ModelLoadError(f"{source}: model directory not found (and not a preset: {', '.join(PRESETS)})")
         if cfg.data_dir == BUILTIN_DIR:
             ensure_builtin(cfg.data_dir)
         tok_dir = cfg.tokenizer or (str(Path(cfg.data_dir) / "tokenizer") if self.preset else source)

@@ -18,7 +18,7 @@ def test_hand_computed_case():
     assert m["binary_f1"] == pytest.approx(2 * 3 / (2 * 3 + 0 + 1))
     assert m["malformed_rate"] == pytest.approx(1 / 6)
     assert m["confusion"]["0"]["malformed"] == 1 and m["confusion"]["3"]["2"] == 1
-    assert m["accuracy_by_type"] == {"plain": {"accuracy": 0.5, "n": 2}, "rank": {"accuracy": 0.5, "n": 2}}
+    assert m["accuracy_by_type"] == {"plain": {"accuracy": 1 / 3, "n": 3}, "rank": {"accuracy": 0.5, "n": 2}}
 
 
 def test_macro_f1_only_over_classes_present():
