@@ -27,7 +27,7 @@ Where this departs from the paper or the authors' settings (PAPER.md), and why:
   the instruction, which is the same for every record and would be 80% of each prompt). Real models keep it.
 - With mu = 1 the old log-probs are the current ones detached (the ratio is exactly 1, as it would be after a
   recomputation, since the kernel is batch-invariant); with mu > 1 they are computed once before the updates.
-- Evaluation samples at temperature 0.6 as the authors validate (seeded, so repeatable); `--eval-temperature 0` is greedy.
+- Evaluation samples at temperature 0.6 as the authors validate (seeded: repeatable); `--eval-temperature 0` is greedy.
 - Zero-variance groups stay in the batch with advantage 0 (`--zero-variance drop` leaves them out of the loss).
 """
 
@@ -321,6 +321,8 @@ class Run:
         self.preset = is_preset(source)
         if not self.preset and not Path(source).is_dir():
             raise ModelLoadError(f"{source}: model directory not found (and not a preset: {', '.join(PRESETS)})")
+        # a model directory is checked (and loaded) first: a wrong path fails before any data work
+        self.model = None if self.preset else self.load(self.ckpt if state is not None else source)
         if cfg.data_dir == BUILTIN_DIR:
             ensure_builtin(cfg.data_dir)
         tok_dir = cfg.tokenizer or (str(Path(cfg.data_dir) / "tokenizer") if self.preset else source)
@@ -332,7 +334,8 @@ class Run:
             self.with_instruction = cfg.instruction == "full" or (cfg.instruction == "auto" and not self.preset)
         self.rules = load_rules(cfg.rules) if cfg.rules else None
         self.load_data()
-        self.model = self.load_start_model() if state is None else self.load(self.ckpt)
+        if self.model is None:
+            self.model = self.load_start_model() if state is None else self.load(self.ckpt)
         if head_weight(self.model).shape[0] < len(self.tokenizer):
             rows = head_weight(self.model).shape[0]
             raise ModelLoadError(f"{source}: the LM head has {rows} rows but the tokenizer has "
