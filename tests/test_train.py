@@ -2,6 +2,7 @@
 bad-input table, a non-finite loss, the Hugging Face path with a byte-level BPE tokenizer trained on the fly, and
 the mini-convergence check of the fused kernels against their references inside a training loop."""
 
+import importlib.util
 import json
 
 import pytest
@@ -60,6 +61,8 @@ def test_tiny_end_to_end_run_and_eval(bench, tmp_path, capsys):
                 "adv/zero_variance_frac", "val/accuracy", "lr", "grad_norm"):  # fmt: skip
         assert key in rl[-1], key
     assert rows[0]["loss"] > 0 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (run / "curves.png").exists()
     out = capsys.readouterr().out
     assert "sft warm-up" in out and "after RL" in out and "test_longtail" in out
     tests = json.loads((run / "eval_rl.json").read_text())
