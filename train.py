@@ -388,16 +388,15 @@ class Run:
         """The model RL started from (the frozen KL reference): the warm-up checkpoint or the starting model."""
         return self.load(self.dir / "sft") if "sft" in self.cfg.stage_list else self.load_start_model()
 
-    def save_model(self, path: Path, model=None) -> None:
-        save_checkpoint(path, model or self.model, self.tokenizer)
+    def save_model(self, path: Path, model=None, trainer_state: dict | None = None) -> None:
+        """A checkpoint folder with the prompt settings beside it (eval.py and --init read them)."""
+        save_checkpoint(path, model or self.model, self.tokenizer, trainer_state)
         prompt = {"fmt": self.cfg.fmt, "with_instruction": self.with_instruction, "rules": self.rules}
         write_text_atomic(path / PROMPT_FILE, json.dumps(prompt, indent=2) + "\n")
 
     def save_resumable(self, state: dict, opt, sched, generator=None) -> None:
         state = dict(state, optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=rng_states(generator))
-        save_checkpoint(self.ckpt, self.model, self.tokenizer, state)
-        prompt = {"fmt": self.cfg.fmt, "with_instruction": self.with_instruction, "rules": self.rules}
-        write_text_atomic(self.ckpt / PROMPT_FILE, json.dumps(prompt, indent=2) + "\n")
+        self.save_model(self.ckpt, trainer_state=state)
 
     def evaluate(self, enc, model=None, progress=None) -> dict:
         cfg = self.cfg

@@ -8,7 +8,7 @@ truncates a prompt (a truncated note would be judged on text the label was not g
 from dataclasses import dataclass
 from pathlib import Path
 
-from data.schema import Record, RecordError, read_jsonl
+from data.schema import Record, read_jsonl
 from sam.prompt import render_gold_reasoning, render_prompt
 
 BUILTIN_DIR = "data/builtin"
@@ -73,7 +73,3 @@ def sft_target(record: Record, fmt: str) -> str:
         return render_gold_reasoning(record, fmt)
     except ValueError as exc:
         raise DataError(f"record {record.id}: no reasoning trace for format {fmt!r} ({exc})") from None
-
-
-__all__ = ["BUILTIN_DIR", "DataError", "Encoded", "RecordError", "encode_prompts", "ensure_builtin", "load_split",
-           "sft_target"]  # fmt: skip

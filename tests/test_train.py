@@ -182,13 +182,13 @@ def test_long_prompts_can_be_skipped_and_counted(bench, tmp_path):
     limit = max(min(val), min(test), min(lengths("sft", 24)))  # every split keeps at least one prompt
     argv = fast_args(bench, tmp_path, *GENERIC, "--name", "skip", "--stages", "sft", "--long-prompts", "skip",
                      "--max-prompt-tokens", str(limit), "--sft-epochs", "0.2")  # fmt: skip
+    assert sum(n > limit for n in test) > 0, "the chosen limit must skip something in test_random"
     assert train.main(argv) == 0
     result = json.loads((tmp_path / "skip" / "eval_sft.json").read_text())
     assert result["test_random"]["skipped_long_prompts"] == sum(n > limit for n in test)
     assert result["test_random"]["n"] == sum(n <= limit for n in test)
-    if max(test + val) > limit:  # the same limit under the default policy is an error
-        argv = [a if a != "skip" else "error" for a in argv]
-        assert train.main([*argv, "--name", "skip2"]) == 2
+    argv = [a if a != "skip" else "error" for a in argv]  # the same limit under the default policy is an error
+    assert train.main([*argv, "--name", "skip2"]) == 2
 
 
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(bench, tmp_path, monkeypatch, capsys):
