@@ -37,3 +37,16 @@ def test_bench_policy_loss_smoke(tmp_path):
         ("ref", "fwd"), ("ref", "fwd+bwd"), ("ours", "fwd"), ("ours", "fwd+bwd"),
     ]  # fmt: skip
     assert all(r["status"] == "ok" and float(r["loss_err"]) < 1e-5 for r in rows)
+
+
+def test_bench_distill_kl_smoke(tmp_path):
+    from bench import bench_distill_kl
+
+    out = tmp_path / "rows.csv"
+    argv = ["--smoke", "--providers", "matmul,naive,ours", "--kinds", "rkl", "--modes", "fwd+bwd", "--tokens", "20",
+            "--vocab", "130", "--csv", str(out)]  # fmt: skip
+    assert bench_distill_kl.main(argv) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["provider"], r["kind"]) for r in rows] == [("matmul", "-"), ("naive", "rkl"), ("ours", "rkl")]
+    assert all(r["status"] == "ok" for r in rows)
+    assert float(rows[2]["max_err"]) < 1e-5  # fp32 logits on-chip vs the naive bf16 logits
