@@ -64,6 +64,15 @@ from model.sampling import generate, pad_left, pad_right, response_logprobs
 from runtime.checkpoint import load_trainer_state, recover, rng_states, save_checkpoint, set_rng_states
 from runtime.config import ConfigError, from_dict, parse_config, to_json
 from runtime.data import BUILTIN_DIR, DataError, encode_prompts, ensure_builtin, load_split, sft_target
+from runtime.loop import (
+    Logger,
+    NonFiniteLoss,
+    batch_indices,
+    check_finite,
+    make_optimizer,
+    micro_slices,
+    scalars,
+)
 from sam.advantage import METHODS, group_advantages
 from sam.mask import POLICIES, keep_weights
 from sam.prompt import FORMATS, NUM_BOXES, load_rules
@@ -198,48 +207,8 @@ class Config:
         return [s.strip() for s in self.stages.split(",") if s.strip()]
 
 
-class NonFiniteLoss(RuntimeError):
-    """A NaN or inf loss: the step is not applied and the last checkpoint stays as it was."""
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Small pieces of the loop
-
-
-def lr_lambda(total: int, warmup: int, kind: str):
-    """Multiplier of the peak LR at optimizer step s: linear warm-up, then constant / linear / cosine to 10%."""
-
-    def f(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / (warmup + 1)
-        if kind == "constant" or total <= warmup:
-            return 1.0
-        progress = min(1.0, (s - warmup) / max(1, total - warmup))
-        decay = 1 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-        return 0.1 + 0.9 * decay
-
-    return f
-
-
-def make_optimizer(model, cfg: Config, lr: float, total: int, warmup: int):
-    # no weight decay on norms and biases (1-D parameters)
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, cfg.lr_schedule))
-    return opt, sched
-
-
-def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
-    """Indices of batch `step` in a stream of per-epoch permutations of range(n): the data position is the step
-    alone, so resuming needs no saved iterator."""
-    out = []
-    for pos in range(step * batch, (step + 1) * batch):
-        epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.append(int(perm[i]))
-    return out
 
 
 def rollout_logprobs(model, sl: slice, grad: bool = False, *, batch, cfg) -> torch.Tensor:
@@ -247,57 +216,6 @@ def rollout_logprobs(model, sl: slice, grad: bool = False, *, batch, cfg) -> tor
     with torch.set_grad_enabled(grad):
         rows = [t[sl] for t in batch]
         return response_logprobs(model, *rows, temperature=cfg.temperature, impl=cfg.impl).reshape(-1)
-
-
-def micro_slices(B: int, micro: int) -> list[slice]:
-    return [slice(lo, min(B, lo + micro)) for lo in range(0, B, micro)]
-
-
-def check_finite(loss: torch.Tensor, where: str, last_ckpt: str) -> None:
-    if not bool(torch.isfinite(loss)):  # host sync: once per micro-batch, to stop before a bad update
-        raise NonFiniteLoss(
-            f"non-finite loss ({loss.item()}) at {where}: the update was not applied; the last good checkpoint is "
-            f"{last_ckpt}. Lower the learning rate or check the data, then continue with --resume."
-        )
-
-
-class Logger:
-    """metrics.jsonl (one line per step), optional TensorBoard, the progress bar's postfix."""
-
-    def __init__(self, run: Path, tensorboard: bool):
-        self.path = run / "metrics.jsonl"
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run / "tb"))
-            except ImportError:
-                print("tensorboard is not installed; logging to metrics.jsonl only", flush=True)
-
-    def truncate_after(self, order: int, step: int) -> None:
-        """On resume, drop lines written after the checkpoint (they will be written again)."""
-        if not self.path.exists():
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            row = json.loads(line)
-            if (STAGES.index(row["stage"]), row["step"]) <= (order, step):
-                keep.append(line)
-        write_text_atomic(self.path, "".join(k + "\n" for k in keep))
-
-    def log(self, row: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            global_step = row["step"] + (0 if row["stage"] == "sft" else 1_000_000)
-            for key, value in row.items():
-                if isinstance(value, int | float) and key != "step":
-                    self.tb.add_scalar(f"{row['stage']}/{key}", value, global_step)
-
-
-def scalars(metrics: dict, prefix: str = "") -> dict:
-    return {prefix + k: float(v) for k, v in metrics.items()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -425,7 +343,9 @@ def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
     cfg, model, tok, dev = run.cfg, run.model, run.tokenizer, run.device
     n = len(run.sft.records)
     total = math.ceil(cfg.sft_epochs * n / cfg.sft_batch_size)
-    opt, sched = make_optimizer(model, cfg, cfg.sft_lr, total, cfg.sft_warmup)
+    opt, sched = make_optimizer(
+        model, cfg.sft_lr, total, cfg.sft_warmup, weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule
+    )
     if state.get("optimizer") is not None:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -493,7 +413,9 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
     """GRPO + SAM. Returns False when halted."""
     cfg, model, tok, dev = run.cfg, run.model, run.tokenizer, run.device
     P, G = cfg.prompts_per_step, cfg.group_size
-    opt, sched = make_optimizer(model, cfg, cfg.rl_lr, cfg.rl_steps * cfg.mu, cfg.rl_warmup)
+    opt, sched = make_optimizer(
+        model, cfg.rl_lr, cfg.rl_steps * cfg.mu, cfg.rl_warmup, weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule
+    )
     generator = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
     if state.get("optimizer") is not None:
         opt.load_state_dict(state["optimizer"])
@@ -697,7 +619,8 @@ def main(argv=None) -> int:
     stages = cfg.stage_list
     state = state or {"stage": stages[0], "step": 0, "best_val": -1.0, "best_step": -1}
     logger = Logger(run.dir, cfg.tensorboard)
-    logger.truncate_after(STAGES.index(state["stage"]), state["step"])
+    order, step = STAGES.index(state["stage"]), state["step"]
+    logger.truncate(lambda row: (STAGES.index(row["stage"]), row["step"]) <= (order, step))
     budget = [cfg.halt_after or -1]  # steps left in this invocation (-1: unlimited)
     try:
         for stage in stages[stages.index(state["stage"]) :]:

@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-PRESETS = {
+PRESETS = {  # smallest first; `nano` is the default distillation student of a `tiny` teacher
+    "nano": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=192),
     "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=384),
     "small": dict(hidden_size=320, num_hidden_layers=8, num_attention_heads=5, num_key_value_heads=5,

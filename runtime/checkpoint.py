@@ -10,6 +10,8 @@ the new checkpoint complete, and `recover` puts back `<name>.old` when the swap 
 import os
 import random
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,16 +40,23 @@ def _swap_in(tmp: Path, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(path: Path, model, tokenizer, trainer_state: dict | None = None) -> None:
-    """Write the model (HF format) and optionally the trainer state to `path`, atomically."""
+@contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield a fresh `<path>.tmp` to fill; on success it replaces `path` by the rename swap above."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_pretrained(model, tokenizer, tmp)
-    if trainer_state is not None:
-        torch.save(trainer_state, tmp / STATE_FILE)
+    yield tmp
     _swap_in(tmp, path)
+
+
+def save_checkpoint(path: Path, model, tokenizer, trainer_state: dict | None = None) -> None:
+    """Write the model (HF format) and optionally the trainer state to `path`, atomically."""
+    with atomic_folder(path) as tmp:
+        save_pretrained(model, tokenizer, tmp)
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / STATE_FILE)
 
 
 def load_trainer_state(path: Path) -> dict:

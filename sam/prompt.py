@@ -157,6 +157,11 @@ def render_prompt(
     return text
 
 
+def render_label(label: int) -> str:
+    """The whole completion of the label-only format: the boxed score."""
+    return f"\\boxed{{{label}}}"
+
+
 def render_gold_reasoning(record, fmt: str = "criteria") -> str:
     """The gold completion for `fmt` from the record's gold step values (built-in benchmark records carry them).
 
@@ -166,7 +171,7 @@ def render_gold_reasoning(record, fmt: str = "criteria") -> str:
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}; choose from {FORMATS}")
     if fmt == "label":
-        return f"\\boxed{{{record.label}}}"
+        return render_label(record.label)
     gold = record.gold or {}
     missing = [k for k in ("need", "coverage", "query_category", "note_category", "hits", "misses") if k not in gold]
     if missing:

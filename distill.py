@@ -1,0 +1,650 @@
+"""Distil an RL-tuned relevance model (the teacher) into smaller students for serving.
+
+    python distill.py                                  # the default: runs/default/best -> `nano` students, CPU ok
+    python distill.py --loss jsd --beta 0.5 --on-policy 0.5 --name jsd-onpolicy
+    python distill.py --loss seq --students reasoning --name seq
+    python distill.py --teacher runs/qwen/best --student /models/Qwen2.5-0.5B-Instruct --dtype bf16 \
+        --prompts-per-step 64 --max-new-tokens 1024 --lr 1e-5
+    python distill.py --name distill --resume          # continue an interrupted run exactly
+    python distill.py --help                           # every option
+
+Two students learn from the same teacher samples (PAPER.md, "Distillation for serving"):
+- `reasoning` keeps the teacher's prompt and reasoning format and learns the whole trace;
+- `label` answers label-only (`\\boxed{k}` and EOS, a serving option that trades accuracy for latency); it learns
+  the teacher's final answer, i.e. its answer distribution after the teacher has reasoned, on the teacher's own
+  answer tokens (the last tokens of each trace).
+
+Losses (`--loss`):
+- `seq`: sequence-level distillation: the student's NLL of the teacher's sampled tokens (through token_logprobs);
+- `fkl` / `rkl` / `jsd`: token-level distillation over the whole vocabulary with kernels.distill_kl, at every
+  response position: forward KL(teacher || student), reverse KL, or the generalised JSD with `--beta`.
+  The reasoning student's traces are teacher samples, or its own samples for the `--on-policy` fraction of each
+  batch (on-policy distillation, GKD). The label student's rows are the last tokens of each teacher trace (its
+  final `\\boxed{k}` and EOS), aligned one to one with the same tokens as the student's whole answer; a teacher
+  trace that is malformed or does not end with its answer is left out (`label/used` in the metrics).
+
+One step: P prompts -> samples (teacher, and the student for the on-policy share) -> teacher hidden states under
+no_grad -> per student: loss over micro-batches with one normaliser (response tokens of the whole batch) -> AdamW
+step with clipping. Neither model's (B, T, V) logits are formed: hidden states and heads go to the fused kernels.
+
+The run folder runs/<name>/ holds config.json, metrics.jsonl, ckpt/ (resumable: both students, the optimizers, the
+RNG states), reasoning/ and label/ (the final students, Hugging Face format, loadable by eval.py), eval_*.json and
+report.json. The report compares teacher and students on the test splits: accuracy and macro-F1, label agreement
+with the teacher, parameters, latency per example (batch 1) and generation throughput (batched).
+"""
+
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers.utils import logging as hf_logging
+
+from data.schema import RecordError, write_text_atomic
+from eval import PROMPT_FILE, evaluate_split
+from kernels import distill_kl
+from kernels.distill_kl import KINDS
+from model.hf import (
+    PRESETS,
+    ModelLoadError,
+    build_preset,
+    default_dtype,
+    head_weight,
+    is_preset,
+    load_model,
+    load_tokenizer,
+    num_parameters,
+    prepare,
+    save_pretrained,
+)
+from model.sampling import generate, pad_left, pad_right, response_hidden, response_logprobs
+from runtime.checkpoint import STATE_FILE, atomic_folder, load_trainer_state, recover, rng_states, set_rng_states
+from runtime.config import ConfigError, from_dict, parse_config, to_json
+from runtime.data import BUILTIN_DIR, DataError, encode_prompts, ensure_builtin, load_split
+from runtime.loop import Logger, NonFiniteLoss, batch_indices, check_finite, make_optimizer, micro_slices, scalars
+from sam.parse import parse_scores
+from sam.prompt import render_label
+
+STUDENTS = ("reasoning", "label")
+LOSSES = ("seq",) + KINDS
+
+
+@dataclass
+class Config:
+    # run
+    name: str = "distill"  # run name: everything is written under <out_dir>/<name>/
+    out_dir: str = "runs"  # parent folder of the runs
+    teacher: str = "runs/default/best"  # teacher checkpoint folder (train.py's output, or any local HF model)
+    student: str = "auto"  # auto (largest preset smaller than the teacher), a preset, or a local HF model directory
+    students: str = "reasoning,label"  # students to train: reasoning (teacher's format), label (answer only)
+    data_dir: str = BUILTIN_DIR  # folder of the JSONL splits (the built-in benchmark is generated there if missing)
+    split: str = "rl"  # split whose prompts are distilled on (labels are not used for training)
+    device: str = "auto"  # auto (cuda if available), cpu, cuda
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
+    attention: str = "auto"  # auto (flash_attention_2 if installed on GPU, else sdpa), sdpa, eager
+    impl: str = "auto"  # kernels: auto (Triton on CUDA, reference on CPU), triton, ref
+    seed: int = 0  # seed for student init, data order and sampling
+    trust_remote_code: bool = False  # allow custom model code from the model directories
+    max_prompt_tokens: int = 512  # longer prompts follow --long-prompts
+    long_prompts: str = "error"  # error (stop before training) or skip (leave out and count)
+    max_new_tokens: int = 160  # completion budget for sampling (training and evaluation)
+    # distillation
+    loss: str = "fkl"  # seq (teacher-sampled traces, NLL), fkl, rkl, jsd (token-level over the vocabulary)
+    beta: float = 0.5  # jsd mixture weight of the teacher (0 = fkl, 1 = rkl)
+    kl_temperature: float = 1.0  # temperature of both models' softmax inside the token-level losses
+    on_policy: float = 0.0  # fraction of each batch the reasoning student samples itself (token-level losses)
+    sample_temperature: float = 1.0  # sampling temperature of the training traces
+    top_p: float = 1.0  # nucleus threshold of the training traces
+    steps: int = 120  # distillation steps
+    prompts_per_step: int = 32  # P: prompts (one trace each) per step
+    lr: float = 3e-3  # peak learning rate of both students
+    warmup: int = 10  # warm-up steps
+    lr_schedule: str = "cosine"  # constant, linear or cosine decay to 10% after warm-up
+    weight_decay: float = 0.01  # AdamW weight decay
+    grad_clip: float = 1.0  # gradient-norm clip
+    micro_batch: int = 32  # sequences per forward/backward pass
+    # evaluation
+    val_split: str = "val"  # validation split
+    val_limit: int = 200  # validation records used (0 = all)
+    eval_every: int = 40  # evaluate the students on validation every N steps (and at the end)
+    eval_temperature: float = 0.6  # sampling temperature of evaluation (0 = greedy), as train.py
+    eval_batch_size: int = 128  # prompts per evaluation batch
+    test_splits: str = "test_random,test_longtail"  # splits of the final report ("" = none)
+    test_limit: int = 0  # test records used per split (0 = all)
+    latency_examples: int = 32  # test prompts timed one at a time for the latency column (0 = skip)
+    # checkpoints and logging
+    save_every: int = 40  # write the resumable checkpoint every N steps (and at the end)
+    resume: bool = False  # continue runs/<name> from its last checkpoint
+    halt_after: int = 0  # stop (checkpointed) after N steps in this invocation, as if preempted (0 = never)
+    progress: bool = True  # show a progress bar
+    tensorboard: bool = False  # also log to runs/<name>/tb when tensorboard is installed
+
+    def __post_init__(self):
+        def need(cond, message):
+            if not cond:
+                raise ConfigError(message)
+
+        need(self.student_list and all(s in STUDENTS for s in self.student_list),
+             f"--students: a comma list of {STUDENTS}, got {self.students!r}")  # fmt: skip
+        need(len(set(self.student_list)) == len(self.student_list), "--students: each at most once")
+        need(self.loss in LOSSES, f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        need(0 <= self.beta <= 1, "--beta must be in [0, 1]")
+        need(self.kl_temperature > 0 and self.sample_temperature > 0, "temperatures must be > 0")
+        need(0 <= self.on_policy <= 1, "--on-policy must be in [0, 1]")
+        need(self.on_policy == 0 or self.loss != "seq", "--on-policy needs a token-level --loss (fkl, rkl, jsd): "
+             "seq learns the teacher's samples")  # fmt: skip
+        need(self.on_policy < 1 or "label" not in self.student_list, "--on-policy 1 leaves no teacher traces for "
+             "the label student; train it with --students label alone or lower --on-policy")  # fmt: skip
+        need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
+        need(self.dtype in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
+        need(self.attention in ("auto", "sdpa", "eager", "flash_attention_2"), "--attention: auto, sdpa, eager or "
+             "flash_attention_2")  # fmt: skip
+        need(self.impl in ("auto", "triton", "ref"), f"--impl must be auto, triton or ref, got {self.impl!r}")
+        need(self.long_prompts in ("error", "skip"), "--long-prompts must be error or skip")
+        need(self.lr_schedule in ("constant", "linear", "cosine"), "--lr-schedule: constant, linear or cosine")
+        need(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
+        need(self.eval_temperature >= 0, "--eval-temperature must be >= 0")
+        for name in ("prompts_per_step", "micro_batch", "max_new_tokens", "max_prompt_tokens", "eval_batch_size",
+                     "save_every", "eval_every", "steps"):  # fmt: skip
+            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
+        for name in ("val_limit", "test_limit", "halt_after", "warmup", "latency_examples"):
+            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
+        need(self.lr > 0 and self.weight_decay >= 0 and self.grad_clip > 0,
+             "need --lr > 0, --weight-decay >= 0 and --grad-clip > 0")  # fmt: skip
+
+    @property
+    def student_list(self) -> list[str]:
+        return [s.strip() for s in self.students.split(",") if s.strip()]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Setup: everything checked before training starts
+
+
+def check_same_tokenizer(teacher_tok, student_tok, where: str) -> None:
+    """Token-level distillation compares distributions id by id: the two tokenizers must be the same."""
+    problems = []
+    if teacher_tok.get_vocab() != student_tok.get_vocab():
+        t, s = teacher_tok.get_vocab(), student_tok.get_vocab()
+        differ = sorted(set(t.items()) ^ set(s.items()))[:3]
+        problems.append(f"vocabularies differ ({len(t)} vs {len(s)} entries; e.g. {differ})")
+    for attr in ("eos_token_id", "pad_token_id"):
+        if getattr(teacher_tok, attr) != getattr(student_tok, attr):
+            problems.append(f"{attr} {getattr(teacher_tok, attr)} vs {getattr(student_tok, attr)}")
+    if problems:
+        raise ModelLoadError(f"{where}: the student's tokenizer does not match the teacher's: {'; '.join(problems)}")
+
+
+class Run:
+    """Resolved settings, data, tokenizer, teacher and students of one distillation run."""
+
+    def __init__(self, cfg: Config, state: dict | None):
+        self.cfg = cfg
+        self.dir = Path(cfg.out_dir) / cfg.name
+        self.ckpt = self.dir / "ckpt"
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
+                                   else cfg.device)  # fmt: skip
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but CUDA is not available")
+        self.dtype = {"auto": default_dtype(self.device), "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+        self.attention = None if cfg.attention == "auto" else cfg.attention
+
+        teacher_dir = Path(cfg.teacher)
+        if not teacher_dir.is_dir():
+            hint = " (the default teacher is the output of `python train.py`: run it first)" if (
+                cfg.teacher == Config.teacher) else ""  # fmt: skip
+            raise ModelLoadError(f"{teacher_dir}: teacher checkpoint not found{hint}")
+        self.teacher = self.load(teacher_dir).eval()
+        self.teacher.requires_grad_(False)
+        self.tokenizer = load_tokenizer(teacher_dir)
+        saved = json.loads((teacher_dir / PROMPT_FILE).read_text()) if (teacher_dir / PROMPT_FILE).exists() else {}
+        self.fmt = saved.get("fmt", "criteria")
+        self.with_instruction = saved.get("with_instruction", True)
+        self.rules = saved.get("rules")
+        if self.fmt == "label" and "reasoning" in cfg.student_list:
+            raise ConfigError(f"{teacher_dir} answers label-only: it has no reasoning to distil (--students label)")
+
+        self.student_spec = cfg.student if cfg.student != "auto" else self.auto_student()
+        self.preset = is_preset(self.student_spec)
+        if not self.preset:
+            if not Path(self.student_spec).is_dir():
+                raise ModelLoadError(f"{self.student_spec}: student model directory not found (and not a preset: "
+                                     f"{', '.join(PRESETS)})")  # fmt: skip
+            check_same_tokenizer(self.tokenizer, load_tokenizer(self.student_spec), self.student_spec)
+
+        if cfg.data_dir == BUILTIN_DIR:
+            ensure_builtin(cfg.data_dir)
+        self.train = {fmt: self.encode(cfg.split, fmt) for fmt in self.fmts()}
+        if len(self.train[self.fmt].records) < cfg.prompts_per_step:
+            raise DataError(f"split {cfg.split!r} has fewer prompts than --prompts-per-step {cfg.prompts_per_step}")
+        self.val = {fmt: self.encode(cfg.val_split, fmt, cfg.val_limit) for fmt in self.fmts()}
+        self.tests = {s.strip(): {fmt: self.encode(s.strip(), fmt, cfg.test_limit) for fmt in self.fmts()}
+                      for s in cfg.test_splits.split(",") if s.strip()}  # fmt: skip
+
+        self.students = {}
+        for i, kind in enumerate(cfg.student_list):
+            source = self.ckpt / kind if state is not None else None
+            self.students[kind] = self.load(source) if source is not None else self.new_student(seed=cfg.seed + i)
+            rows = head_weight(self.students[kind]).shape[0]
+            if rows < len(self.tokenizer):
+                raise ModelLoadError(f"{self.student_spec}: the student's LM head has {rows} rows but the tokenizer "
+                                     f"has {len(self.tokenizer)} tokens")  # fmt: skip
+
+    def load(self, path) -> torch.nn.Module:
+        return load_model(path, device=self.device, dtype=self.dtype, attention=self.attention,
+                          trust_remote_code=self.cfg.trust_remote_code)  # fmt: skip
+
+    def auto_student(self) -> str:
+        size = num_parameters(self.teacher)
+        smaller = [name for name in PRESETS if num_parameters(build_preset(name, self.tokenizer)) < size]
+        if not smaller:
+            raise ConfigError(f"--student auto: no preset is smaller than the teacher ({size / 1e6:.2f}M "
+                              "parameters); pass --student")  # fmt: skip
+        return smaller[-1]  # presets are listed smallest first
+
+    def new_student(self, seed: int):
+        if self.preset:
+            model = build_preset(self.student_spec, self.tokenizer, seed=seed,
+                                 max_positions=self.cfg.max_prompt_tokens + self.cfg.max_new_tokens)  # fmt: skip
+            return prepare(model, device=self.device, dtype=self.dtype, attention=self.attention)
+        return self.load(self.student_spec)
+
+    def fmt_of(self, student: str) -> str:
+        return self.fmt if student == "reasoning" else "label"
+
+    def fmts(self) -> list[str]:
+        """Prompt formats in use: the teacher's and the students'."""
+        return sorted({self.fmt} | {self.fmt_of(s) for s in self.cfg.student_list})
+
+    def encode(self, split: str, fmt: str, limit: int = 0):
+        records = load_split(self.cfg.data_dir, split)
+        records = records[:limit] if limit else records
+        enc = encode_prompts(records, self.tokenizer, fmt=fmt, with_instruction=self.with_instruction,
+                             rules=self.rules, max_prompt_tokens=self.cfg.max_prompt_tokens,
+                             long_prompts=self.cfg.long_prompts, split=split)  # fmt: skip
+        if not enc.records:
+            raise DataError(f"split {split!r}: every prompt is longer than --max-prompt-tokens")
+        return enc
+
+    def save_student(self, path: Path, kind: str) -> None:
+        with atomic_folder(path) as tmp:
+            self.write_student(tmp, kind)
+
+    def write_student(self, folder: Path, kind: str) -> None:
+        save_pretrained(self.students[kind], self.tokenizer, folder)
+        prompt = {"fmt": self.fmt_of(kind), "with_instruction": self.with_instruction, "rules": self.rules}
+        write_text_atomic(folder / PROMPT_FILE, json.dumps(prompt, indent=2) + "\n")
+
+    def save_resumable(self, state: dict, opts: dict, generator) -> None:
+        state = dict(state, optimizers={k: (o.state_dict(), s.state_dict()) for k, (o, s) in opts.items()},
+                     rng=rng_states(generator))  # fmt: skip
+        with atomic_folder(self.ckpt) as tmp:
+            for kind in self.students:
+                self.write_student(tmp / kind, kind)
+            torch.save(state, tmp / STATE_FILE)
+
+    def evaluate(self, model, enc, fmt: str, progress=None):
+        cfg = self.cfg
+        return evaluate_split(model, self.tokenizer, enc, fmt=fmt, temperature=cfg.eval_temperature,
+                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, seed=cfg.seed,
+                              device=self.device, progress=progress)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One step
+
+
+def sample(run: Run, model, prompts: list[list[int]], generator):
+    """(prompt ids, prompt mask, completion, response mask) for one trace per prompt."""
+    cfg, tok = run.cfg, run.tokenizer
+    p_ids, p_mask = pad_left(prompts, tok.pad_token_id, run.device)
+    completion, response = generate(model, p_ids, p_mask, max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_token_id,
+                                    pad_id=tok.pad_token_id, temperature=cfg.sample_temperature, top_p=cfg.top_p,
+                                    vocab_size=len(tok), generator=generator)  # fmt: skip
+    return p_ids, p_mask, completion, response
+
+
+def concat_samples(a, b, pad_id: int):
+    """Stack two sample batches (prompt ids and masks already share P); completions are right-padded to one T."""
+    if a is None or b is None:
+        return a if b is None else b
+    T = max(a[2].shape[1], b[2].shape[1])
+
+    def widen(x, fill):
+        return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=fill)
+
+    return (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]), torch.cat([widen(a[2], pad_id), widen(b[2], pad_id)]),
+            torch.cat([widen(a[3], False), widen(b[3], False)]))  # fmt: skip
+
+
+def token_loss(run: Run, student, hs, ht, mask) -> torch.Tensor:
+    """Sum over tokens of the chosen divergence; hs (n, Ds) student and ht (n, Dt) teacher rows."""
+    cfg = run.cfg
+    per_token = distill_kl(hs, head_weight(student), ht, head_weight(run.teacher), kind=cfg.loss, beta=cfg.beta,
+                           temperature=cfg.kl_temperature, mask=mask, vocab_size=len(run.tokenizer),
+                           impl=cfg.impl)  # fmt: skip
+    return per_token.sum()
+
+
+def reasoning_step(run: Run, student, batch, teacher_hidden, where: str) -> tuple[float, int]:
+    """Accumulate the reasoning student's gradient over micro-batches; returns (loss, tokens)."""
+    cfg = run.cfg
+    p_ids, p_mask, completion, response = batch
+    num_tokens = response.sum().clamp(min=1)  # one normaliser for the whole batch
+    total = 0.0
+    for sl in micro_slices(len(p_ids), cfg.micro_batch):
+        rows = (p_ids[sl], p_mask[sl], completion[sl], response[sl])
+        if cfg.loss == "seq":
+            logp = response_logprobs(student, *rows, impl=cfg.impl)  # (b, T)
+            loss = -(logp * response[sl]).sum() / num_tokens
+        else:
+            hs = response_hidden(student, *rows)  # (b, T, Ds)
+            ht = teacher_hidden[sl]  # (b, T, Dt)
+            loss = token_loss(run, student, hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]),
+                              response[sl].reshape(-1)) / num_tokens  # fmt: skip
+        check_finite(loss, where, str(run.ckpt))
+        loss.backward()
+        total += loss.item()
+    return total, int(num_tokens)
+
+
+def label_targets(run: Run, completion, response) -> list[list[int] | None]:
+    """The label student's target per teacher trace: the trace's own last tokens that spell its final answer,
+    `\\boxed{k}` (and EOS), or None when the trace is malformed or does not end with its answer and EOS.
+
+    Taking the teacher's own tokens (not a fresh tokenization of `\\boxed{k}`, which may differ in a leading space)
+    keeps the student's rows aligned with the teacher positions that predicted them."""
+    tok = run.tokenizer
+    targets = []
+    for row in range(completion.shape[0]):
+        ids = completion[row, : int(response[row].sum())].tolist()
+        parsed = parse_scores(tok.decode(ids, skip_special_tokens=True), run.fmt)
+        target = None
+        if parsed.ok and ids and ids[-1] == tok.eos_token_id:  # the student must learn to stop, too
+            answer = render_label(parsed.label)
+            for k in range(1, min(len(ids), 64) + 1):
+                if tok.decode(ids[-k:], skip_special_tokens=True).strip() == answer:
+                    target = ids[-k:]
+                    break
+        targets.append(target)
+    return targets
+
+
+def label_step(run: Run, student, teacher_batch, teacher_hidden, label_prompts, where: str) -> tuple[float, dict]:
+    """Accumulate the label student's gradient; returns (loss, counts)."""
+    cfg, tok = run.cfg, run.tokenizer
+    _, _, completion, response = teacher_batch
+    targets = label_targets(run, completion, response)
+    use = [i for i, t in enumerate(targets) if t is not None]
+    counts = {"label/used": len(use) / len(targets)}
+    if not use:
+        return 0.0, counts
+    p_ids, p_mask = pad_left([label_prompts[i] for i in use], tok.pad_token_id, run.device)
+    t_ids, t_mask = pad_right([targets[i] for i in use], tok.pad_token_id, run.device)
+    num_tokens = t_mask.sum()
+    total = 0.0
+    for sl in micro_slices(len(use), cfg.micro_batch):
+        rows = (p_ids[sl], p_mask[sl], t_ids[sl], t_mask[sl])
+        if cfg.loss == "seq":
+            loss = -(response_logprobs(student, *rows, impl=cfg.impl) * t_mask[sl]).sum() / num_tokens
+        else:
+            hs = response_hidden(student, *rows)  # (b, L, Ds)
+            # teacher rows: the positions that predicted the last L tokens of each trace
+            ht = torch.zeros(hs.shape[0], hs.shape[1], teacher_hidden.shape[-1], dtype=teacher_hidden.dtype,
+                             device=run.device)  # fmt: skip
+            for j, i in enumerate(use[sl]):
+                n, L = int(response[i].sum()), len(targets[i])
+                ht[j, :L] = teacher_hidden[i, n - L : n]
+            loss = token_loss(run, student, hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]),
+                              t_mask[sl].reshape(-1)) / num_tokens  # fmt: skip
+        check_finite(loss, where, str(run.ckpt))
+        loss.backward()
+        total += loss.item()
+    return total, counts
+
+
+@torch.no_grad()
+def teacher_states(run: Run, batch) -> torch.Tensor | None:
+    """Teacher hidden states (B, T, Dt) at the response positions, for the token-level losses."""
+    if run.cfg.loss == "seq":
+        return None
+    p_ids, p_mask, completion, response = batch
+    parts = [response_hidden(run.teacher, p_ids[sl], p_mask[sl], completion[sl], response[sl])
+             for sl in micro_slices(len(p_ids), run.cfg.micro_batch)]  # fmt: skip
+    return torch.cat(parts)
+
+
+def distill(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
+    """The distillation loop. Returns False when halted."""
+    cfg, tok = run.cfg, run.tokenizer
+    P = cfg.prompts_per_step
+    opts = {kind: make_optimizer(m, cfg.lr, cfg.steps, cfg.warmup, weight_decay=cfg.weight_decay,
+                                 schedule=cfg.lr_schedule) for kind, m in run.students.items()}  # fmt: skip
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed + 1)
+    if state.get("optimizers") is not None:
+        for kind, (opt, sched) in opts.items():
+            opt.load_state_dict(state["optimizers"][kind][0])
+            sched.load_state_dict(state["optimizers"][kind][1])
+        set_rng_states(state["rng"], generator)
+    enc = run.train[run.fmt]
+    label_enc = run.train.get("label")
+    n_on = round(cfg.on_policy * P) if "reasoning" in run.students else 0
+    for model in run.students.values():
+        model.train()
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="distill", disable=not cfg.progress)
+    for step in range(state["step"], cfg.steps):
+        if budget[0] == 0:
+            bar.close()
+            return False
+        times, t0 = {}, time.perf_counter()
+        idx = batch_indices(len(enc.records), P, step, cfg.seed)
+        on_idx, off_idx = idx[:n_on], idx[n_on:]
+        # 1. traces: the on-policy share from the reasoning student, the rest from the teacher
+        teacher_batch = sample(run, run.teacher, [enc.prompts[i] for i in off_idx], generator) if off_idx else None
+        student_batch = (sample(run, run.students["reasoning"], [enc.prompts[i] for i in on_idx], generator)
+                         if on_idx else None)  # fmt: skip
+        for model in run.students.values():
+            model.train()
+        times["sample_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        row = {"stage": "distill", "step": step + 1}
+        if teacher_batch is not None:
+            _, _, completion, response = teacher_batch
+            texts = [tok.decode(completion[b, : int(response[b].sum())].tolist(), skip_special_tokens=True)
+                     for b in range(len(off_idx))]  # fmt: skip
+            parses = [parse_scores(t, run.fmt) for t in texts]
+            correct = sum(p.ok and p.label == enc.records[i].label for p, i in zip(parses, off_idx))
+            row["teacher/accuracy"] = correct / len(off_idx)
+            row["teacher/malformed_rate"] = sum(not p.ok for p in parses) / len(off_idx)
+        # 2. teacher hidden states on every trace (the student's own ones included)
+        batch = concat_samples(student_batch, teacher_batch, tok.pad_token_id)
+        hidden = teacher_states(run, batch)
+        times["teacher_s"] = time.perf_counter() - t1
+        # 3. one optimizer step per student
+        t2 = time.perf_counter()
+        for kind, model in run.students.items():
+            where = f"step {step} ({kind} student)"
+            if kind == "reasoning":
+                loss, tokens = reasoning_step(run, model, batch, hidden, where)
+                row["reasoning/tokens"] = tokens
+            else:
+                t_hidden = None if hidden is None else hidden[len(on_idx) :]
+                label_prompts = [label_enc.prompts[i] for i in off_idx]
+                loss, counts = label_step(run, model, teacher_batch, t_hidden, label_prompts, where)
+                row.update(counts)
+            opt, sched = opts[kind]
+            row[f"{kind}/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            row[f"{kind}/loss"] = loss
+        times["update_s"] = time.perf_counter() - t2
+        times["step_s"] = time.perf_counter() - t0
+        row.update(lr=opts[next(iter(opts))][1].get_last_lr()[0], **times)
+        if "reasoning" in run.students:
+            row["reasoning/tokens_per_s"] = row["reasoning/tokens"] / times["step_s"]
+        state["step"] = step + 1
+        if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
+            for kind, model in run.students.items():
+                metrics, _ = run.evaluate(model, run.val[run.fmt_of(kind)], run.fmt_of(kind))
+                row.update(scalars({k: metrics[k] for k in ("accuracy", "macro_f1", "malformed_rate")}, f"val/{kind}/"))
+                model.train()
+        logger.log(row)
+        bar.update(1)
+        bar.set_postfix({k.split("/")[0][:5]: f"{v:.3f}" for k, v in row.items() if k.endswith("/loss")})
+        budget[0] -= 1
+        if state["step"] == cfg.steps or state["step"] % cfg.save_every == 0 or budget[0] == 0:
+            run.save_resumable(state, opts, generator)
+    bar.close()
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+
+
+@torch.no_grad()
+def latency_ms(run: Run, model, enc, fmt: str) -> float:
+    """Median milliseconds to answer one prompt alone (batch 1, greedy: a serving request), over the first
+    `latency_examples` prompts of `enc`."""
+    tok, times = run.tokenizer, []
+    for prompt in enc.prompts[: run.cfg.latency_examples]:
+        ids, mask = pad_left([prompt], tok.pad_token_id, run.device)
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        generate(model, ids, mask, max_new_tokens=run.cfg.max_new_tokens, eos_id=tok.eos_token_id,
+                 pad_id=tok.pad_token_id, temperature=0.0, vocab_size=len(tok))  # fmt: skip
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times) if times else math.nan
+
+
+def evaluate_model(run: Run, name: str, model, fmt: str) -> dict:
+    """Test-split metrics, predictions and speed of one model, cached in eval_<name>.json (resume skips it)."""
+    path = run.dir / f"eval_{name}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    model.eval()
+    out = {"parameters": num_parameters(model), "fmt": fmt, "splits": {}}
+    for split, by_fmt in run.tests.items():
+        bar = tqdm(total=len(by_fmt[fmt].records), desc=f"eval {name} {split}", disable=not run.cfg.progress,
+                   leave=False)  # fmt: skip
+        metrics, preds = run.evaluate(model, by_fmt[fmt], fmt, progress=bar.update)
+        bar.close()
+        out["splits"][split] = {"metrics": metrics, "predicted": [p["predicted"] for p in preds]}
+    first = next(iter(run.tests.values()), None)
+    out["latency_ms"] = latency_ms(run, model, first[fmt], fmt) if first is not None else math.nan
+    write_text_atomic(path, json.dumps(out) + "\n")
+    return out
+
+
+def agreement(a: list, b: list) -> float:
+    """Fraction of examples where two models give the same answer (a malformed answer is an answer: None)."""
+    return sum(x == y for x, y in zip(a, b)) / max(1, len(a))
+
+
+def report(run: Run, started: float) -> dict:
+    results = {"teacher": evaluate_model(run, "teacher", run.teacher, run.fmt)}
+    for kind in run.students:
+        results[f"{kind} student"] = evaluate_model(run, kind, run.load(run.dir / kind), run.fmt_of(kind))
+    teacher = results["teacher"]
+    header = (f"{'model':<18} {'params':>8} {'split':<14} {'acc':>6} {'macroF1':>8} {'agree':>6} {'malformed':>9} "
+              f"{'lat ms':>7} {'tok/s':>7} {'ex/s':>7}")  # fmt: skip
+    lines, table = [header], {}
+    for name, res in results.items():
+        for split, s in res["splits"].items():
+            m = s["metrics"]
+            agree = agreement(s["predicted"], teacher["splits"][split]["predicted"])
+            table.setdefault(name, {})[split] = {
+                "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "agreement_with_teacher": agree,
+                "malformed_rate": m["malformed_rate"], "examples_per_s": m["examples_per_s"],
+                "generated_tokens_per_s": m["generated_tokens_per_s"],
+                "mean_completion_tokens": m["mean_completion_tokens"],
+            }  # fmt: skip
+            lines.append(f"{name:<18} {res['parameters'] / 1e6:>7.2f}M {split:<14} {m['accuracy']:>6.3f} "
+                         f"{m['macro_f1']:>8.3f} {agree:>6.3f} {m['malformed_rate']:>9.3f} {res['latency_ms']:>7.1f} "
+                         f"{m['generated_tokens_per_s']:>7.0f} {m['examples_per_s']:>7.1f}")  # fmt: skip
+    print("\n".join(lines))
+    print(f"(sampled at T={run.cfg.eval_temperature}, seed {run.cfg.seed}; latency: median of "
+          f"{run.cfg.latency_examples} prompts answered one at a time, greedy; tok/s and ex/s: batched evaluation "
+          f"of {run.cfg.eval_batch_size} prompts per batch on {run.device})")  # fmt: skip
+    out = {"table": table, "parameters": {k: r["parameters"] for k, r in results.items()},
+           "latency_ms": {k: r["latency_ms"] for k, r in results.items()},
+           "wall_s_this_invocation": time.perf_counter() - started, "config": json.loads(to_json(run.cfg))}  # fmt: skip
+    write_text_atomic(run.dir / "report.json", json.dumps(out, indent=2) + "\n")
+    print(f"wrote {run.dir}/report.json")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def setup(cfg: Config, given: set[str]) -> tuple[Config, dict | None]:
+    """Check the run folder; on --resume, take the saved config (explicit flags must agree with it)."""
+    run_dir = Path(cfg.out_dir) / cfg.name
+    for name in ("ckpt", *STUDENTS):
+        recover(run_dir / name)
+    if not cfg.resume:
+        if (run_dir / "metrics.jsonl").exists() or (run_dir / "ckpt").exists():
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another --name")
+        return cfg, None
+    if not (run_dir / "config.json").exists() or not (run_dir / "ckpt").exists():
+        raise ConfigError(f"--resume: no resumable checkpoint in {run_dir / 'ckpt'}")
+    saved = from_dict(Config, json.loads((run_dir / "config.json").read_text()), where=str(run_dir / "config.json"))
+    free = {"resume", "halt_after", "progress", "name", "out_dir"}
+    differ = sorted(f for f in given - free if getattr(cfg, f) != getattr(saved, f))
+    if differ:
+        raise ConfigError(f"--resume: {', '.join('--' + f.replace('_', '-') for f in differ)} differ from the saved "
+                          f"run {run_dir}; a resumed run keeps its settings")  # fmt: skip
+    return replace(saved, resume=True, halt_after=cfg.halt_after, progress=cfg.progress), load_trainer_state(
+        run_dir / "ckpt")  # fmt: skip
+
+
+def main(argv=None) -> int:
+    hf_logging.disable_progress_bar()
+    started = time.perf_counter()
+    cfg, given = parse_config(Config, argv, __doc__)
+    try:
+        cfg, state = setup(cfg, given)
+        torch.manual_seed(cfg.seed)
+        run = Run(cfg, state)
+    except (ConfigError, ModelLoadError, RecordError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    run.dir.mkdir(parents=True, exist_ok=True)
+    if state is None:
+        write_text_atomic(run.dir / "config.json", to_json(cfg))
+    print(to_json(cfg), end="")
+    sizes = ", ".join(f"{k} {num_parameters(m) / 1e6:.2f}M" for k, m in run.students.items())
+    print(f"device {run.device}, dtype {run.dtype}, teacher {cfg.teacher} ({num_parameters(run.teacher) / 1e6:.2f}M "
+          f"parameters, format {run.fmt}), student {run.student_spec}: {sizes}; loss {cfg.loss}, on-policy "
+          f"{cfg.on_policy}; vocabulary: the tokenizer's {len(run.tokenizer)} entries; run folder {run.dir}",
+          flush=True)  # fmt: skip
+    state = state or {"step": 0}
+    logger = Logger(run.dir, cfg.tensorboard)
+    done_steps = state["step"]
+    logger.truncate(lambda row: row["step"] <= done_steps)
+    budget = [cfg.halt_after or -1]
+    try:
+        if not distill(run, state, logger, budget):
+            print(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
+            return 0
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    for kind in run.students:
+        if not (run.dir / kind).exists():
+            run.save_student(run.dir / kind, kind)
+    report(run, started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Pieces of a hand-written training loop shared by train.py and distill.py: learning-rate schedule and optimizer,
+a data order that is a pure function of the step (so resuming needs no saved iterator), micro-batching, the
+non-finite loss guard, and the metrics log."""
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from data.schema import write_text_atomic
+
+
+class NonFiniteLoss(RuntimeError):
+    """A NaN or inf loss: the step is not applied and the last checkpoint stays as it was."""
+
+
+def lr_lambda(total: int, warmup: int, kind: str):
+    """Multiplier of the peak LR at optimizer step s: linear warm-up, then constant / linear / cosine to 10%."""
+
+    def f(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        if kind == "constant" or total <= warmup:
+            return 1.0
+        progress = min(1.0, (s - warmup) / max(1, total - warmup))
+        decay = 1 - progress if kind == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return 0.1 + 0.9 * decay
+
+    return f
+
+
+def make_optimizer(model, lr: float, total: int, warmup: int, *, weight_decay: float, schedule: str):
+    """AdamW (betas 0.9 / 0.95) with a LambdaLR schedule from `lr_lambda`."""
+    # no weight decay on norms and biases (1-D parameters)
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, schedule))
+    return opt, sched
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> list[int]:
+    """Indices of batch `step` in a stream of per-epoch permutations of range(n): the data position is the step
+    alone, so resuming needs no saved iterator."""
+    out = []
+    for pos in range(step * batch, (step + 1) * batch):
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    return out
+
+
+def micro_slices(B: int, micro: int) -> list[slice]:
+    return [slice(lo, min(B, lo + micro)) for lo in range(0, B, micro)]
+
+
+def check_finite(loss: torch.Tensor, where: str, last_ckpt: str) -> None:
+    if not bool(torch.isfinite(loss)):  # host sync: once per micro-batch, to stop before a bad update
+        raise NonFiniteLoss(
+            f"non-finite loss ({loss.item()}) at {where}: the update was not applied; the last good checkpoint is "
+            f"{last_ckpt}. Lower the learning rate or check the data, then continue with --resume."
+        )
+
+
+class Logger:
+    """metrics.jsonl (one line per step), optional TensorBoard, the progress bar's postfix."""
+
+    def __init__(self, run: Path, tensorboard: bool):
+        self.path = run / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run / "tb"))
+            except ImportError:
+                print("tensorboard is not installed; logging to metrics.jsonl only", flush=True)
+
+    def truncate(self, keep: Callable[[dict], bool]) -> None:
+        """On resume, drop the lines written after the checkpoint (they will be written again): keep(row) says
+        which rows the checkpoint already covers."""
+        if not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines() if keep(json.loads(line))]
+        write_text_atomic(self.path, "".join(line + "\n" for line in lines))
+
+    def log(self, row: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if isinstance(value, int | float) and key != "step":
+                    self.tb.add_scalar(f"{row['stage']}/{key}", value, row["step"])
+
+
+def scalars(metrics: dict, prefix: str = "") -> dict:
+    return {prefix + k: float(v) for k, v in metrics.items()}
