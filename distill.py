@@ -310,16 +310,21 @@ def sample(run: Run, model, prompts: list[list[int]], generator):
 
 
 def concat_samples(a, b, pad_id: int):
-    """Stack two sample batches (prompt ids and masks already share P); completions are right-padded to one T."""
+    """Stack two sample batches: prompts left-padded to one width P, completions right-padded to one width T."""
     if a is None or b is None:
         return a if b is None else b
+    P = max(a[0].shape[1], b[0].shape[1])
     T = max(a[2].shape[1], b[2].shape[1])
 
-    def widen(x, fill):
+    def left(x, fill):
+        return torch.nn.functional.pad(x, (P - x.shape[1], 0), value=fill)
+
+    def right(x, fill):
         return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=fill)
 
-    return (torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]]), torch.cat([widen(a[2], pad_id), widen(b[2], pad_id)]),
-            torch.cat([widen(a[3], False), widen(b[3], False)]))  # fmt: skip
+    return (torch.cat([left(a[0], pad_id), left(b[0], pad_id)]), torch.cat([left(a[1], False), left(b[1], False)]),
+            torch.cat([right(a[2], pad_id), right(b[2], pad_id)]),
+            torch.cat([right(a[3], False), right(b[3], False)]))  # fmt: skip
 
 
 def token_loss(run: Run, student, hs, ht, mask) -> torch.Tensor:

@@ -1,0 +1,207 @@
+"""distill.py end to end on a slice of the built-in benchmark (CPU): the report, a few steps that lower the KL, exact
+resume, the label student's row alignment, the fused kernel inside the loop, and clear errors on bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import distill
+from data import synthetic
+from kernels import distill_kl_ref
+from model.hf import build_preset, load_tokenizer
+from model.sampling import response_hidden
+from runtime.checkpoint import save_checkpoint
+from runtime.config import ConfigError
+from sam.prompt import render_gold_reasoning
+
+SIZES = {"rl": 16, "val": 4, "test_random": 4, "test_longtail": 4}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    synthetic.write_benchmark(out, seed=0, sizes=SIZES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def teacher(bench, tmp_path_factory):
+    """A random `tiny` teacher made peaked (final norm x 30), so a fresh student starts far from it."""
+    tok = load_tokenizer(bench / "tokenizer")
+    model = build_preset("tiny", tok, seed=5, max_positions=1024)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30.0)
+    path = tmp_path_factory.mktemp("teacher") / "best"
+    save_checkpoint(path, model, tok)
+    prompt = {"fmt": "criteria", "with_instruction": False, "rules": None}
+    (path / "prompt.json").write_text(json.dumps(prompt))
+    return path
+
+
+def args(bench, teacher, out, *extra):
+    return ["--teacher", str(teacher), "--data-dir", str(bench), "--out-dir", str(out), "--no-progress",
+            "--steps", "3", "--prompts-per-step", "4", "--max-new-tokens", "24", "--micro-batch", "3",
+            "--val-limit", "2", "--eval-every", "2", "--test-limit", "3", "--latency-examples", "1",
+            "--eval-batch-size", "8", *extra]  # fmt: skip
+
+
+def rows_of(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]  # wall-clock fields differ
+
+
+def test_end_to_end_report(bench, teacher, tmp_path, capsys):
+    assert distill.main(args(bench, teacher, tmp_path, "--name", "e2e")) == 0
+    run = tmp_path / "e2e"
+    for name in ("config.json", "metrics.jsonl", "ckpt/trainer_state.pt", "ckpt/reasoning/model.safetensors",
+                 "ckpt/label/model.safetensors", "reasoning/prompt.json", "label/prompt.json", "eval_teacher.json",
+                 "eval_reasoning.json", "eval_label.json", "report.json"):  # fmt: skip
+        assert (run / name).exists(), name
+    assert json.loads((run / "label" / "prompt.json").read_text())["fmt"] == "label"
+    rows = rows_of(run)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("reasoning/loss", "label/loss", "label/used", "teacher/accuracy", "val/reasoning/accuracy"):
+        assert key in rows[-1], key
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["table"]) == {"teacher", "reasoning student", "label student"}
+    assert report["table"]["teacher"]["test_random"]["agreement_with_teacher"] == 1.0
+    assert report["parameters"]["teacher"] > 3 * report["parameters"]["reasoning student"]  # auto: nano < tiny
+    out = capsys.readouterr().out
+    assert "student nano" in out and "label student" in out and "lat ms" in out
+
+
+def test_a_few_steps_lower_the_kl(bench, teacher, tmp_path):
+    argv = args(bench, teacher, tmp_path, "--name", "kl", "--students", "reasoning", "--steps", "8",
+                "--prompts-per-step", "16", "--micro-batch", "16", "--lr", "1e-2", "--warmup", "0",
+                "--lr-schedule", "constant", "--eval-every", "100", "--test-splits", "")  # fmt: skip
+    assert distill.main(argv) == 0
+    losses = [r["reasoning/loss"] for r in rows_of(tmp_path / "kl")]
+    assert losses[0] > 1.0, losses  # the peaked teacher is far from a fresh student
+    assert sum(losses[-2:]) / 2 < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("loss", ["jsd", "seq"])
+def test_resume_is_exact(bench, teacher, tmp_path, loss):
+    extra = ["--loss", loss, "--steps", "4", "--save-every", "1", "--test-splits", ""]
+    extra += ["--on-policy", "0.5"] if loss != "seq" else []
+    assert distill.main(args(bench, teacher, tmp_path, "--name", "whole", *extra)) == 0
+    assert distill.main(args(bench, teacher, tmp_path, "--name", "cut", *extra, "--halt-after", "2")) == 0
+    assert distill.main(args(bench, teacher, tmp_path, "--name", "cut", *extra, "--resume")) == 0
+    assert rows_of(tmp_path / "whole") == rows_of(tmp_path / "cut")
+    for kind in ("reasoning", "label"):
+        a = load_file(tmp_path / "whole" / kind / "model.safetensors")
+        b = load_file(tmp_path / "cut" / kind / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_triton_kernel_inside_the_loop_matches_the_reference(bench, teacher, tmp_path):
+    """One step with the fused kernel (interpreter) and with the reference: the same losses and updated students."""
+    extra = ["--steps", "1", "--prompts-per-step", "2", "--max-new-tokens", "12", "--test-splits", "",
+             "--eval-every", "100"]  # fmt: skip
+    for impl in ("ref", "triton"):
+        assert distill.main(args(bench, teacher, tmp_path, "--name", impl, "--impl", impl, *extra)) == 0
+    ref, tri = rows_of(tmp_path / "ref")[0], rows_of(tmp_path / "triton")[0]
+    for key in ("reasoning/loss", "label/loss"):
+        assert ref[key] == pytest.approx(tri[key], rel=1e-4, abs=1e-6), key
+    for kind in ("reasoning", "label"):
+        a = load_file(tmp_path / "ref" / kind / "model.safetensors")
+        b = load_file(tmp_path / "triton" / kind / "model.safetensors")
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def make_run(bench, teacher, tmp_path, *extra):
+    cfg, _ = distill.parse_config(distill.Config, args(bench, teacher, tmp_path, *extra), "")
+    return distill.Run(cfg, None)
+
+
+def test_label_targets_are_the_traces_own_answer_tokens(bench, teacher, tmp_path):
+    run = make_run(bench, teacher, tmp_path)
+    tok = run.tokenizer
+    record = run.train["criteria"].records[0]
+    trace = tok(render_gold_reasoning(record, "criteria"), add_special_tokens=False)["input_ids"]
+    rows = [trace + [tok.eos_token_id], trace, tok("Step 1: no box", add_special_tokens=False)["input_ids"]]
+    completion = torch.full((3, max(map(len, rows))), tok.pad_token_id)
+    response = torch.zeros_like(completion, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        completion[i, : len(r)], response[i, : len(r)] = torch.tensor(r), True
+    targets = distill.label_targets(run, completion, response)
+    assert targets[1] is None and targets[2] is None  # no EOS (the student must learn to stop); malformed
+    target = targets[0]
+    assert target == rows[0][-len(target) :] and target[-1] == tok.eos_token_id
+    assert tok.decode(target, skip_special_tokens=True).strip() == f"\\boxed{{{record.label}}}"
+
+
+def test_label_student_rows_align_with_the_teachers_answer_positions(bench, teacher, tmp_path):
+    """The token-level loss of the label student equals the divergence computed row by row by hand."""
+    run = make_run(bench, teacher, tmp_path, "--loss", "rkl")
+    tok, student = run.tokenizer, run.students["label"]
+    recs = run.train["criteria"].records[:2]
+    traces = [tok(render_gold_reasoning(r, "criteria"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+              for r in recs]  # fmt: skip
+    batch = distill.concat_samples(None, None, tok.pad_token_id)
+    assert batch is None
+    p_ids, p_mask = distill.pad_left(run.train["criteria"].prompts[:2], tok.pad_token_id, run.device)
+    c_ids, c_mask = distill.pad_right(traces, tok.pad_token_id, run.device)
+    teacher_batch = (p_ids, p_mask, c_ids, c_mask)
+    hidden = distill.teacher_states(run, teacher_batch)
+    loss, counts = distill.label_step(run, student, teacher_batch, hidden, run.train["label"].prompts[:2], "test")
+    assert counts["label/used"] == 1.0
+    # by hand: the student's answer rows against the teacher rows that predicted the trace's last L tokens
+    total, n_tokens = 0.0, 0
+    with torch.no_grad():
+        for i, trace in enumerate(traces):
+            target = distill.label_targets(run, c_ids[i : i + 1], c_mask[i : i + 1])[0]
+            L = len(target)
+            lp, lm = distill.pad_left([run.train["label"].prompts[i]], tok.pad_token_id, run.device)
+            t_ids = torch.tensor([target])
+            hs = response_hidden(student, lp, lm, t_ids, torch.ones_like(t_ids, dtype=torch.bool))[0]
+            ht = hidden[i, len(trace) - L : len(trace)]
+            total += distill_kl_ref(hs, student.lm_head.weight, ht, run.teacher.lm_head.weight, kind="rkl",
+                                    vocab_size=len(tok)).sum().item()  # fmt: skip
+            n_tokens += L
+    assert loss == pytest.approx(total / n_tokens, rel=1e-5)
+
+
+def test_missing_teacher_and_tokenizer_mismatch_are_clear_errors(bench, teacher, tmp_path, capsys):
+    assert distill.main(args(bench, tmp_path / "nope", tmp_path, "--name", "a")) == 2
+    assert "teacher checkpoint not found" in capsys.readouterr().err
+    # a student directory whose tokenizer has one extra token
+    tok = load_tokenizer(bench / "tokenizer")
+    tok.add_tokens(["zzz-extra-token"])
+    student = build_preset("nano", tok, seed=0)
+    save_checkpoint(tmp_path / "student", student, tok)
+    assert distill.main(args(bench, teacher, tmp_path, "--name", "b", "--student", str(tmp_path / "student"))) == 2
+    err = capsys.readouterr().err
+    assert "does not match the teacher's" in err and "vocabularies differ" in err and "Traceback" not in err
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--loss", "seq", "--on-policy", "0.5"], "needs a token-level"),
+        (["--on-policy", "1"], "no teacher traces"),
+        (["--students", "reasoning,teacher"], "--students"),
+        (["--loss", "kl"], "--loss must be"),
+        (["--beta", "1.5"], "--beta"),
+        (["--student", "huge"], "student model directory not found"),
+        (["--prompts-per-step", "99"], "fewer prompts"),
+    ],
+)
+def test_bad_input_is_rejected(bench, teacher, tmp_path, capsys, extra, match):
+    try:
+        code = distill.main(args(bench, teacher, tmp_path, "--name", "bad", *extra))
+    except SystemExit as exc:  # a flag that fails its own check exits through argparse
+        code = exc.code
+    assert code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_resume_refuses_changed_settings(bench, teacher, tmp_path, capsys):
+    assert distill.main(args(bench, teacher, tmp_path, "--name", "r", "--halt-after", "1", "--test-splits", "")) == 0
+    assert distill.main(args(bench, teacher, tmp_path, "--name", "r", "--resume", "--loss", "rkl")) == 2
+    assert "--loss differ" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        distill.Config(students="")
