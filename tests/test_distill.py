@@ -73,7 +73,7 @@ def test_end_to_end_report(bench, teacher, tmp_path, capsys):
 
 
 def test_a_few_steps_lower_the_kl(bench, teacher, tmp_path):
-    argv = args(bench, teacher, tmp_path, "--name", "kl", "--students", "reasoning", "--steps", "8",
+    argv = args(bench, teacher, tmp_path, "--name", "kl", "--loss", "fkl", "--students", "reasoning", "--steps", "8",
                 "--prompts-per-step", "16", "--micro-batch", "16", "--lr", "1e-2", "--warmup", "0",
                 "--lr-schedule", "constant", "--eval-every", "100", "--test-splits", "")  # fmt: skip
     assert distill.main(argv) == 0
@@ -97,18 +97,21 @@ def test_resume_is_exact(bench, teacher, tmp_path, loss):
 
 
 def test_triton_kernel_inside_the_loop_matches_the_reference(bench, teacher, tmp_path):
-    """One step with the fused kernel (interpreter) and with the reference: the same losses and updated students."""
-    extra = ["--steps", "1", "--prompts-per-step", "2", "--max-new-tokens", "12", "--test-splits", "",
-             "--eval-every", "100"]  # fmt: skip
+    """Two steps with the fused kernel (interpreter) and with the reference: the same losses, the same students."""
+    extra = ["--loss", "jsd", "--on-policy", "0.5", "--steps", "2", "--prompts-per-step", "2", "--max-new-tokens",
+             "12", "--test-splits", "", "--eval-every", "100"]  # fmt: skip
     for impl in ("ref", "triton"):
         assert distill.main(args(bench, teacher, tmp_path, "--name", impl, "--impl", impl, *extra)) == 0
-    ref, tri = rows_of(tmp_path / "ref")[0], rows_of(tmp_path / "triton")[0]
-    for key in ("reasoning/loss", "label/loss"):
-        assert ref[key] == pytest.approx(tri[key], rel=1e-4, abs=1e-6), key
+    for ref, tri in zip(rows_of(tmp_path / "ref"), rows_of(tmp_path / "triton")):
+        for key in ("reasoning/loss", "label/loss"):
+            assert ref[key] == pytest.approx(tri[key], rel=1e-4, abs=1e-6), (ref["step"], key)
     for kind in ("reasoning", "label"):
         a = load_file(tmp_path / "ref" / kind / "model.safetensors")
         b = load_file(tmp_path / "triton" / kind / "model.safetensors")
-        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+        # Adam's first steps move each weight by about lr * sign(grad): a gradient within rounding of 0 may take
+        # either sign, so a few entries may differ by up to 2 lr; all others agree to fp32 rounding
+        diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        assert (diff > 1e-5).float().mean() < 0.01 and diff.max() < 2 * 1e-2, (diff > 1e-5).float().mean()
 
 
 def make_run(bench, teacher, tmp_path, *extra):
@@ -182,7 +185,7 @@ def test_missing_teacher_and_tokenizer_mismatch_are_clear_errors(bench, teacher,
     "extra,match",
     [
         (["--loss", "seq", "--on-policy", "0.5"], "needs a token-level"),
-        (["--on-policy", "1"], "no teacher traces"),
+        (["--loss", "fkl", "--on-policy", "1"], "no teacher traces"),
         (["--students", "reasoning,teacher"], "--students"),
         (["--loss", "kl"], "--loss must be"),
         (["--beta", "1.5"], "--beta"),
