@@ -65,7 +65,7 @@ from model.hf import (
 from model.sampling import generate, pad_left, pad_right, response_hidden, response_logprobs
 from runtime.checkpoint import STATE_FILE, atomic_folder, load_trainer_state, recover, rng_states, set_rng_states
 from runtime.config import ConfigError, from_dict, parse_config, to_json
-from runtime.data import BUILTIN_DIR, DataError, encode_prompts, ensure_builtin, load_split
+from runtime.data import BUILTIN_DIR, DataError, Encoded, encode_prompts, ensure_builtin, load_split
 from runtime.loop import Logger, NonFiniteLoss, batch_indices, check_finite, make_optimizer, micro_slices, scalars
 from sam.parse import parse_scores
 from sam.prompt import render_label
@@ -138,6 +138,8 @@ class Config:
         need(0 <= self.on_policy <= 1, "--on-policy must be in [0, 1]")
         need(self.on_policy == 0 or self.loss != "seq", "--on-policy needs a token-level --loss (fkl, rkl, jsd): "
              "seq learns the teacher's samples")  # fmt: skip
+        need(self.on_policy == 0 or "reasoning" in self.student_list, "--on-policy applies to the reasoning "
+             "student, which --students leaves out")  # fmt: skip
         need(self.on_policy < 1 or "label" not in self.student_list, "--on-policy 1 leaves no teacher traces for "
              "the label student; train it with --students label alone or lower --on-policy")  # fmt: skip
         need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
@@ -180,6 +182,18 @@ def check_same_tokenizer(teacher_tok, student_tok, where: str) -> None:
         raise ModelLoadError(f"{where}: the student's tokenizer does not match the teacher's: {'; '.join(problems)}")
 
 
+def same_records(by_fmt: dict) -> dict:
+    """Keep the records every format's encoding kept (`--long-prompts skip` may drop a record in one format only),
+    so that index i is the same record for the teacher's and the label student's prompts."""
+    common = set.intersection(*({r.id for r in enc.records} for enc in by_fmt.values()))
+    out = {}
+    for fmt, enc in by_fmt.items():
+        keep = [i for i, r in enumerate(enc.records) if r.id in common]
+        out[fmt] = Encoded([enc.records[i] for i in keep], [enc.prompts[i] for i in keep],
+                           enc.skipped + len(enc.records) - len(keep))  # fmt: skip
+    return out
+
+
 class Run:
     """Resolved settings, data, tokenizer, teacher and students of one distillation run."""
 
@@ -219,7 +233,7 @@ class Run:
 
         if cfg.data_dir == BUILTIN_DIR:
             ensure_builtin(cfg.data_dir)
-        self.train = {fmt: self.encode(cfg.split, fmt) for fmt in self.fmts()}
+        self.train = same_records({fmt: self.encode(cfg.split, fmt) for fmt in self.fmts()})
         if len(self.train[self.fmt].records) < cfg.prompts_per_step:
             raise DataError(f"split {cfg.split!r} has fewer prompts than --prompts-per-step {cfg.prompts_per_step}")
         self.val = {fmt: self.encode(cfg.val_split, fmt, cfg.val_limit) for fmt in self.fmts()}

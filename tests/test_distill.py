@@ -2,6 +2,7 @@
 resume, the label student's row alignment, the fused kernel inside the loop, and clear errors on bad input."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from model.hf import build_preset, load_tokenizer
 from model.sampling import response_hidden
 from runtime.checkpoint import save_checkpoint
 from runtime.config import ConfigError
+from runtime.data import Encoded
 from sam.prompt import render_gold_reasoning
 
 SIZES = {"rl": 16, "val": 4, "test_random": 4, "test_longtail": 4}
@@ -167,6 +169,18 @@ def test_label_student_rows_align_with_the_teachers_answer_positions(bench, teac
     assert loss == pytest.approx(total / n_tokens, rel=1e-5)
 
 
+def test_prompts_skipped_in_one_format_are_left_out_of_both():
+    """With --long-prompts skip, index i must still be the same record for the teacher's and the label prompts."""
+
+    def enc(ids):  # same_records reads the record ids only
+        return Encoded([SimpleNamespace(id=i) for i in ids], [[ord(i)] for i in ids], 0)
+
+    a, b = enc("abc"), enc("ac")
+    out = distill.same_records({"criteria": a, "label": b})
+    assert [r.id for r in out["criteria"].records] == [r.id for r in out["label"].records] == ["a", "c"]
+    assert out["criteria"].prompts == [[ord("a")], [ord("c")]] and out["criteria"].skipped == 1
+
+
 def test_missing_teacher_and_tokenizer_mismatch_are_clear_errors(bench, teacher, tmp_path, capsys):
     assert distill.main(args(bench, tmp_path / "nope", tmp_path, "--name", "a")) == 2
     assert "teacher checkpoint not found" in capsys.readouterr().err
@@ -186,6 +200,7 @@ def test_missing_teacher_and_tokenizer_mismatch_are_clear_errors(bench, teacher,
     [
         (["--loss", "seq", "--on-policy", "0.5"], "needs a token-level"),
         (["--loss", "fkl", "--on-policy", "1"], "no teacher traces"),
+        (["--loss", "fkl", "--on-policy", "0.5", "--students", "label"], "applies to the reasoning"),
         (["--students", "reasoning,teacher"], "--students"),
         (["--loss", "kl"], "--loss must be"),
         (["--beta", "1.5"], "--beta"),
