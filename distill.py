@@ -48,6 +48,7 @@ from transformers.utils import logging as hf_logging
 from data.schema import RecordError, write_text_atomic
 from eval import PROMPT_FILE, evaluate_split
 from kernels import distill_kl
+from kernels._common import INTERPRET
 from kernels.distill_kl import KINDS
 from model.hf import (
     PRESETS,
@@ -207,6 +208,9 @@ class Run:
             raise ConfigError("--device cuda, but CUDA is not available")
         self.dtype = {"auto": default_dtype(self.device), "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
         self.attention = None if cfg.attention == "auto" else cfg.attention
+        if cfg.impl == "triton" and self.device.type != "cuda" and not INTERPRET:
+            raise ConfigError("--impl triton needs a CUDA device (or TRITON_INTERPRET=1 set before the run, to use "
+                              "the slow CPU interpreter)")  # fmt: skip
 
         teacher_dir = Path(cfg.teacher)
         if not teacher_dir.is_dir():

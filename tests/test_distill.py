@@ -223,3 +223,9 @@ def test_resume_refuses_changed_settings(bench, teacher, tmp_path, capsys):
     assert "--loss differ" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         distill.Config(students="")
+
+
+def test_triton_without_cuda_or_interpreter_is_a_clear_error(bench, teacher, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(distill, "INTERPRET", False)
+    assert distill.main(args(bench, teacher, tmp_path, "--name", "t", "--impl", "triton")) == 2
+    assert "--impl triton needs a CUDA device" in capsys.readouterr().err

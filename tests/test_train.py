@@ -281,3 +281,9 @@ def test_mini_convergence_fused_equals_reference(bench):
     for key in ref_params:
         torch.testing.assert_close(fused_params[key], ref_params[key], atol=1e-4, rtol=1e-4, msg=key)
     assert ref_losses[1] < ref_losses[0]  # the steps do train
+
+
+def test_triton_without_cuda_or_interpreter_is_a_clear_error(bench, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train, "INTERPRET", False)
+    assert train.main(fast_args(bench, tmp_path, "--name", "t", "--impl", "triton")) == 2
+    assert "--impl triton needs a CUDA device" in capsys.readouterr().err
