@@ -36,7 +36,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -47,13 +47,11 @@ from transformers.utils import logging as hf_logging
 from data.schema import RecordError, write_text_atomic
 from eval import PROMPT_FILE, evaluate_split, format_compact
 from kernels import policy_loss, policy_loss_normalizer
-from kernels._common import INTERPRET
 from kernels.policy_loss import AGG_MODES
 from model.hf import (
     PRESETS,
     ModelLoadError,
     build_preset,
-    default_dtype,
     head_weight,
     is_preset,
     load_model,
@@ -62,17 +60,19 @@ from model.hf import (
     prepare,
 )
 from model.sampling import generate, pad_left, pad_right, response_logprobs
-from runtime.checkpoint import load_trainer_state, recover, rng_states, save_checkpoint, set_rng_states
-from runtime.config import ConfigError, from_dict, parse_config, to_json
+from runtime.checkpoint import rng_states, save_checkpoint, set_rng_states
+from runtime.config import ConfigError, parse_config, to_json
 from runtime.data import BUILTIN_DIR, DataError, encode_prompts, ensure_builtin, load_split, sft_target
 from runtime.loop import (
     Logger,
     NonFiniteLoss,
     batch_indices,
     check_finite,
+    device_settings,
     make_optimizer,
     micro_slices,
     scalars,
+    setup_run_dir,
 )
 from sam.advantage import METHODS, group_advantages
 from sam.mask import POLICIES, keep_weights
@@ -230,15 +230,7 @@ class Run:
         self.cfg = cfg
         self.dir = Path(cfg.out_dir) / cfg.name
         self.ckpt = self.dir / "ckpt"
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto"
-                                   else cfg.device)  # fmt: skip
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda, but CUDA is not available")
-        self.dtype = {"auto": default_dtype(self.device), "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
-        self.attention = None if cfg.attention == "auto" else cfg.attention
-        if cfg.impl == "triton" and self.device.type != "cuda" and not INTERPRET:
-            raise ConfigError("--impl triton needs a CUDA device (or TRITON_INTERPRET=1 set before the run, to use "
-                              "the slow CPU interpreter)")  # fmt: skip
+        self.device, self.dtype, self.attention = device_settings(cfg)
         source = cfg.init or cfg.model
         self.preset = is_preset(source)
         if not self.preset and not Path(source).is_dir():
@@ -581,33 +573,12 @@ def report(run: Run, started: float) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def setup(cfg: Config, given: set[str]) -> tuple[Config, dict | None]:
-    """Check the run folder; on --resume, take the saved config (explicit flags must agree with it)."""
-    run_dir = Path(cfg.out_dir) / cfg.name
-    ckpt = run_dir / "ckpt"
-    for name in ("ckpt", "sft", "best"):
-        recover(run_dir / name)
-    if not cfg.resume:
-        if (run_dir / "metrics.jsonl").exists() or ckpt.exists():
-            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another --name")
-        return cfg, None
-    if not (run_dir / "config.json").exists() or not ckpt.exists():
-        raise ConfigError(f"--resume: no resumable checkpoint in {ckpt}")
-    saved = from_dict(Config, json.loads((run_dir / "config.json").read_text()), where=str(run_dir / "config.json"))
-    free = {"resume", "halt_after", "progress", "name", "out_dir"}
-    differ = sorted(f for f in given - free if getattr(cfg, f) != getattr(saved, f))
-    if differ:
-        raise ConfigError(f"--resume: {', '.join('--' + f.replace('_', '-') for f in differ)} differ from the saved "
-                          f"run {run_dir}; a resumed run keeps its settings")  # fmt: skip
-    return replace(saved, resume=True, halt_after=cfg.halt_after, progress=cfg.progress), load_trainer_state(ckpt)
-
-
 def main(argv=None) -> int:
     hf_logging.disable_progress_bar()  # the per-file bars of save/load would break the progress bar's line
     started = time.perf_counter()
     cfg, given = parse_config(Config, argv, __doc__)
     try:
-        cfg, state = setup(cfg, given)
+        cfg, state = setup_run_dir(cfg, given, ("ckpt", "sft", "best"))
         torch.manual_seed(cfg.seed)
         run = Run(cfg, state)
     except (ConfigError, ModelLoadError, RecordError, DataError) as exc:

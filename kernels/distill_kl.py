@@ -115,6 +115,27 @@ def distill_kl_ref(
 
 
 @triton.jit
+def _student_teacher_tiles(
+    s_hidden_ptr, s_weight_ptr, t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Ds, Dt,
+    stride_shn, stride_shd, stride_swv, stride_swd, stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
+    INTERPRET_DOT: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """(student, teacher) logit tiles (BLOCK_N, BLOCK_V) fp32 of the same rows and vocabulary columns."""
+    zs = _logits_tile(
+        s_hidden_ptr, s_weight_ptr, rows, cols, row_mask, col_mask, Ds,
+        stride_shn, stride_shd, stride_swv, stride_swd, inv_temp,
+        INTERPRET_DOT, S_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+    )  # fmt: skip
+    zt = _logits_tile(
+        t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Dt,
+        stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
+        INTERPRET_DOT, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+    )  # fmt: skip
+    return zs, zt
+
+
+@triton.jit
 def _log_mixture(log_p, log_q, log_beta, log_1m_beta):
     """log(beta p + (1 - beta) q) from log p and log q (finite)."""
     a = log_p + log_beta
@@ -180,15 +201,10 @@ def _distill_fwd_kernel(
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
-        zs = _logits_tile(
-            s_hidden_ptr, s_weight_ptr, rows, cols, row_mask, col_mask, Ds,
-            stride_shn, stride_shd, stride_swv, stride_swd, inv_temp,
-            INTERPRET_DOT, S_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-        )  # fmt: skip
-        zt = _logits_tile(
-            t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Dt,
-            stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
-            INTERPRET_DOT, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        zs, zt = _student_teacher_tiles(
+            s_hidden_ptr, s_weight_ptr, t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Ds, Dt,
+            stride_shn, stride_shd, stride_swv, stride_swd, stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
+            INTERPRET_DOT, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )  # fmt: skip
         ms_new = tl.maximum(ms, tl.max(zs, axis=1))
         mt_new = tl.maximum(mt, tl.max(zt, axis=1))
@@ -227,15 +243,10 @@ def _distill_fwd_kernel(
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
             col_mask = cols < V
-            zs = _logits_tile(
-                s_hidden_ptr, s_weight_ptr, rows, cols, row_mask, col_mask, Ds,
-                stride_shn, stride_shd, stride_swv, stride_swd, inv_temp,
-                INTERPRET_DOT, S_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-            )  # fmt: skip
-            zt = _logits_tile(
-                t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Dt,
-                stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
-                INTERPRET_DOT, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            zs, zt = _student_teacher_tiles(
+                s_hidden_ptr, s_weight_ptr, t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Ds, Dt,
+                stride_shn, stride_shd, stride_swv, stride_swd, stride_thn, stride_thd, stride_twv, stride_twd,
+                inv_temp, INTERPRET_DOT, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
             )  # fmt: skip
             log_q = tl.where(col_mask[None, :], (zs - ms[:, None]) - log_ss[:, None], 0.0)
             log_p = tl.where(col_mask[None, :], (zt - mt[:, None]) - log_st[:, None], 0.0)
@@ -315,15 +326,10 @@ def _distill_bwd_dz_kernel(
     if HAS_MASK:
         valid = valid & (tl.load(mask_ptr + rows, mask=row_mask, other=0) != 0)
 
-    zs = _logits_tile(
-        s_hidden_ptr, s_weight_ptr, rows, cols, row_mask, col_mask, Ds,
-        stride_shn, stride_shd, stride_swv, stride_swd, inv_temp,
-        INTERPRET_DOT, S_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-    )  # fmt: skip
-    zt = _logits_tile(
-        t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Dt,
-        stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
-        INTERPRET_DOT, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+    zs, zt = _student_teacher_tiles(
+        s_hidden_ptr, s_weight_ptr, t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Ds, Dt,
+        stride_shn, stride_shd, stride_swv, stride_swd, stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
+        INTERPRET_DOT, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )  # fmt: skip
     ms = tl.load(s_max_ptr + rows, mask=row_mask, other=0.0)
     mt = tl.load(t_max_ptr + rows, mask=row_mask, other=0.0)

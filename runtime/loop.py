@@ -1,15 +1,59 @@
-"""Pieces of a hand-written training loop shared by train.py and distill.py: learning-rate schedule and optimizer,
-a data order that is a pure function of the step (so resuming needs no saved iterator), micro-batching, the
-non-finite loss guard, and the metrics log."""
+"""Pieces of a hand-written training loop shared by train.py and distill.py: the run folder and --resume, the
+device settings, learning-rate schedule and optimizer, a data order that is a pure function of the step (so
+resuming needs no saved iterator), micro-batching, the non-finite loss guard, and the metrics log."""
 
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from data.schema import write_text_atomic
+from kernels._common import INTERPRET
+from model.hf import default_dtype
+from runtime.checkpoint import load_trainer_state, recover
+from runtime.config import ConfigError, from_dict
+
+# flags a resumed run may change: they do not alter what it computes
+RESUME_FREE = {"resume", "halt_after", "progress", "name", "out_dir"}
+
+
+def setup_run_dir(cfg, given: set[str], folders: tuple[str, ...]):
+    """(config, trainer state or None) for runs/<name>: a fresh run needs an empty folder; --resume takes the saved
+    config (flags given explicitly must agree with it) and the state in ckpt/. Interrupted checkpoint swaps of
+    `folders` are recovered first. `cfg` has fields out_dir, name, resume, halt_after, progress."""
+    run_dir = Path(cfg.out_dir) / cfg.name
+    ckpt = run_dir / "ckpt"
+    for name in folders:
+        recover(run_dir / name)
+    if not cfg.resume:
+        if (run_dir / "metrics.jsonl").exists() or ckpt.exists():
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another --name")
+        return cfg, None
+    if not (run_dir / "config.json").exists() or not ckpt.exists():
+        raise ConfigError(f"--resume: no resumable checkpoint in {ckpt}")
+    saved = from_dict(type(cfg), json.loads((run_dir / "config.json").read_text()), where=str(run_dir / "config.json"))
+    differ = sorted(f for f in given - RESUME_FREE if getattr(cfg, f) != getattr(saved, f))
+    if differ:
+        raise ConfigError(f"--resume: {', '.join('--' + f.replace('_', '-') for f in differ)} differ from the saved "
+                          f"run {run_dir}; a resumed run keeps its settings")  # fmt: skip
+    return replace(saved, resume=True, halt_after=cfg.halt_after, progress=cfg.progress), load_trainer_state(ckpt)
+
+
+def device_settings(cfg) -> tuple[torch.device, torch.dtype, str | None]:
+    """(device, dtype, attention implementation or None for the default) from the --device, --dtype, --attention
+    flags, checked against the machine, including whether --impl triton can run here."""
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda, but CUDA is not available")
+    if cfg.impl == "triton" and device.type != "cuda" and not INTERPRET:
+        raise ConfigError("--impl triton needs a CUDA device (or TRITON_INTERPRET=1 set before the run, to use the "
+                          "slow CPU interpreter)")  # fmt: skip
+    dtype = {"auto": default_dtype(device), "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
+    return device, dtype, None if cfg.attention == "auto" else cfg.attention
 
 
 class NonFiniteLoss(RuntimeError):

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import distill
+import runtime.loop
 from data import synthetic
 from kernels import distill_kl_ref
 from model.hf import build_preset, load_tokenizer
@@ -145,8 +146,6 @@ def test_label_student_rows_align_with_the_teachers_answer_positions(bench, teac
     recs = run.train["criteria"].records[:2]
     traces = [tok(render_gold_reasoning(r, "criteria"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
               for r in recs]  # fmt: skip
-    batch = distill.concat_samples(None, None, tok.pad_token_id)
-    assert batch is None
     p_ids, p_mask = distill.pad_left(run.train["criteria"].prompts[:2], tok.pad_token_id, run.device)
     c_ids, c_mask = distill.pad_right(traces, tok.pad_token_id, run.device)
     teacher_batch = (p_ids, p_mask, c_ids, c_mask)
@@ -179,6 +178,18 @@ def test_prompts_skipped_in_one_format_are_left_out_of_both():
     out = distill.same_records({"criteria": a, "label": b})
     assert [r.id for r in out["criteria"].records] == [r.id for r in out["label"].records] == ["a", "c"]
     assert out["criteria"].prompts == [[ord("a")], [ord("c")]] and out["criteria"].skipped == 1
+
+
+def test_concat_samples_keeps_the_packed_layout():
+    """On-policy and teacher traces of different prompt (P) and completion (T) widths stack into one batch whose
+    prompts stay right-aligned (left padding) and completions left-aligned (right padding)."""
+    a = (torch.tensor([[5, 6]]), torch.tensor([[True, True]]), torch.tensor([[7]]), torch.tensor([[True]]))
+    b = (torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.bool), torch.tensor([[4, 4, 9]]),
+         torch.tensor([[True, True, False]]))  # fmt: skip
+    p_ids, p_mask, c_ids, c_mask = distill.concat_samples(a, b, pad_id=0)
+    assert p_ids.tolist() == [[0, 5, 6], [1, 2, 3]] and p_mask.tolist() == [[False, True, True], [True] * 3]
+    assert c_ids.tolist() == [[7, 0, 0], [4, 4, 9]] and c_mask.tolist() == [[True, False, False], [True, True, False]]
+    assert distill.concat_samples(None, b, pad_id=0) is b
 
 
 def test_missing_teacher_and_tokenizer_mismatch_are_clear_errors(bench, teacher, tmp_path, capsys):
@@ -226,6 +237,6 @@ def test_resume_refuses_changed_settings(bench, teacher, tmp_path, capsys):
 
 
 def test_triton_without_cuda_or_interpreter_is_a_clear_error(bench, teacher, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(distill, "INTERPRET", False)
+    monkeypatch.setattr(runtime.loop, "INTERPRET", False)
     assert distill.main(args(bench, teacher, tmp_path, "--name", "t", "--impl", "triton")) == 2
     assert "--impl triton needs a CUDA device" in capsys.readouterr().err

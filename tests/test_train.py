@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import eval as eval_script
+import runtime.loop
 import train
 from data import synthetic
 from data.schema import read_jsonl
@@ -284,6 +285,6 @@ def test_mini_convergence_fused_equals_reference(bench):
 
 
 def test_triton_without_cuda_or_interpreter_is_a_clear_error(bench, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(train, "INTERPRET", False)
+    monkeypatch.setattr(runtime.loop, "INTERPRET", False)
     assert train.main(fast_args(bench, tmp_path, "--name", "t", "--impl", "triton")) == 2
     assert "--impl triton needs a CUDA device" in capsys.readouterr().err
