@@ -12,7 +12,9 @@ The default run generates the built-in benchmark into data/builtin when it is mi
 (about 0.9M parameters, random weights) on the warm-up traces, then runs GRPO+SAM on label-only prompts, evaluates
 both stages on test_random and test_longtail, and prints the table. Everything lands in runs/<name>/: config.json,
 metrics.jsonl (one JSON line per step), ckpt/ (the latest checkpoint, resumable), sft/ (the warm-up model), best/
-(the RL checkpoint with the best validation accuracy), eval_sft.json, eval_rl.json, results.json, curves.png.
+(the RL checkpoint with the best validation accuracy), eval_sft.json, eval_rl.json (test metrics per stage),
+predictions_sft.jsonl, predictions_rl.jsonl (per test example: gold, predicted label, parse status),
+results.json, curves.png.
 
 One RL step (DESIGN.md, "One GRPO step, as data"): P prompts x G samples -> parse, segment, reward, verdicts ->
 group advantages -> SAM keep weights -> `policy_loss(token_logprobs(...))` over micro-batches with one
@@ -312,21 +314,28 @@ class Run:
         state = dict(state, optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=rng_states(generator))
         self.save_model(self.ckpt, trainer_state=state)
 
-    def evaluate(self, enc, model=None, progress=None) -> dict:
+    def evaluate(self, enc, model=None, progress=None, with_predictions=False):
+        """Metrics of one encoded split (and its per-example predictions when asked)."""
         cfg = self.cfg
-        metrics, _ = evaluate_split(model or self.model, self.tokenizer, enc, fmt=cfg.fmt,
-                                    temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
-                                    batch_size=cfg.eval_batch_size, seed=cfg.seed, device=self.device,
-                                    progress=progress)  # fmt: skip
-        return metrics
+        metrics, preds = evaluate_split(model or self.model, self.tokenizer, enc, fmt=cfg.fmt,
+                                        temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
+                                        batch_size=cfg.eval_batch_size, seed=cfg.seed, device=self.device,
+                                        progress=progress)  # fmt: skip
+        return (metrics, preds) if with_predictions else metrics
 
-    def evaluate_tests(self, model, label: str) -> dict:
-        results = {}
+    def evaluate_tests(self, model, stage: str) -> dict:
+        """Evaluate on the test splits; writes predictions_<stage>.jsonl (one line per example, for paired
+        comparisons such as ablate.py's bootstrap), then eval_<stage>.json, both atomically. Returns the metrics."""
+        results, lines = {}, []
         for split, enc in self.tests.items():
-            bar = tqdm(total=len(enc.records), desc=f"eval {label} {split}", disable=not self.cfg.progress,
+            bar = tqdm(total=len(enc.records), desc=f"eval {stage} {split}", disable=not self.cfg.progress,
                        leave=False)  # fmt: skip
-            results[split] = self.evaluate(enc, model, progress=bar.update)
+            results[split], preds = self.evaluate(enc, model, progress=bar.update, with_predictions=True)
             bar.close()
+            lines += [json.dumps({"split": split, "id": p["id"], "label": p["label"], "predicted": p["predicted"],
+                                  "status": p["status"]}) for p in preds]  # fmt: skip
+        write_text_atomic(self.dir / f"predictions_{stage}.jsonl", "".join(line + "\n" for line in lines))
+        write_text_atomic(self.dir / f"eval_{stage}.json", json.dumps(results, indent=2) + "\n")
         return results
 
 
@@ -607,8 +616,7 @@ def main(argv=None) -> int:
                     return 0
                 if not (run.dir / "eval_sft.json").exists():
                     run.save_model(run.dir / "sft")
-                    tests = run.evaluate_tests(run.model, "sft")
-                    write_text_atomic(run.dir / "eval_sft.json", json.dumps(tests, indent=2) + "\n")
+                    run.evaluate_tests(run.model, "sft")
             else:
                 if not run_rl(run, state, logger, budget):
                     print(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
@@ -616,9 +624,8 @@ def main(argv=None) -> int:
                 if not (run.dir / "eval_rl.json").exists():
                     best = run.dir / "best"
                     model = run.load(best) if best.exists() else run.model
-                    tests = run.evaluate_tests(model, "rl")
+                    run.evaluate_tests(model, "rl")
                     print(f"after RL: the best validation accuracy was at RL step {state['best_step']}", flush=True)
-                    write_text_atomic(run.dir / "eval_rl.json", json.dumps(tests, indent=2) + "\n")
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3

@@ -29,8 +29,8 @@ def _help_texts(cls) -> dict[str, str]:
     return out
 
 
-def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(cls, description: str = "", parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser = parser_class(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = _help_texts(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -44,17 +44,33 @@ def build_parser(cls, description: str = "") -> argparse.ArgumentParser:
     return parser
 
 
+class _RaisingParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def _given(parser, argv) -> set[str]:
+    words = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    return {a.dest for a in parser._actions if words & set(a.option_strings)}
+
+
 def parse_config(cls, argv=None, description: str = ""):
     """(config, names of the flags given explicitly); exits with code 2 and one line on a bad value."""
     parser = build_parser(cls, description)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    words = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
-    given = {a.dest for a in parser._actions if words & set(a.option_strings)}
     try:
-        return cls(**vars(args)), given
+        return cls(**vars(args)), _given(parser, argv)
     except ConfigError as exc:
         parser.error(str(exc))
+
+
+def parse_flags(cls, argv: list[str]):
+    """(config, names of the flags given explicitly) from a flag list, for checking another script's command line
+    before launching it: every problem (unknown flag, bad value, bad combination) is a ConfigError, nothing exits."""
+    parser = build_parser(cls, parser_class=_RaisingParser)
+    args = parser.parse_args(list(argv))
+    return cls(**vars(args)), _given(parser, argv)
 
 
 def to_json(config) -> str:

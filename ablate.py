@@ -1,0 +1,659 @@
+"""Masking-granularity ablation: arms x seeds of train.py runs -> ablation.csv, ablation.md and plots.
+
+    python ablate.py                                    # the `granularity` preset, seeds 0,1,2, into runs/ablation/
+    python ablate.py --arms outcome,sam --seeds 0,1     # a subset of the preset's arms
+    python ablate.py --arms-file my_arms.json --name my-sweep --base "--rl-lr 1e-4"
+    python ablate.py --dry-run                          # print the plan (every train.py command line) and stop
+    python ablate.py --report-only                      # tables and plots from the runs finished so far
+
+An arm is a named pair of train.py flag lists: `warmup` (the warm-up SFT; also passed to the RL run, so `--fmt`
+belongs here) and `rl` (the RL stage; null for an arm that is its warm-up alone). Arms that share warm-up flags
+share one warm-up run per seed, so they start RL from the same checkpoint; every RL arm gets the same base flags,
+hence the same RL budget. An arms file is JSON: {"name": {"warmup": [...], "rl": [...] or null, "about": "..."}}
+(a flag list may also be one string). The flags that place a run (--name, --out-dir, --seed, --stages, --init,
+--resume, --halt-after) belong to this script and are refused in arms and in --base.
+
+Runs go to <out_dir>/<name>/runs/<run>/ (train.py's layout), their logs to <out_dir>/<name>/logs/. Sweeps are
+resumable: a finished run (results.json and its evaluation files present) is skipped, an interrupted one continues
+with train.py --resume, and plan.json remembers every run's command line so a rerun with different settings for
+an existing run is refused instead of mixing results. Up to --jobs runs go in parallel, each limited to --threads
+threads.
+
+The report compares each arm with --baseline, paired: the same test examples and the same seeds (so the same
+warm-up). The interval is a two-level bootstrap: resample seeds, then test examples, and take the mean over the
+resampled seeds of (arm - baseline); 95% of the resampled differences fall inside it. With 3 seeds the seed level
+is coarse; the per-seed differences are printed beside it.
+"""
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+import train
+from data.schema import write_text_atomic
+from runtime.config import ConfigError, parse_config, parse_flags
+from runtime.data import BUILTIN_DIR, DataError, ensure_builtin
+
+ROOT = Path(__file__).resolve().parent
+PLACEMENT = {"name", "out_dir", "seed", "stages", "init", "resume", "halt_after"}  # flags this script sets
+HEADLINE = ("accuracy", "macro_f1", "binary_accuracy", "binary_f1", "malformed_rate", "step_agreement")
+CURVES = ("val/accuracy", "reward", "pl/masked_frac")  # learning-curve panels: metrics.jsonl keys of RL rows
+BOOTSTRAP_METRICS = ("accuracy", "macro_f1")
+
+
+@dataclass(frozen=True)
+class Arm:
+    warmup: tuple[str, ...] = ()  # train.py flags of the warm-up (and of the RL run)
+    rl: tuple[str, ...] | None = ()  # train.py flags of the RL stage; None: the arm is its warm-up alone
+    about: str = ""
+
+
+# The first full ablation (issue 8). Base flags: train.py's defaults, with an RL budget cut to fit the sweep into
+# about an hour on a 2-core CPU (docs/ablation.md has the measured runtime): 15 RL steps of 16 prompts x 8
+# samples, validation (200 records) every 5 steps for the learning curves, and the first 500 records of each test
+# split.
+PRESETS = {
+    "granularity": (
+        ("--rl-steps", "15", "--eval-every", "5", "--test-limit", "500"),
+        {
+            "sft-label": Arm(("--fmt", "label"), None, "warm-up SFT on the label alone, no reasoning"),
+            "sft-reasoning": Arm((), None, "warm-up SFT on the 7-step criteria traces (the RL arms' start)"),
+            "outcome": Arm((), ("--policy", "none"), "GRPO on the outcome, no masking (OutcomeRL)"),
+            "sam": Arm((), ("--policy", "sam"), "GRPO + SAM, the paper's rule on the 3 box segments"),
+            "sam-noexc": Arm((), ("--policy", "sam", "--no-exception"), "SAM without the calibration exception"),
+            "sam-soft": Arm((), ("--policy", "soft", "--alpha", "0.5"), "SAM, masked segments keep half"),
+            "sequence": Arm((), ("--policy", "sequence"), "drop the whole rollout when SAM would mask a segment"),
+            "token": Arm((), ("--policy", "token", "--segmenter", "box_tokens"), "SAM on the box tokens alone"),
+            "steps-gold": Arm(
+                (),
+                ("--policy", "sam", "--segmenter", "steps", "--verdicts", "gold"),
+                "SAM on the 7 steps, each judged against its gold value",
+            ),  # fmt: skip
+            "generic": Arm(
+                ("--fmt", "generic"),
+                ("--policy", "none"),
+                "generic 3-step prompt (one box: nothing for SAM to mask), outcome GRPO",
+            ),  # fmt: skip
+        },
+    ),
+}
+
+
+@dataclass
+class AblateConfig:
+    name: str = "ablation"  # sweep name: everything is written under <out_dir>/<name>/
+    out_dir: str = "runs"  # parent folder of the sweep
+    preset: str = "granularity"  # named arms and base flags (granularity), or none (with --arms-file)
+    arms_file: str = ""  # JSON file of arms, used instead of the preset's arms
+    arms: str = ""  # comma list: run only these arms (default: all)
+    seeds: str = "0,1,2"  # comma list of seeds; each seed has its own warm-up runs
+    base: str = ""  # extra train.py flags for every run, after the preset's base flags (later ones win)
+    baseline: str = "outcome"  # arm the others are compared with (paired, bootstrap)
+    jobs: int = 2  # runs in parallel (0 = CPU cores / --threads)
+    threads: int = 1  # torch threads per run (OMP_NUM_THREADS)
+    bootstrap: int = 2000  # bootstrap resamples for the paired intervals
+    report_only: bool = False  # do not run anything: report the runs finished so far
+    dry_run: bool = False  # print the plan and stop
+    progress: bool = True  # print a line as each run starts and ends
+
+    def __post_init__(self):
+        if self.preset not in (*PRESETS, "none"):
+            raise ConfigError(f"--preset must be one of {(*PRESETS, 'none')}, got {self.preset!r}")
+        if self.preset == "none" and not self.arms_file:
+            raise ConfigError("--preset none needs --arms-file")
+        if self.jobs < 0 or self.threads < 1 or self.bootstrap < 100:
+            raise ConfigError("need --jobs >= 0, --threads >= 1 and --bootstrap >= 100")
+        try:
+            seeds = self.seed_list
+        except ValueError:
+            raise ConfigError(f"--seeds must be a comma list of integers, got {self.seeds!r}") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ConfigError(f"--seeds must list distinct integers, got {self.seeds!r}")
+        if not self.name or "/" in self.name or self.name.startswith("."):
+            raise ConfigError(f"--name must be a plain folder name, got {self.name!r}")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [int(s) for s in self.seeds.split(",") if s.strip()]
+
+    @property
+    def sweep_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Arms and the plan
+
+
+def _flags(value, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return tuple(shlex.split(value))
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{where}: expected a list of flag strings or one string, got {value!r}")
+
+
+def load_arms_file(path: str) -> dict[str, Arm]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--arms-file {path}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--arms-file {path}: not JSON ({exc})") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"--arms-file {path}: expected a non-empty object {{arm name: {{warmup, rl}}}}")
+    arms = {}
+    for name, spec in data.items():
+        where = f"--arms-file {path}, arm {name!r}"
+        if not isinstance(spec, dict) or set(spec) - {"warmup", "rl", "about"}:
+            raise ConfigError(f"{where}: expected an object with keys warmup, rl, about")
+        rl = spec.get("rl", [])
+        arms[name] = Arm(_flags(spec.get("warmup", []), where + " warmup"),
+                         None if rl is None else _flags(rl, where + " rl"), str(spec.get("about", "")))  # fmt: skip
+    return arms
+
+
+def select_arms(cfg: AblateConfig) -> tuple[tuple[str, ...], dict[str, Arm]]:
+    """(base flags, arms) of the sweep, checked: names are folder-safe, the baseline is among them."""
+    base, arms = PRESETS[cfg.preset] if cfg.preset != "none" else ((), {})
+    base = tuple(base) + tuple(shlex.split(cfg.base))
+    if cfg.arms_file:
+        arms = load_arms_file(cfg.arms_file)
+    if cfg.arms:
+        wanted = [a.strip() for a in cfg.arms.split(",") if a.strip()]
+        unknown = [a for a in wanted if a not in arms]
+        if unknown:
+            raise ConfigError(f"--arms: unknown arm(s) {unknown}; known: {', '.join(arms)}")
+        arms = {a: arms[a] for a in wanted}
+    for name in arms:
+        if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+            raise ConfigError(f"arm name {name!r}: use letters, digits, '-', '_' and '.' only")
+    if cfg.baseline not in arms:
+        raise ConfigError(f"--baseline {cfg.baseline!r} is not among the arms ({', '.join(arms)})")
+    return base, arms
+
+
+@dataclass
+class Job:
+    name: str  # run folder name under <sweep>/runs/
+    argv: list[str]  # train.py flags
+    stage: str  # the stage whose evaluation this run ends with: sft (a warm-up) or rl
+    deps: list[str] = field(default_factory=list)
+
+
+def _slug(flags: tuple[str, ...]) -> str:
+    """A readable folder-safe name for a warm-up's flags."""
+    if not flags:
+        return "base"
+    text = "-".join(f.lstrip("-") for f in flags)
+    text = "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+    return text if len(text) <= 40 else f"{text[:31]}-{hashlib.sha1(' '.join(flags).encode()).hexdigest()[:8]}"
+
+
+def plan(cfg: AblateConfig, base: tuple[str, ...], arms: dict[str, Arm]) -> tuple[dict[str, Job], dict]:
+    """(jobs by name, {(arm, seed): job name that holds the arm's result}). Warm-ups come first."""
+    runs_dir = str(cfg.sweep_dir / "runs")
+    warmups, rls, result_of = {}, {}, {}
+    for seed in cfg.seed_list:
+        for arm_name, arm in arms.items():
+            placement = ["--seed", str(seed), "--out-dir", runs_dir]
+            warm = f"warmup-{_slug(arm.warmup)}-s{seed}"
+            warmups.setdefault(warm, Job(warm, [*base, *arm.warmup, *placement, "--name", warm, "--stages", "sft"],
+                                         "sft"))  # fmt: skip
+            if arm.rl is None:
+                result_of[arm_name, seed] = warm
+                continue
+            name = f"{arm_name}-s{seed}"
+            init = str(Path(runs_dir) / warm / "sft")
+            argv = [*base, *arm.warmup, *arm.rl, *placement, "--name", name, "--stages", "rl", "--init", init]
+            rls[name] = Job(name, argv, "rl", [warm])
+            result_of[arm_name, seed] = name
+    # warm-ups that unlock the most RL runs first: the sweep's critical path
+    users = {w: sum(w in j.deps for j in rls.values()) for w in warmups}
+    order = sorted(warmups, key=lambda w: -users[w])
+    return {**{w: warmups[w] for w in order}, **rls}, result_of
+
+
+def check_plan(base, arms: dict[str, Arm], jobs: dict[str, Job]) -> str:
+    """Every run's flags are valid train.py flags; placement flags are refused. Returns the data folder."""
+    for where, flags in [("--base", base)] + [
+        (f"arm {a!r}", (*arm.warmup, *(arm.rl or ()))) for a, arm in arms.items()
+    ]:
+        try:
+            _, given = parse_flags(train.Config, list(flags))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: bad train.py flags {' '.join(flags)!r}: {exc}") from None
+        if given & PLACEMENT:
+            names = ", ".join("--" + f.replace("_", "-") for f in sorted(given & PLACEMENT))
+            raise ConfigError(f"{where}: ablate.py sets the placement flags of each run; leave out {names}")
+    data_dirs = set()
+    for job in jobs.values():
+        try:
+            run_cfg, _ = parse_flags(train.Config, job.argv)
+        except ConfigError as exc:
+            raise ConfigError(f"run {job.name}: bad train.py flags: {exc}") from None
+        data_dirs.add(run_cfg.data_dir)
+    if len(data_dirs) != 1:
+        raise ConfigError(f"all runs must use one --data-dir (paired comparisons need the same test records); got "
+                          f"{sorted(data_dirs)}")  # fmt: skip
+    return data_dirs.pop()
+
+
+def merge_plan(sweep_dir: Path, jobs: dict[str, Job]) -> None:
+    """Refuse a rerun that would change an existing run's command line; remember the new ones (plan.json)."""
+    path = sweep_dir / "plan.json"
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    changed = [n for n, job in jobs.items() if n in saved and saved[n] != job.argv]
+    if changed:
+        n = changed[0]
+        was, now = " ".join(saved[n]), " ".join(jobs[n].argv)
+        raise ConfigError(f"{sweep_dir}: run {n} (and {len(changed) - 1} more) already exists with other flags: "
+                          f"{was!r} vs now {now!r}; choose another --name")  # fmt: skip
+    saved.update({n: job.argv for n, job in jobs.items()})
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(saved, indent=1) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Running
+
+
+def finished(run_dir: Path, stage: str) -> bool:
+    return all((run_dir / f).exists() for f in ("results.json", f"eval_{stage}.json", f"predictions_{stage}.jsonl"))
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def execute(cfg: AblateConfig, jobs: dict[str, Job]) -> tuple[list[str], dict[str, float]]:
+    """Run the unfinished jobs, dependencies first, up to --jobs at a time. (failed job names, seconds per job)."""
+    runs_dir, logs = cfg.sweep_dir / "runs", cfg.sweep_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    done = {n for n, j in jobs.items() if finished(runs_dir / n, j.stage)}
+    pending = [j for n, j in jobs.items() if n not in done]
+    width = cfg.jobs or max(1, (os.cpu_count() or 1) // cfg.threads)
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
+    say = print if cfg.progress else (lambda *a, **k: None)
+    say(f"{len(jobs)} runs: {len(done)} finished before, {len(pending)} to run, {width} at a time", flush=True)
+    running, failed, seconds, total = {}, [], {}, len(pending)
+    try:
+        while pending or running:
+            for job in list(pending):
+                if len(running) >= width:
+                    break
+                if any(d in failed for d in job.deps):
+                    pending.remove(job)
+                    failed.append(job.name)
+                    say(f"skip  {job.name}: its warm-up failed", flush=True)
+                elif all(d in done for d in job.deps):
+                    pending.remove(job)
+                    run_dir = runs_dir / job.name
+                    argv = list(job.argv)
+                    if (run_dir / "ckpt").exists():
+                        argv.append("--resume")
+                    elif run_dir.exists():  # started but never checkpointed: nothing to keep
+                        shutil.rmtree(run_dir)
+                    log = open(logs / f"{job.name}.log", "a")
+                    cmd = [sys.executable, str(ROOT / "train.py"), *argv, "--no-progress"]
+                    log.write(f"$ {shlex.join(cmd)}\n")
+                    log.flush()
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
+                    running[job.name] = (proc, log, time.perf_counter())
+                    started = total - len(pending)
+                    say(f"start {job.name} ({started}/{total}){' (resumed)' if '--resume' in argv else ''}", flush=True)
+            time.sleep(0.2)
+            for name, (proc, log, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                seconds[name] = time.perf_counter() - t0
+                if proc.returncode == 0 and finished(runs_dir / name, jobs[name].stage):
+                    done.add(name)
+                    say(f"done  {name} in {_fmt_s(seconds[name])}", flush=True)
+                else:
+                    failed.append(name)
+                    tail = (logs / f"{name}.log").read_text().strip().splitlines()[-3:]
+                    print(f"FAILED {name} (exit {proc.returncode}); {logs / (name + '.log')} ends with:\n  " +
+                          "\n  ".join(tail), file=sys.stderr, flush=True)  # fmt: skip
+    except KeyboardInterrupt:
+        for proc, _, _ in running.values():
+            proc.terminate()
+        for proc, log, _ in running.values():
+            proc.wait()
+            log.close()
+        raise
+    return failed, seconds
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Collecting and statistics
+
+
+def load_predictions(path: Path) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
+    """{split: (ids, gold labels, predicted labels with 99 for malformed)} from a predictions_<stage>.jsonl."""
+    by_split = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        ids, gold, pred = by_split.setdefault(row["split"], ([], [], []))
+        ids.append(row["id"])
+        gold.append(row["label"])
+        pred.append(99 if row["predicted"] is None else row["predicted"])
+    return {s: (ids, np.array(g), np.array(p)) for s, (ids, g, p) in by_split.items()}
+
+
+def metric_on(gold: np.ndarray, pred: np.ndarray, idx: np.ndarray, metric: str) -> np.ndarray:
+    """Accuracy or macro-F1 (sam/metrics.py's definitions: malformed is wrong, macro over the gold classes
+    present) of each resample: idx (R, n) indices into the examples -> (R,)."""
+    g, p = gold[idx], pred[idx]
+    if metric == "accuracy":
+        return (g == p).mean(axis=1)
+    f1_sum, present = np.zeros(len(idx)), np.zeros(len(idx))
+    for c in np.unique(gold):
+        tp = ((p == c) & (g == c)).sum(1)
+        gp = (g == c).sum(1)
+        denom = (p == c).sum(1) + gp
+        f1_sum += np.where(tp > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+        present += gp > 0
+    return f1_sum / present
+
+
+def paired_bootstrap(arm: list, base: list, metric: str, resamples: int, seed: int = 0) -> dict:
+    """arm, base: per seed (gold, pred) on the same examples. Mean over seeds of (arm - base) with a two-level
+    (seeds, then examples) bootstrap 95% interval, and the per-seed differences."""
+    rng = np.random.default_rng(seed)
+    k, n = len(arm), len(arm[0][0])
+    full = np.arange(n)[None]
+    per_seed = [float(metric_on(*a, full, metric)[0] - metric_on(*b, full, metric)[0]) for a, b in zip(arm, base)]
+    idx = rng.integers(0, n, size=(resamples, n))
+    diffs = np.stack([metric_on(*a, idx, metric) - metric_on(*b, idx, metric) for a, b in zip(arm, base)])  # (k, R)
+    picks = rng.integers(0, k, size=(resamples, k))
+    boot = diffs[picks, np.arange(resamples)[:, None]].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"diff": float(np.mean(per_seed)), "lo": float(lo), "hi": float(hi), "per_seed": per_seed,
+            "p_le_0": float((boot <= 0).mean())}  # fmt: skip
+
+
+@dataclass
+class Results:
+    rows: list[dict]  # arm, seed, split, metric, value
+    curves: list[dict]  # arm, seed, step, metric, value
+    preds: dict  # (arm, seed) -> {split: (ids, gold, pred)}
+    missing: list[tuple[str, int]]
+
+
+def collect(cfg: AblateConfig, arms: dict[str, Arm], result_of: dict, jobs: dict[str, Job]) -> Results:
+    runs_dir = cfg.sweep_dir / "runs"
+    rows, curves, preds, missing = [], [], {}, []
+    for arm in arms:
+        for seed in cfg.seed_list:
+            job = jobs[result_of[arm, seed]]
+            run_dir = runs_dir / job.name
+            if not finished(run_dir, job.stage):
+                missing.append((arm, seed))
+                continue
+            evals = json.loads((run_dir / f"eval_{job.stage}.json").read_text())
+            for split, m in evals.items():
+                steps = [a for a in m.get("step_agreement") or [] if a is not None]
+                values = {k: m[k] for k in HEADLINE if k in m and k != "step_agreement"}
+                if steps:
+                    values["step_agreement"] = sum(steps) / len(steps)
+                    values.update({f"step_agreement_{i + 1}": a for i, a in enumerate(m["step_agreement"])})
+                rows += [{"arm": arm, "seed": seed, "split": split, "metric": k, "value": v} for k, v in values.items()
+                         if v is not None]  # fmt: skip
+            preds[arm, seed] = load_predictions(run_dir / f"predictions_{job.stage}.jsonl")
+            if job.stage == "rl":
+                for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+                    r = json.loads(line)
+                    if r["stage"] == "rl":
+                        curves += [{"arm": arm, "seed": seed, "step": r["step"], "metric": k, "value": r[k]}
+                                   for k in CURVES if k in r]  # fmt: skip
+    return Results(rows, curves, preds, missing)
+
+
+def summarize(res: Results) -> dict:
+    """{(arm, split, metric): values over seeds}."""
+    out = {}
+    for r in res.rows:
+        out.setdefault((r["arm"], r["split"], r["metric"]), []).append(r["value"])
+    return out
+
+
+def comparisons(cfg: AblateConfig, arms, res: Results) -> list[dict]:
+    out = []
+    for arm in arms:
+        if arm == cfg.baseline:
+            continue
+        seeds = [s for s in cfg.seed_list if (arm, s) in res.preds and (cfg.baseline, s) in res.preds]
+        if not seeds:
+            continue
+        for split in res.preds[arm, seeds[0]]:
+            a = [res.preds[arm, s].get(split) for s in seeds]
+            b = [res.preds[cfg.baseline, s].get(split) for s in seeds]
+            if any(x is None or y is None or x[0] != y[0] for x, y in zip(a, b)):
+                raise DataError(f"arm {arm} and baseline {cfg.baseline} were evaluated on different {split} "
+                                f"records; a paired comparison needs the same ones")  # fmt: skip
+            for metric in BOOTSTRAP_METRICS:
+                cmp = paired_bootstrap([x[1:] for x in a], [y[1:] for y in b], metric, cfg.bootstrap)
+                out.append({"arm": arm, "split": split, "metric": metric, "seeds": len(seeds), **cmp})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing the report
+
+
+def _csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    a = np.array(values, dtype=float)
+    return f"{a.mean():.3f} ± {a.std(ddof=1):.3f}" if len(a) > 1 else f"{a.mean():.3f}"
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: float | None) -> str:
+    summary = summarize(res)
+    splits = sorted({r["split"] for r in res.rows})
+    lines = [f"# Ablation `{cfg.name}`", "",
+             f"Command: `python ablate.py {shlex.join(argv)}`  ", f"Commit: {_commit()}, written {date.today()}  ",
+             f"Seeds: {cfg.seed_list}; base train.py flags: `{shlex.join(base) or '(none)'}`  "]  # fmt: skip
+    if seconds:
+        lines.append(f"Runtime this invocation: {_fmt_s(wall or 0)} wall, {len(seconds)} runs, "
+                     f"{_fmt_s(sum(seconds.values()))} summed over runs, {cfg.jobs or 'auto'} in parallel")  # fmt: skip
+    if res.missing:
+        lines.append(f"Missing (not finished): {', '.join(f'{a} seed {s}' for a, s in res.missing)}")
+    lines += ["", "| arm | warm-up flags | RL flags | about |", "|---|---|---|---|"]
+    for name, arm in arms.items():
+        rl = "(no RL)" if arm.rl is None else f"`{shlex.join(arm.rl)}`" if arm.rl else "(defaults)"
+        lines.append(f"| {name} | `{shlex.join(arm.warmup)}` | {rl} | {arm.about} |".replace("``", "(defaults)"))
+    for split in splits:
+        lines += ["", f"## {split}: mean ± std over seeds", "",
+                  "| arm | seeds | accuracy | macro-F1 | binary acc | binary F1 | step agreement | malformed |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for arm in arms:
+            n = len(summary.get((arm, split, "accuracy"), []))
+            cells = [_mean_std(summary.get((arm, split, m), [])) for m in HEADLINE]
+            lines.append(f"| {arm} | {n} | " + " | ".join(cells) + " |")
+    if cmps:
+        lines += ["", f"## Paired comparison with `{cfg.baseline}`", "",
+                  f"Mean over seeds of (arm - {cfg.baseline}) on the same test records; [95% interval] of a "
+                  f"{cfg.bootstrap}-resample two-level bootstrap (seeds, then examples); * when the interval excludes "
+                  "0. Per-seed differences in parentheses.", "",
+                  "| arm | split | metric | difference [95% interval] | per seed |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for c in cmps:
+            star = " *" if c["lo"] > 0 or c["hi"] < 0 else ""
+            seeds = ", ".join(f"{d:+.3f}" for d in c["per_seed"])
+            lines.append(f"| {c['arm']} | {c['split']} | {c['metric']} | {c['diff']:+.3f} [{c['lo']:+.3f}, "
+                         f"{c['hi']:+.3f}]{star} | ({seeds}) |")  # fmt: skip
+    val = {}
+    for r in res.curves:
+        if r["metric"] == "val/accuracy":
+            val.setdefault(r["arm"], {}).setdefault(r["step"], []).append(r["value"])
+    if val:
+        steps = sorted({s for by in val.values() for s in by})
+        header = "| arm | " + " | ".join(f"step {s}" for s in steps) + " |"
+        lines += ["", "## Sample efficiency: validation accuracy by RL step (mean over seeds)", "", header,
+                  "|---|" + "---|" * len(steps)]  # fmt: skip
+        for arm, by in val.items():
+            lines.append(f"| {arm} | " + " | ".join(f"{np.mean(by[s]):.3f}" if s in by else "-" for s in steps) + " |")
+    lines += [
+        "",
+        "Plots: [accuracy.png](accuracy.png) (test accuracy per arm, error bars one std over seeds, dots "
+        "single seeds), [curves.png](curves.png) (validation accuracy, rollout reward and masked-token "
+        "fraction by RL step, mean over seeds). Raw numbers: ablation.csv, curves.csv, comparisons.json.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _save_fig(fig, path: Path) -> None:
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def plots(sweep_dir: Path, arms, res: Results) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots (pip install -e '.[plot]')", file=sys.stderr)
+        return []
+    summary = summarize(res)
+    splits = sorted({r["split"] for r in res.rows})
+    names = list(arms)
+    out = []
+    if not splits:
+        return out
+    fig, axes = plt.subplots(1, len(splits), figsize=(max(6, 0.7 * len(names)) * len(splits) / 1.4, 4), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        vals = [summary.get((a, split, "accuracy"), []) for a in names]
+        means = [np.mean(v) if v else np.nan for v in vals]
+        stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0 for v in vals]
+        ax.bar(range(len(names)), means, yerr=stds, capsize=3, color="#8fb3d9")
+        for i, v in enumerate(vals):
+            ax.scatter([i] * len(v), v, s=10, color="black", zorder=3)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        finite = [x for v in vals for x in v]
+        if finite:
+            ax.set_ylim(max(0.0, min(finite) - 0.1), min(1.0, max(finite) + 0.05))
+        ax.set_title(f"{split} accuracy")
+    fig.tight_layout()
+    _save_fig(fig, sweep_dir / "accuracy.png")
+    plt.close(fig)
+    out.append(sweep_dir / "accuracy.png")
+    if res.curves:
+        fig, axes = plt.subplots(1, len(CURVES), figsize=(4.5 * len(CURVES), 3.6))
+        for ax, key in zip(axes, CURVES):
+            for arm in names:
+                by_step = {}
+                for r in res.curves:
+                    if r["arm"] == arm and r["metric"] == key:
+                        by_step.setdefault(r["step"], []).append(r["value"])
+                if by_step:
+                    steps = sorted(by_step)
+                    ax.plot(steps, [np.mean(by_step[s]) for s in steps], label=arm,
+                            marker="." if key.startswith("val/") else None)  # fmt: skip
+            ax.set_title(key)
+            ax.set_xlabel("RL step")
+        axes[-1].legend(fontsize=7)
+        fig.tight_layout()
+        _save_fig(fig, sweep_dir / "curves.png")
+        plt.close(fig)
+        out.append(sweep_dir / "curves.png")
+    return out
+
+
+def report(cfg, argv, base, arms, result_of, jobs, seconds, wall) -> Path:
+    res = collect(cfg, arms, result_of, jobs)
+    cmps = comparisons(cfg, arms, res)
+    d = cfg.sweep_dir
+    write_text_atomic(d / "ablation.csv", _csv(res.rows, ["arm", "seed", "split", "metric", "value"]))
+    write_text_atomic(d / "curves.csv", _csv(res.curves, ["arm", "seed", "step", "metric", "value"]))
+    write_text_atomic(d / "comparisons.json", json.dumps(cmps, indent=1) + "\n")
+    write_text_atomic(d / "ablation.md", markdown(cfg, argv, base, arms, res, cmps, seconds, wall))
+    plots(d, arms, res)
+    return d / "ablation.md"
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cfg, _ = parse_config(AblateConfig, argv, __doc__)
+    started = time.perf_counter()
+    try:
+        base, arms = select_arms(cfg)
+        jobs, result_of = plan(cfg, base, arms)
+        data_dir = check_plan(base, arms, jobs)
+        if cfg.dry_run:
+            for job in jobs.values():
+                print(f"{job.name}: python train.py {shlex.join(job.argv)}")
+            return 0
+        if not cfg.report_only:
+            merge_plan(cfg.sweep_dir, jobs)
+            if data_dir == BUILTIN_DIR:
+                ensure_builtin(data_dir)  # once, here: parallel runs must not generate it concurrently
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed, seconds = [], {}
+    if not cfg.report_only:
+        try:
+            failed, seconds = execute(cfg, jobs)
+        except KeyboardInterrupt:
+            print("interrupted; run the same command again to continue the sweep", file=sys.stderr)
+            return 130
+        times_path = cfg.sweep_dir / "timings.json"
+        times = json.loads(times_path.read_text()) if times_path.exists() else {}
+        write_text_atomic(times_path, json.dumps({**times, **seconds}, indent=1) + "\n")
+    try:
+        md = report(cfg, argv, base, arms, result_of, jobs, seconds, time.perf_counter() - started)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(md.read_text())
+    print(
+        f"wrote {md} (and ablation.csv, curves.csv, comparisons.json, plots) in {_fmt_s(time.perf_counter() - started)}"
+    )
+    if failed:
+        print(f"error: {len(failed)} run(s) failed or were skipped: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""ablate.py end to end on a slice of the built-in benchmark (CPU): a 2-arm x 2-seed sweep with tiny runs, its
+report files, the skip of finished runs, resuming an interrupted run, refusing changed flags, the bad-input table,
+and the statistics against hand computations."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+import ablate
+from data import synthetic
+from sam.metrics import relevance_metrics
+
+SIZES = {"sft": 24, "rl": 16, "val": 6, "test_random": 8, "test_longtail": 8}
+TINY = ("--model nano --sft-epochs 0.33 --sft-batch-size 4 --rl-steps 2 --prompts-per-step 2 --group-size 2 "
+        "--val-limit 4 --eval-every 1 --micro-batch 4 --max-new-tokens 136 --test-limit 6")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    synthetic.write_benchmark(out, seed=0, sizes=SIZES)
+    return out
+
+
+def arms_file(tmp_path, arms):
+    path = tmp_path / "arms.json"
+    path.write_text(json.dumps(arms))
+    return str(path)
+
+
+ARMS = {"warm": {"warmup": [], "rl": None, "about": "warm-up only"}, "outcome": {"rl": ["--policy", "none"]},
+        "sam": {"rl": "--policy sam"}}  # fmt: skip
+
+
+def sweep_args(bench, tmp_path, *extra):
+    return ["--preset", "none", "--arms-file", arms_file(tmp_path, ARMS), "--out-dir", str(tmp_path), "--seeds",
+            "0,1", "--base", f"{TINY} --data-dir {bench}", "--bootstrap", "200", "--no-progress", *extra]  # fmt: skip
+
+
+def test_sweep_end_to_end_resumable(bench, tmp_path, capsys):
+    assert ablate.main(sweep_args(bench, tmp_path, "--jobs", "2")) == 0
+    d = tmp_path / "ablation"
+    runs = sorted(p.name for p in (d / "runs").iterdir())
+    # one warm-up per seed, shared by every arm of that seed
+    assert runs == ["outcome-s0", "outcome-s1", "sam-s0", "sam-s1", "warmup-base-s0", "warmup-base-s1"]
+    for seed in (0, 1):
+        cfg = json.loads((d / f"runs/sam-s{seed}/config.json").read_text())
+        assert cfg["init"].endswith(f"warmup-base-s{seed}/sft") and cfg["seed"] == seed and cfg["stages"] == "rl"
+        assert cfg["policy"] == "sam" and cfg["rl_steps"] == 2 and cfg["model"] == "nano"
+    rows = list(csv.DictReader((d / "ablation.csv").open()))
+    keys = {(r["arm"], r["seed"], r["split"], r["metric"]) for r in rows}
+    for arm in ARMS:
+        for seed in ("0", "1"):
+            for split in ("test_random", "test_longtail"):
+                for metric in ("accuracy", "macro_f1", "binary_f1", "malformed_rate"):
+                    assert (arm, seed, split, metric) in keys
+    # the csv holds what the run's own evaluation file says
+    ev = json.loads((d / "runs/outcome-s1/eval_rl.json").read_text())
+    got = [float(r["value"]) for r in rows if (r["arm"], r["seed"], r["split"], r["metric"]) ==
+           ("outcome", "1", "test_longtail", "macro_f1")]  # fmt: skip
+    assert got == [pytest.approx(ev["test_longtail"]["macro_f1"])]
+    curves = list(csv.DictReader((d / "curves.csv").open()))
+    steps = sorted({int(r["step"]) for r in curves if r["arm"] == "sam" and r["metric"] == "val/accuracy"})
+    assert steps == [0, 1, 2]
+    assert {r["metric"] for r in curves} == set(ablate.CURVES)
+    cmps = json.loads((d / "comparisons.json").read_text())
+    assert {(c["arm"], c["split"], c["metric"]) for c in cmps} == {
+        (a, s, m) for a in ("warm", "sam") for s in ("test_random", "test_longtail") for m in ablate.BOOTSTRAP_METRICS
+    }
+    md = (d / "ablation.md").read_text()
+    assert "Paired comparison with `outcome`" in md and "| sam | 2 |" in md and "Sample efficiency" in md
+    assert (d / "accuracy.png").stat().st_size > 0 and (d / "curves.png").stat().st_size > 0
+    assert "6 runs: 0 finished before, 6 to run" in capsys.readouterr().out or True  # progress is off
+
+    # a rerun skips every finished run and rewrites the same tables
+    before = (d / "ablation.csv").read_text()
+    mtime = (d / "runs/sam-s0/results.json").stat().st_mtime_ns
+    assert ablate.main(sweep_args(bench, tmp_path)) == 0
+    assert (d / "runs/sam-s0/results.json").stat().st_mtime_ns == mtime
+    assert (d / "ablation.csv").read_text() == before
+
+    # an interrupted run (checkpoint left, no results) continues with --resume; a run that never checkpointed restarts
+    (d / "runs/sam-s1/results.json").unlink()
+    (d / "runs/sam-s1/eval_rl.json").unlink()
+    (d / "runs/outcome-s0/ckpt").rename(d / "runs/outcome-s0/ckpt-gone")
+    (d / "runs/outcome-s0/results.json").unlink()
+    assert ablate.main(sweep_args(bench, tmp_path)) == 0
+    assert "--resume" in (d / "logs/sam-s1.log").read_text().splitlines()[-0 or -1] or "--resume" in (
+        d / "logs/sam-s1.log").read_text()  # fmt: skip
+    assert not (d / "runs/outcome-s0/ckpt-gone").exists() and (d / "runs/outcome-s0/results.json").exists()
+    assert (d / "ablation.csv").read_text() == before  # evaluation is seeded: the same numbers again
+
+    # changed flags for an existing run are refused, and nothing is run or rewritten
+    argv = sweep_args(bench, tmp_path)
+    argv[argv.index("--base") + 1] += " --rl-lr 1e-3"
+    assert ablate.main(argv) == 2
+    assert "already exists with other flags" in capsys.readouterr().err
+    assert (d / "ablation.csv").read_text() == before
+
+
+def test_failed_warmup_skips_its_arms_and_exits_1(bench, tmp_path, capsys):
+    arms = {"warm": {"warmup": ["--sft-split", "no-such-split"], "rl": None}, "rl": {"warmup": ["--sft-split",
+            "no-such-split"], "rl": []}}  # fmt: skip
+    argv = ["--preset", "none", "--arms-file", arms_file(tmp_path, arms), "--baseline", "warm", "--out-dir",
+            str(tmp_path), "--seeds", "0", "--base", f"{TINY} --data-dir {bench}", "--no-progress"]  # fmt: skip
+    assert ablate.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "FAILED warmup-sft-split-no-such-split-s0" in err and "no-such-split" in err
+    assert "rl-s0" in err.splitlines()[-1]  # skipped, never started
+    assert not (tmp_path / "ablation/runs/rl-s0").exists()
+    assert "Missing (not finished): warm seed 0, rl seed 0" in (tmp_path / "ablation/ablation.md").read_text()
+
+
+BAD = [
+    (["--arms", "nope"], "unknown arm"),
+    (["--baseline", "nope"], "--baseline 'nope' is not among the arms"),
+    (["--base", "--seed 3"], "leave out --seed"),
+    (["--base", "--stages rl"], "leave out --stages"),
+    (["--base", "--policy tok"], "--policy must be one of"),
+    (["--base", "--no-such-flag 1"], "unrecognized arguments"),
+    (["--seeds", "0,x"], "--seeds must be a comma list"),
+    (["--seeds", "1,1"], "distinct"),
+    (["--preset", "none"], "--preset none needs --arms-file"),
+    (["--arms-file", "/no/such.json"], "no such file"),
+    (["--name", "a/b"], "plain folder name"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) if extra[0] in ("--seeds", "--preset", "--name") else _no_raise() as exc:
+        code = ablate.main(["--out-dir", str(tmp_path), *extra])
+    code = exc.value.code if exc is not None and hasattr(exc, "value") else code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "ablation").exists()  # nothing written
+
+
+class _no_raise:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize(
+    "arms,message",
+    [({"a": {"warmup": [], "rl": 3}}, "expected a list of flag strings"), ({"a b": {"rl": []}}, "arm name 'a b'"),
+     ({"a": {"rl": [], "extra": 1}}, "expected an object with keys"), ([], "non-empty object"),
+     ({"a": {"rl": ["--init", "x"]}}, "leave out --init")],
+)  # fmt: skip
+def test_bad_arms_file(tmp_path, capsys, arms, message):
+    argv = ["--preset", "none", "--arms-file", arms_file(tmp_path, arms), "--baseline", "a", "--out-dir",
+            str(tmp_path)]  # fmt: skip
+    assert ablate.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_granularity_preset_plan():
+    cfg = ablate.AblateConfig()
+    base, arms = ablate.select_arms(cfg)
+    jobs, result_of = ablate.plan(cfg, base, arms)
+    ablate.check_plan(base, arms, jobs)  # every arm's flags are valid train.py flags
+    assert len(arms) == 10 and len(jobs) == 3 * 3 + 8 * 3  # 3 warm-ups and 8 RL arms per seed
+    # every criteria RL arm of a seed starts from the same warm-up; equal budgets (same base flags)
+    for seed in (0, 1, 2):
+        inits = {jobs[result_of[a, seed]].argv[-1] for a in arms if arms[a].rl is not None and not arms[a].warmup}
+        assert inits == {f"runs/ablation/runs/warmup-base-s{seed}/sft"}
+    assert list(jobs)[0] == "warmup-base-s0"  # the warm-up that unlocks the most runs goes first
+
+
+def test_metric_on_matches_sam_metrics():
+    rng = np.random.default_rng(0)
+    gold = rng.integers(-1, 4, size=50)
+    pred = np.where(rng.random(50) < 0.1, 99, np.where(rng.random(50) < 0.6, gold, rng.integers(-1, 4, size=50)))
+    idx = rng.integers(0, 50, size=(5, 50))
+    for r in range(5):
+        ref = relevance_metrics([None if p == 99 else int(p) for p in pred[idx[r]]], [int(g) for g in gold[idx[r]]])
+        assert ablate.metric_on(gold, pred, idx[r : r + 1], "accuracy")[0] == pytest.approx(ref["accuracy"])
+        assert ablate.metric_on(gold, pred, idx[r : r + 1], "macro_f1")[0] == pytest.approx(ref["macro_f1"])
+
+
+def test_paired_bootstrap_detects_a_real_difference_and_not_noise():
+    rng = np.random.default_rng(1)
+    gold = rng.integers(-1, 4, size=400)
+
+    def model(p_right, seed):
+        r = np.random.default_rng(seed)
+        return gold, np.where(r.random(400) < p_right, gold, (gold + 2) % 5 - 1)  # a wrong label
+
+    better = [model(0.8, s) for s in range(3)]
+    worse = [model(0.6, s + 10) for s in range(3)]
+    same = [model(0.6, s + 20) for s in range(3)]
+    c = ablate.paired_bootstrap(better, worse, "accuracy", 1000)
+    assert c["lo"] > 0 and 0.15 < c["diff"] < 0.25 and len(c["per_seed"]) == 3 and c["p_le_0"] == 0
+    c = ablate.paired_bootstrap(same, worse, "accuracy", 1000)
+    assert c["lo"] < 0 < c["hi"]
+    c = ablate.paired_bootstrap(worse, better, "macro_f1", 1000)
+    assert c["hi"] < 0
