@@ -99,7 +99,7 @@ class AblateConfig:
     arms_file: str = ""  # JSON file of arms, used instead of the preset's arms
     arms: str = ""  # comma list: run only these arms (default: all)
     seeds: str = "0,1,2"  # comma list of seeds; each seed has its own warm-up runs
-    base: str = ""  # extra train.py flags for every run, after the preset's base flags (later ones win)
+    base: str = ""  # extra train.py flags for every run, after the preset's (later ones win); one flag: --base=--flag
     baseline: str = "outcome"  # arm the others are compared with (paired, bootstrap)
     jobs: int = 2  # runs in parallel (0 = CPU cores / --threads)
     threads: int = 1  # torch threads per run (OMP_NUM_THREADS)
@@ -493,8 +493,9 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
         lines.append(f"Missing (not finished): {', '.join(f'{a} seed {s}' for a, s in res.missing)}")
     lines += ["", "| arm | warm-up flags | RL flags | about |", "|---|---|---|---|"]
     for name, arm in arms.items():
-        rl = "(no RL)" if arm.rl is None else f"`{shlex.join(arm.rl)}`" if arm.rl else "(defaults)"
-        lines.append(f"| {name} | `{shlex.join(arm.warmup)}` | {rl} | {arm.about} |".replace("``", "(defaults)"))
+        warm = f"`{shlex.join(arm.warmup)}`" if arm.warmup else "(base)"
+        rl = "(no RL)" if arm.rl is None else f"`{shlex.join(arm.rl)}`" if arm.rl else "(base)"
+        lines.append(f"| {name} | {warm} | {rl} | {arm.about} |")
     for split in splits:
         lines += ["", f"## {split}: mean ± std over seeds", "",
                   "| arm | seeds | accuracy | macro-F1 | binary acc | binary F1 | step agreement | malformed |",

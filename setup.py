@@ -29,7 +29,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "ruff>=0.6"],
+        "dev": ["pytest>=8.0", "ruff>=0.6", "matplotlib>=3.8"],
         "plot": ["matplotlib>=3.8"],
         "gpu": ["flash-attn>=2.6"],
         "peers": ["liger-kernel>=0.5"],

@@ -3,6 +3,7 @@ report files, the skip of finished runs, resuming an interrupted run, refusing c
 and the statistics against hand computations."""
 
 import csv
+import importlib.util
 import json
 
 import numpy as np
@@ -71,8 +72,8 @@ def test_sweep_end_to_end_resumable(bench, tmp_path, capsys):
     }
     md = (d / "ablation.md").read_text()
     assert "Paired comparison with `outcome`" in md and "| sam | 2 |" in md and "Sample efficiency" in md
-    assert (d / "accuracy.png").stat().st_size > 0 and (d / "curves.png").stat().st_size > 0
-    assert "6 runs: 0 finished before, 6 to run" in capsys.readouterr().out or True  # progress is off
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (d / "accuracy.png").stat().st_size > 0 and (d / "curves.png").stat().st_size > 0
 
     # a rerun skips every finished run and rewrites the same tables
     before = (d / "ablation.csv").read_text()
@@ -87,8 +88,10 @@ def test_sweep_end_to_end_resumable(bench, tmp_path, capsys):
     (d / "runs/outcome-s0/ckpt").rename(d / "runs/outcome-s0/ckpt-gone")
     (d / "runs/outcome-s0/results.json").unlink()
     assert ablate.main(sweep_args(bench, tmp_path)) == 0
-    assert "--resume" in (d / "logs/sam-s1.log").read_text().splitlines()[-0 or -1] or "--resume" in (
-        d / "logs/sam-s1.log").read_text()  # fmt: skip
+    commands = [line for line in (d / "logs/sam-s1.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and "--resume" not in commands[0] and commands[1].endswith("--resume --no-progress")
+    commands = [line for line in (d / "logs/outcome-s0.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and "--resume" not in commands[1]
     assert not (d / "runs/outcome-s0/ckpt-gone").exists() and (d / "runs/outcome-s0/results.json").exists()
     assert (d / "ablation.csv").read_text() == before  # evaluation is seeded: the same numbers again
 
@@ -128,23 +131,20 @@ BAD = [
 ]
 
 
+def exit_code(argv) -> int:
+    """ablate.main's exit code, whether it returns it or exits while parsing its own flags."""
+    try:
+        return ablate.main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
 @pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
-    with pytest.raises(SystemExit) if extra[0] in ("--seeds", "--preset", "--name") else _no_raise() as exc:
-        code = ablate.main(["--out-dir", str(tmp_path), *extra])
-    code = exc.value.code if exc is not None and hasattr(exc, "value") else code
-    assert code == 2
+    assert exit_code(["--out-dir", str(tmp_path), *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "ablation").exists()  # nothing written
-
-
-class _no_raise:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize(
