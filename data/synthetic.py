@@ -267,8 +267,8 @@ def _sentences(rng, subject: str, n: int) -> list[str]:
     return [rng.choice(TOPIC_TEMPLATES).format(s=subject) for _ in range(n)]
 
 
-def make_record(rng: random.Random, split: str, index: int, dist: str) -> Record:
-    """One record of the world, with gold values for every step."""
+def make_record(rng: random.Random, split: str, index: int, dist: str, case_prob: float | None = None) -> Record:
+    """One record of the world, with gold values for every step. `case_prob` overrides the distribution's."""
     spec = DISTRIBUTIONS[dist]
     q = _make_query(rng, _weighted(rng, spec["types"]))
     qtype, e, cat = q["type"], q["entity"], q["category"]
@@ -276,7 +276,7 @@ def make_record(rng: random.Random, split: str, index: int, dist: str) -> Record
     case = None
     if qtype in CASES:
         default, *others = CASES[qtype]
-        case = rng.choice(others) if rng.random() < spec["case_prob"] else default
+        case = rng.choice(others) if rng.random() < (spec["case_prob"] if case_prob is None else case_prob) else default
 
     if coverage == "none":
         kind = rng.choice(["near miss", "keyword", "unrelated"])
@@ -349,13 +349,23 @@ def make_record(rng: random.Random, split: str, index: int, dist: str) -> Record
     return record
 
 
-def generate(seed: int = 0, sizes: dict | None = None) -> dict[str, list[Record]]:
-    """All splits; each split's stream depends only on (seed, split name)."""
+def generate(seed: int = 0, sizes: dict | None = None, case_prob: float | None = None) -> dict[str, list[Record]]:
+    """All splits; each split's stream depends only on (seed, split name, case_prob).
+
+    `case_prob` is the difficulty knob of the RANDOM splits (sft, rl, val, test_random): the chance that a query
+    type's business rule meets a non-default case, so that calibration (step 6) changes the initial score. The
+    default (None) keeps the distribution's own 0.12, under which calibration changes about 5% of the labels; the
+    LONGTAIL split keeps 0.7 whatever the knob. Raise it when a study needs the intermediate scores to disagree
+    with the final one more often (SAM only acts on such rollouts; docs/ablation.md).
+    """
+    if case_prob is not None and not 0 <= case_prob <= 1:
+        raise ValueError(f"case_prob must be in [0, 1], got {case_prob}")
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
     out = {}
     for split, n in sizes.items():
         rng = random.Random(f"grm-sam/{seed}/{split}")
-        out[split] = [make_record(rng, split, i, SPLITS[split]) for i in range(n)]
+        knob = case_prob if SPLITS[split] == "random" else None
+        out[split] = [make_record(rng, split, i, SPLITS[split], knob) for i in range(n)]
     return out
 
 
@@ -382,7 +392,7 @@ def split_stats(records: list[Record], train_majority: int, type_majority: dict)
     }
 
 
-def compute_stats(splits: dict[str, list[Record]], seed: int) -> dict:
+def compute_stats(splits: dict[str, list[Record]], seed: int, case_prob: float | None = None) -> dict:
     """Distributions and trivial baselines; the majority labels come from the rl split (the training data)."""
     train = splits.get("rl") or next(iter(splits.values()))
     majority = Counter(r.label for r in train).most_common(1)[0][0] if train else 0
@@ -392,6 +402,10 @@ def compute_stats(splits: dict[str, list[Record]], seed: int) -> dict:
     type_majority = {t: c.most_common(1)[0][0] for t, c in by_type.items()}
     return {
         "seed": seed,
+        "case_prob": {
+            "random": DISTRIBUTIONS["random"]["case_prob"] if case_prob is None else case_prob,
+            "longtail": DISTRIBUTIONS["longtail"]["case_prob"],
+        },  # fmt: skip
         "train_majority_label": majority,
         "splits": {name: split_stats(recs, majority, type_majority) for name, recs in splits.items()},
     }
@@ -419,13 +433,13 @@ def vocabulary_corpus():
     yield from tokenizer_corpus(generate(0))
 
 
-def write_benchmark(out: str | Path, seed: int = 0, sizes: dict | None = None) -> dict:
+def write_benchmark(out: str | Path, seed: int = 0, sizes: dict | None = None, case_prob: float | None = None) -> dict:
     """Generate and write `out`/{split}.jsonl, stats.json and tokenizer/; returns the stats."""
     out = Path(out)
-    splits = generate(seed, sizes)
+    splits = generate(seed, sizes, case_prob)
     for name, records in splits.items():
         write_jsonl(out / f"{name}.jsonl", records)
-    stats = compute_stats(splits, seed)
+    stats = compute_stats(splits, seed, case_prob)
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     save_tokenizer(build_tokenizer(vocabulary_corpus()), out / "tokenizer")
     return stats
@@ -449,11 +463,15 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sizes", type=parse_sizes, default=dict(DEFAULT_SIZES), help="e.g. sft=2000,rl=8000,val=500")
+    p.add_argument("--case-prob", type=float, default=None, help="difficulty: chance of a non-default business-rule "
+                   "case in the random splits (default 0.12; test_longtail keeps 0.7)")  # fmt: skip
     args = p.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} exists and is not a folder")
+    if args.case_prob is not None and not 0 <= args.case_prob <= 1:
+        p.error(f"--case-prob must be in [0, 1], got {args.case_prob}")
     try:
-        stats = write_benchmark(args.out, args.seed, args.sizes)
+        stats = write_benchmark(args.out, args.seed, args.sizes, args.case_prob)
     except OSError as exc:
         print(f"error: cannot write the benchmark to {args.out}: {exc}", file=sys.stderr)
         return 1

@@ -127,3 +127,32 @@ def test_cli_rejects_a_file_as_out(tmp_path, capsys):
         synthetic.main(["--out", str(target)])
     assert exc.value.code == 2 and "is not a folder" in capsys.readouterr().err
     assert target.read_text() == "keep me"
+
+
+def test_case_prob_knob_raises_calibration_changes_in_the_random_splits_only():
+    sizes = {"rl": 600, "test_longtail": 200}
+    base = synthetic.generate(seed=0, sizes=sizes)
+    assert [r.to_json() for r in synthetic.generate(seed=0, sizes=sizes, case_prob=None)["rl"]] == [
+        r.to_json() for r in base["rl"]
+    ]  # the default knob is the distribution's own: the default benchmark is unchanged
+    hard = synthetic.generate(seed=0, sizes=sizes, case_prob=0.6)
+    assert [r.to_json() for r in hard["test_longtail"]] == [r.to_json() for r in base["test_longtail"]]
+    stats = {n: synthetic.compute_stats(s, 0)["splits"]["rl"]["calibration_changes_frac"] for n, s in
+             (("base", base), ("hard", hard))}  # fmt: skip
+    assert stats["base"] < 0.08 < 0.18 < stats["hard"]
+    for r in hard["rl"]:  # gold traces still parse to the gold scores under the knob
+        g = r.gold
+        p = parse_scores(render_gold_reasoning(r, "criteria"), "criteria")
+        assert p.ok and p.scores == (g["initial"], g["calibrated"], r.label)
+    never = synthetic.generate(seed=0, sizes={"rl": 300}, case_prob=0.0)["rl"]
+    assert all(r.gold["initial"] == r.gold["calibrated"] for r in never)
+
+
+def test_cli_case_prob(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        synthetic.main(["--out", str(tmp_path / "x"), "--case-prob", "1.5"])
+    assert exc.value.code == 2 and "--case-prob must be in [0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert synthetic.main(["--out", str(tmp_path / "y"), "--sizes", "sft=5,rl=40,val=5,test_random=5,test_longtail=5",
+                           "--case-prob", "0.5"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "y/stats.json").read_text())["case_prob"] == {"random": 0.5, "longtail": 0.7}
