@@ -49,7 +49,12 @@ from runtime.data import BUILTIN_DIR, DataError, ensure_builtin
 ROOT = Path(__file__).resolve().parent
 PLACEMENT = {"name", "out_dir", "seed", "stages", "init", "resume", "halt_after"}  # flags this script sets
 HEADLINE = ("accuracy", "macro_f1", "binary_accuracy", "binary_f1", "malformed_rate", "step_agreement")
-CURVES = ("val/accuracy", "reward", "pl/masked_frac")  # learning-curve panels: metrics.jsonl keys of RL rows
+# learning-curve panels (metrics.jsonl keys of RL rows); masked_frac counts tokens whose weight is 0, so the soft
+# policy's half weights show only in adv_mass_removed, the share of |advantage| x tokens the mask takes away
+CURVES = ("val/accuracy", "reward", "pl/masked_frac", "sam/adv_mass_removed")
+# per-step RL diagnostics kept in curves.csv and averaged in the report (rollout accuracy and malformed rate are
+# sampled at the rollout temperature)
+DIAGNOSTICS = (*CURVES, "accuracy", "malformed_rate")
 BOOTSTRAP_METRICS = ("accuracy", "macro_f1")
 
 
@@ -420,7 +425,7 @@ def collect(cfg: AblateConfig, arms: dict[str, Arm], result_of: dict, jobs: dict
                     r = json.loads(line)
                     if r["stage"] == "rl":
                         curves += [{"arm": arm, "seed": seed, "step": r["step"], "metric": k, "value": r[k]}
-                                   for k in CURVES if k in r]  # fmt: skip
+                                   for k in DIAGNOSTICS if k in r]  # fmt: skip
     return Results(rows, curves, preds, missing)
 
 
@@ -527,11 +532,23 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
                   "|---|" + "---|" * len(steps)]  # fmt: skip
         for arm, by in val.items():
             lines.append(f"| {arm} | " + " | ".join(f"{np.mean(by[s]):.3f}" if s in by else "-" for s in steps) + " |")
+    diag = {}
+    for r in res.curves:
+        if r["step"] > 0 and r["metric"] != "val/accuracy":
+            diag.setdefault((r["arm"], r["metric"]), []).append(r["value"])
+    if diag:
+        keys = [k for k in DIAGNOSTICS if k != "val/accuracy"]
+        lines += ["", "## RL diagnostics: mean over RL steps and seeds", "",
+                  "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]  # fmt: skip
+        for arm in dict.fromkeys(a for a, _ in diag):
+            cells = [f"{np.mean(diag[arm, k]):.3f}" if (arm, k) in diag else "-" for k in keys]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Plots: [accuracy.png](accuracy.png) (test accuracy per arm, error bars one std over seeds, dots "
-        "single seeds), [curves.png](curves.png) (validation accuracy, rollout reward and masked-token "
-        "fraction by RL step, mean over seeds). Raw numbers: ablation.csv, curves.csv, comparisons.json.",
+        "single seeds), [curves.png](curves.png) (validation accuracy, rollout reward, masked-token fraction and "
+        "advantage mass removed by RL step, mean over seeds). Raw numbers: ablation.csv, curves.csv, "
+        "comparisons.json.",
         "",
     ]
     return "\n".join(lines)

@@ -65,13 +65,14 @@ def test_sweep_end_to_end_resumable(bench, tmp_path, capsys):
     curves = list(csv.DictReader((d / "curves.csv").open()))
     steps = sorted({int(r["step"]) for r in curves if r["arm"] == "sam" and r["metric"] == "val/accuracy"})
     assert steps == [0, 1, 2]
-    assert {r["metric"] for r in curves} == set(ablate.CURVES)
+    assert {r["metric"] for r in curves} == set(ablate.DIAGNOSTICS)
     cmps = json.loads((d / "comparisons.json").read_text())
     assert {(c["arm"], c["split"], c["metric"]) for c in cmps} == {
         (a, s, m) for a in ("warm", "sam") for s in ("test_random", "test_longtail") for m in ablate.BOOTSTRAP_METRICS
     }
     md = (d / "ablation.md").read_text()
     assert "Paired comparison with `outcome`" in md and "| sam | 2 |" in md and "Sample efficiency" in md
+    assert "RL diagnostics" in md and "| outcome | " in md.split("RL diagnostics")[1]
     if importlib.util.find_spec("matplotlib") is not None:
         assert (d / "accuracy.png").stat().st_size > 0 and (d / "curves.png").stat().st_size > 0
 
