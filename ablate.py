@@ -503,7 +503,7 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
         lines.append(f"| {name} | {warm} | {rl} | {arm.about} |")
     for split in splits:
         lines += ["", f"## {split}: mean ± std over seeds", "",
-                  "| arm | seeds | accuracy | macro-F1 | binary acc | binary F1 | step agreement | malformed |",
+                  "| arm | seeds | accuracy | macro-F1 | binary acc | binary F1 | malformed | step agreement |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for arm in arms:
             n = len(summary.get((arm, split, "accuracy"), []))
