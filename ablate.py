@@ -485,7 +485,7 @@ def _commit() -> str:
         return "unknown"
 
 
-def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: float | None) -> str:
+def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: float | None, jobs=()) -> str:
     summary = summarize(res)
     splits = sorted({r["split"] for r in res.rows})
     lines = [f"# Ablation `{cfg.name}`", "",
@@ -493,7 +493,13 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
              f"Seeds: {cfg.seed_list}; base train.py flags: `{shlex.join(base) or '(none)'}`  "]  # fmt: skip
     if seconds:
         lines.append(f"Runtime this invocation: {_fmt_s(wall or 0)} wall, {len(seconds)} runs, "
-                     f"{_fmt_s(sum(seconds.values()))} summed over runs, {cfg.jobs or 'auto'} in parallel")  # fmt: skip
+                     f"{_fmt_s(sum(seconds.values()))} summed over runs, {cfg.jobs or 'auto'} at a time  ")  # fmt: skip
+    timings = cfg.sweep_dir / "timings.json"
+    recorded = json.loads(timings.read_text()) if timings.exists() else {}
+    recorded = [t for n, t in recorded.items() if n in jobs]
+    if recorded:
+        lines.append(f"Recorded run times (timings.json, every invocation): {_fmt_s(sum(recorded))} summed over "
+                     f"{len(recorded)} runs  ")  # fmt: skip
     if res.missing:
         lines.append(f"Missing (not finished): {', '.join(f'{a} seed {s}' for a, s in res.missing)}")
     lines += ["", "| arm | warm-up flags | RL flags | about |", "|---|---|---|---|"]
@@ -621,7 +627,7 @@ def report(cfg, argv, base, arms, result_of, jobs, seconds, wall) -> Path:
     write_text_atomic(d / "ablation.csv", _csv(res.rows, ["arm", "seed", "split", "metric", "value"]))
     write_text_atomic(d / "curves.csv", _csv(res.curves, ["arm", "seed", "step", "metric", "value"]))
     write_text_atomic(d / "comparisons.json", json.dumps(cmps, indent=1) + "\n")
-    write_text_atomic(d / "ablation.md", markdown(cfg, argv, base, arms, res, cmps, seconds, wall))
+    write_text_atomic(d / "ablation.md", markdown(cfg, argv, base, arms, res, cmps, seconds, wall, jobs))
     plots(d, arms, res)
     return d / "ablation.md"
 
