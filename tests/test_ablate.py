@@ -76,11 +76,11 @@ def test_sweep_end_to_end_resumable(bench, tmp_path, capsys):
     # the table's columns are in HEADLINE's order: the last cell of an arm is its mean step agreement
     header = next(line for line in md.splitlines() if line.startswith("| arm | seeds |"))
     assert header.split("|")[-3:-1] == [" malformed ", " step agreement "]
-    agree = [float(r["value"]) for r in rows if (r["arm"], r["split"], r["metric"]) ==
-             ("sam", "test_random", "step_agreement")]  # fmt: skip
-    assert len(agree) == 2
+    bad = [float(r["value"]) for r in rows if (r["arm"], r["split"], r["metric"]) ==
+           ("sam", "test_random", "malformed_rate")]  # fmt: skip
+    assert len(bad) == 2
     row = next(line for line in md.split("## test_random")[1].splitlines() if line.startswith("| sam |"))
-    assert row.split("|")[-2].strip().startswith(f"{np.mean(agree):.3f}")
+    assert row.split("|")[-3].strip().startswith(f"{np.mean(bad):.3f} ±")
     if importlib.util.find_spec("matplotlib") is not None:
         assert (d / "accuracy.png").stat().st_size > 0 and (d / "curves.png").stat().st_size > 0
 
