@@ -647,7 +647,11 @@ def main(argv=None) -> int:
             for job in jobs.values():
                 print(f"{job.name}: python train.py {shlex.join(job.argv)}")
             return 0
+        if cfg.report_only and not (cfg.sweep_dir / "plan.json").exists():
+            raise ConfigError(f"--report-only: no sweep in {cfg.sweep_dir} (no plan.json); run it first")
         if not cfg.report_only:
+            if data_dir != BUILTIN_DIR and not Path(data_dir).is_dir():
+                raise ConfigError(f"--data-dir {data_dir}: no such folder (python -m data.synthetic --out DIR)")
             merge_plan(cfg.sweep_dir, jobs)
             if data_dir == BUILTIN_DIR:
                 ensure_builtin(data_dir)  # once, here: parallel runs must not generate it concurrently

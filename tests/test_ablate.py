@@ -137,6 +137,8 @@ BAD = [
     (["--preset", "none"], "--preset none needs --arms-file"),
     (["--arms-file", "/no/such.json"], "no such file"),
     (["--name", "a/b"], "plain folder name"),
+    (["--report-only"], "--report-only: no sweep in"),
+    (["--base", "--data-dir /no/such/dir"], "--data-dir /no/such/dir: no such folder"),
 ]
 
 
