@@ -25,6 +25,7 @@ from model.hf import ModelLoadError, load_model, load_tokenizer
 from model.sampling import generate, pad_left
 from runtime.config import ConfigError, parse_config
 from runtime.data import BUILTIN_DIR, DataError, encode_prompts, load_split
+from runtime.parallel import Dist, as_policy
 from sam.metrics import relevance_metrics
 from sam.parse import parse_scores
 from sam.prompt import FORMATS, load_rules
@@ -34,29 +35,40 @@ PROMPT_FILE = "prompt.json"  # prompt settings saved beside every checkpoint
 
 
 @torch.no_grad()
-def evaluate_split(model, tokenizer, encoded, *, fmt, temperature=0.0, top_p=1.0, max_new_tokens=160,
-                   batch_size=64, seed=0, device="cpu", progress=None) -> tuple[dict, list[dict]]:  # fmt: skip
+def evaluate_split(model, tokenizer, encoded, *, fmt, temperature=0.0, top_p=1.0, max_new_tokens=160, batch_size=64,
+                   seed=0, device="cpu", progress=None, dist=None) -> tuple[dict, list[dict]]:  # fmt: skip
     """(metrics, per-example predictions) for the encoded prompts of one split. Prompts are batched by length
-    (less padding); results come back in the split's order."""
-    generator = torch.Generator(device=device).manual_seed(seed)
+    (less padding); results come back in the split's order.
+
+    `model` is a model or a `runtime.parallel.Policy`. Batch k samples with its own generator, seeded by (seed, k),
+    so the result does not depend on how batches are spread: under `dist` (several ranks) rank r generates batches
+    r, r + K, ... and every rank gets the whole split's metrics and predictions."""
+    policy, dist = as_policy(model), dist or Dist()
     order = sorted(range(len(encoded.prompts)), key=lambda i: len(encoded.prompts[i]))
-    texts, gen_tokens = [None] * len(order), 0
+    batches = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
+    texts, gen_tokens = {}, 0
     start = time.perf_counter()
-    for lo in range(0, len(order), batch_size):
-        idx = order[lo : lo + batch_size]
-        ids, mask = pad_left([encoded.prompts[i] for i in idx], tokenizer.pad_token_id, device)
-        completion, response = generate(
-            model, ids, mask, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
-            pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, vocab_size=len(tokenizer),
-            generator=generator,
-        )  # fmt: skip
-        gen_tokens += int(response.sum())
-        for row, i in enumerate(idx):
-            n = int(response[row].sum())
-            texts[i] = tokenizer.decode(completion[row, :n].tolist(), skip_special_tokens=True)
-        if progress is not None:
-            progress(len(idx))
-    seconds = time.perf_counter() - start
+    with policy.gathered():
+        for k in range(dist.rank, len(batches), dist.world):
+            idx = batches[k]
+            ids, mask = pad_left([encoded.prompts[i] for i in idx], tokenizer.pad_token_id, device)
+            generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + k)
+            completion, response = policy(
+                generate, ids, mask, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_token_id,
+                pad_id=tokenizer.pad_token_id, temperature=temperature, top_p=top_p, vocab_size=len(tokenizer),
+                generator=generator,
+            )  # fmt: skip
+            gen_tokens += int(response.sum())
+            for row, i in enumerate(idx):
+                n = int(response[row].sum())
+                texts[i] = tokenizer.decode(completion[row, :n].tolist(), skip_special_tokens=True)
+            if progress is not None:
+                progress(len(idx) * dist.world)
+    parts = dist.gather((texts, gen_tokens, time.perf_counter() - start))
+    merged = {i: t for part in parts for i, t in part[0].items()}
+    texts = [merged[i] for i in range(len(order))]
+    gen_tokens = sum(part[1] for part in parts)
+    seconds = max(part[2] for part in parts)
     parses = [parse_scores(t, fmt) for t in texts]
     records = encoded.records
     predicted = [p.label if p.ok else None for p in parses]

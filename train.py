@@ -33,7 +33,6 @@ Where this departs from the paper or the authors' settings (PAPER.md), and why:
 - Zero-variance groups stay in the batch with advantage 0 (`--zero-variance drop` leaves them out of the loss).
 """
 
-import copy
 import json
 import math
 import sys
@@ -41,6 +40,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -62,7 +62,7 @@ from model.hf import (
     prepare,
 )
 from model.sampling import generate, pad_left, pad_right, response_logprobs
-from runtime.checkpoint import rng_states, save_checkpoint, set_rng_states
+from runtime.checkpoint import rank_rng_states, save_checkpoint, set_rank_rng_states
 from runtime.config import ConfigError, parse_config, to_json
 from runtime.data import BUILTIN_DIR, DataError, encode_prompts, ensure_builtin, load_split, sft_target
 from runtime.loop import (
@@ -75,7 +75,9 @@ from runtime.loop import (
     micro_slices,
     scalars,
     setup_run_dir,
+    shard_check,
 )
+from runtime.parallel import STRATEGIES, Dist, Policy, init_distributed, resolve_strategy, shutdown
 from sam.advantage import METHODS, group_advantages
 from sam.mask import POLICIES, keep_weights
 from sam.prompt import FORMATS, NUM_BOXES, load_rules
@@ -103,7 +105,8 @@ class Config:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     attention: str = "auto"  # auto (flash_attention_2 if installed on GPU, else sdpa), sdpa, eager
     impl: str = "auto"  # kernels: auto (Triton on CUDA, reference on CPU), triton, ref
-    seed: int = 0  # seed for model init, data order and sampling
+    parallel: str = "auto"  # under torchrun: fsdp (FSDP2, sharded), ddp (replicated), auto (fsdp where available)
+    seed: int = 0  # seed for model init, data order and sampling (rank r samples with its own stream)
     trust_remote_code: bool = False  # allow custom model code from the model directory
     max_prompt_tokens: int = 512  # longer prompts follow --long-prompts
     long_prompts: str = "error"  # error (stop before training) or skip (leave out and count)
@@ -174,6 +177,7 @@ class Config:
         need(self.attention in ("auto", "sdpa", "eager", "flash_attention_2"), "--attention: auto, sdpa, eager or "
              "flash_attention_2")  # fmt: skip
         need(self.impl in ("auto", "triton", "ref"), f"--impl must be auto, triton or ref, got {self.impl!r}")
+        need(self.parallel in STRATEGIES, f"--parallel must be one of {STRATEGIES}, got {self.parallel!r}")
         need(self.long_prompts in ("error", "skip"), "--long-prompts must be error or skip")
         need(self.lr_schedule in ("constant", "linear", "cosine"), "--lr-schedule: constant, linear or cosine")
         need(self.policy in POLICIES, f"--policy must be one of {POLICIES}, got {self.policy!r}")
@@ -214,11 +218,69 @@ class Config:
 # Small pieces of the loop
 
 
-def rollout_logprobs(model, sl: slice, grad: bool = False, *, batch, cfg) -> torch.Tensor:
+def rollout_logprobs(policy: Policy, sl: slice, grad: bool = False, *, batch, cfg) -> torch.Tensor:
     """Flat (b * T,) log-probs of rows `sl` of a rollout batch (prompt ids, prompt mask, completion, response)."""
     with torch.set_grad_enabled(grad):
-        rows = [t[sl] for t in batch]
-        return response_logprobs(model, *rows, temperature=cfg.temperature, impl=cfg.impl).reshape(-1)
+        rows = [t[sl] for t in batch[:4]]
+        return policy(response_logprobs, *rows, temperature=cfg.temperature, impl=cfg.impl).reshape(-1)
+
+
+class Rollouts(NamedTuple):
+    """One rank's share of a rollout batch: whole groups, prompt-major; everything the update needs."""
+
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor  # (B, P) bool
+    completion: torch.Tensor  # (B, T)
+    response: torch.Tensor  # (B, T) bool
+    adv: torch.Tensor  # (B,) fp32 sequence advantages
+    keep: torch.Tensor  # (B, S) SAM keep weights per segment
+    step_id: torch.Tensor  # (B, T) segment of each completion token, -1 outside the loss
+
+
+def rl_update(policy: Policy, opt, sched, batch: Rollouts, cfg, *, dist: Dist, ref: Policy | None = None,
+              where: str = "rl step", last_ckpt: str = "") -> tuple[float, dict, list[float]]:  # fmt: skip
+    """`cfg.mu` optimizer steps on one rollout batch: returns (global loss, policy-loss metrics averaged over
+    micro-batches and ranks, grad norms). Each rank holds its share; the normaliser counts the whole batch over
+    every rank, and gradients are summed over ranks, so K ranks take the step one process would take on the
+    combined batch."""
+    B, T = batch.completion.shape
+    dev = batch.completion.device
+    seq_id = torch.arange(B, device=dev).repeat_interleave(T)  # (B*T,)
+    step_flat = batch.step_id.reshape(-1)  # (B*T,)
+    norm = policy_loss_normalizer(seq_id, step_flat, batch.keep, agg=cfg.agg)  # per-sequence counts stay local
+    norm = norm._replace(pg=dist.sum(norm.pg), kl=dist.sum(norm.kl))  # the batch-wide denominators: every rank
+    slices = micro_slices(B, cfg.micro_batch)
+    logprobs_of = partial(rollout_logprobs, batch=batch, cfg=cfg)
+    old = torch.cat([logprobs_of(policy, sl) for sl in slices]) if cfg.mu > 1 else None
+    ref_logp = torch.cat([logprobs_of(ref, sl) for sl in slices]) if ref is not None else None
+    loss_sum, metric_sums, grad_norms = torch.zeros((), device=dev), {}, []
+    for epoch in range(cfg.mu):
+        epoch_loss = torch.zeros((), device=dev)
+        for m, sl in enumerate(slices):
+            tok_sl = slice(sl.start * T, sl.stop * T)
+            with policy.sync_grads(m == len(slices) - 1):
+                logp = logprobs_of(policy, sl, grad=True)
+                old_sl = old[tok_sl] if old is not None else logp.detach()
+                loss, metrics = policy_loss(
+                    logp, old_sl, batch.adv, seq_id[tok_sl], step_flat[tok_sl], batch.keep,
+                    ref_logp=None if ref_logp is None else ref_logp[tok_sl], clip_low=cfg.clip_low,
+                    clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None, kl_coef=cfg.kl_coef, agg=cfg.agg,
+                    normalizer=norm, impl=cfg.impl,
+                )  # fmt: skip
+                policy.backward(loss)
+            epoch_loss = epoch_loss + loss.detach()
+            weight = (sl.stop - sl.start) / B / cfg.mu  # metrics: averaged over micro-batches by rollouts
+            for k, v in metrics.items():
+                metric_sums[k] = max(metric_sums.get(k, 0.0), float(v)) if k == "ratio_max" else (
+                    metric_sums.get(k, 0.0) + weight * float(v))  # fmt: skip
+        epoch_loss = dist.sum(epoch_loss)  # every rank sees the same value: they stop together
+        check_finite(epoch_loss, f"{where} (epoch {epoch})", last_ckpt)
+        loss_sum = loss_sum + epoch_loss / cfg.mu
+        grad_norms.append(policy.clip_grad_norm(cfg.grad_clip))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return float(loss_sum), dist.mean(metric_sums, maxima=("ratio_max",)), grad_norms
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -228,11 +290,14 @@ def rollout_logprobs(model, sl: slice, grad: bool = False, *, batch, cfg) -> tor
 class Run:
     """Resolved settings, data, tokenizer, model and paths of one training run."""
 
-    def __init__(self, cfg: Config, state: dict | None):
+    def __init__(self, cfg: Config, state: dict | None, dist: Dist | None = None):
         self.cfg = cfg
+        self.dist = dist = dist or Dist()
+        self.strategy = resolve_strategy(cfg.parallel, dist.world)
+        shard_check(dist, prompts_per_step=cfg.prompts_per_step, sft_batch_size=cfg.sft_batch_size)
         self.dir = Path(cfg.out_dir) / cfg.name
         self.ckpt = self.dir / "ckpt"
-        self.device, self.dtype, self.attention = device_settings(cfg)
+        self.device, self.dtype, self.attention = device_settings(cfg, dist)
         source = cfg.init or cfg.model
         self.preset = is_preset(source)
         if not self.preset and not Path(source).is_dir():
@@ -240,7 +305,9 @@ class Run:
         # a model directory is checked (and loaded) first: a wrong path fails before any data work
         self.model = None if self.preset else self.load(self.ckpt if state is not None else source)
         if cfg.data_dir == BUILTIN_DIR:
-            ensure_builtin(cfg.data_dir)
+            if dist.main:
+                ensure_builtin(cfg.data_dir)
+            dist.barrier()  # the others read what rank 0 wrote
         tok_dir = cfg.tokenizer or (str(Path(cfg.data_dir) / "tokenizer") if self.preset else source)
         self.tokenizer = load_tokenizer(tok_dir)
         saved = Path(source) / PROMPT_FILE  # a checkpoint of this codebase remembers how it was prompted
@@ -256,6 +323,11 @@ class Run:
             rows = head_weight(self.model).shape[0]
             raise ModelLoadError(f"{source}: the LM head has {rows} rows but the tokenizer has "
                                  f"{len(self.tokenizer)} tokens; they do not belong together")  # fmt: skip
+        # every rank built or loaded the same weights; FSDP keeps each rank's shard of them
+        self.policy = self.wrap(self.model)
+
+    def wrap(self, model, trainable: bool = True) -> Policy:
+        return Policy(model, self.dist, self.strategy, trainable=trainable)
 
     def encode(self, split: str, limit: int = 0):
         records = load_split(self.cfg.data_dir, split)
@@ -300,42 +372,57 @@ class Run:
             return prepare(model, device=self.device, dtype=self.dtype, attention=self.attention)
         return self.load(source)
 
-    def rl_start_model(self):
+    def rl_start_model(self) -> Policy:
         """The model RL started from (the frozen KL reference): the warm-up checkpoint or the starting model."""
-        return self.load(self.dir / "sft") if "sft" in self.cfg.stage_list else self.load_start_model()
+        model = self.load(self.dir / "sft") if "sft" in self.cfg.stage_list else self.load_start_model()
+        return self.wrap(model.eval().requires_grad_(False), trainable=False)
 
-    def save_model(self, path: Path, model=None, trainer_state: dict | None = None) -> None:
-        """A checkpoint folder with the prompt settings beside it (eval.py and --init read them)."""
-        save_checkpoint(path, model or self.model, self.tokenizer, trainer_state)
-        prompt = {"fmt": self.cfg.fmt, "with_instruction": self.with_instruction, "rules": self.rules}
-        write_text_atomic(path / PROMPT_FILE, json.dumps(prompt, indent=2) + "\n")
+    def save_model(self, path: Path, policy: Policy | None = None, trainer_state: dict | None = None) -> None:
+        """A checkpoint folder with the prompt settings beside it (eval.py and --init read them). Collective: the
+        full weights are gathered, rank 0 writes, the others wait until the folder is complete."""
+        policy = policy or self.policy
+        full = policy.full_state_dict()
+        if self.dist.main:
+            save_checkpoint(path, policy.module, self.tokenizer, trainer_state, state_dict=full)
+            prompt = {"fmt": self.cfg.fmt, "with_instruction": self.with_instruction, "rules": self.rules}
+            write_text_atomic(path / PROMPT_FILE, json.dumps(prompt, indent=2) + "\n")
+        self.dist.barrier()
 
     def save_resumable(self, state: dict, opt, sched, generator=None) -> None:
-        state = dict(state, optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=rng_states(generator))
+        state = dict(state, optimizer=self.policy.optimizer_state(opt), scheduler=sched.state_dict(),
+                     **rank_rng_states(self.dist, generator))  # fmt: skip
         self.save_model(self.ckpt, trainer_state=state)
 
-    def evaluate(self, enc, model=None, progress=None, with_predictions=False):
-        """Metrics of one encoded split (and its per-example predictions when asked)."""
+    def restore(self, state: dict, opt, sched, generator=None) -> None:
+        """Optimizer, scheduler and this rank's random states from a resumable checkpoint."""
+        self.policy.load_optimizer_state(opt, state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rank_rng_states(state, self.dist, generator)
+
+    def evaluate(self, enc, policy: Policy | None = None, progress=None, with_predictions=False):
+        """Metrics of one encoded split (and its per-example predictions when asked); the ranks share the work."""
         cfg = self.cfg
-        metrics, preds = evaluate_split(model or self.model, self.tokenizer, enc, fmt=cfg.fmt,
+        metrics, preds = evaluate_split(policy or self.policy, self.tokenizer, enc, fmt=cfg.fmt,
                                         temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
                                         batch_size=cfg.eval_batch_size, seed=cfg.seed, device=self.device,
-                                        progress=progress)  # fmt: skip
+                                        progress=progress, dist=self.dist)  # fmt: skip
         return (metrics, preds) if with_predictions else metrics
 
-    def evaluate_tests(self, model, stage: str) -> dict:
+    def evaluate_tests(self, policy: Policy, stage: str) -> dict:
         """Evaluate on the test splits; writes predictions_<stage>.jsonl (one line per example, for paired
         comparisons such as ablate.py's bootstrap), then eval_<stage>.json, both atomically. Returns the metrics."""
         results, lines = {}, []
         for split, enc in self.tests.items():
-            bar = tqdm(total=len(enc.records), desc=f"eval {stage} {split}", disable=not self.cfg.progress,
-                       leave=False)  # fmt: skip
-            results[split], preds = self.evaluate(enc, model, progress=bar.update, with_predictions=True)
+            bar = tqdm(total=len(enc.records), desc=f"eval {stage} {split}", leave=False,
+                       disable=not (self.cfg.progress and self.dist.main))  # fmt: skip
+            results[split], preds = self.evaluate(enc, policy, progress=bar.update, with_predictions=True)
             bar.close()
             lines += [json.dumps({"split": split, "id": p["id"], "label": p["label"], "predicted": p["predicted"],
                                   "status": p["status"]}) for p in preds]  # fmt: skip
-        write_text_atomic(self.dir / f"predictions_{stage}.jsonl", "".join(line + "\n" for line in lines))
-        write_text_atomic(self.dir / f"eval_{stage}.json", json.dumps(results, indent=2) + "\n")
+        if self.dist.main:
+            write_text_atomic(self.dir / f"predictions_{stage}.jsonl", "".join(line + "\n" for line in lines))
+            write_text_atomic(self.dir / f"eval_{stage}.json", json.dumps(results, indent=2) + "\n")
+        self.dist.barrier()
         return results
 
 
@@ -345,35 +432,38 @@ class Run:
 
 def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
     """Warm-up SFT (token NLL through token_logprobs). Returns False when halted."""
-    cfg, model, tok, dev = run.cfg, run.model, run.tokenizer, run.device
+    cfg, policy, tok, dev, dist = run.cfg, run.policy, run.tokenizer, run.device, run.dist
     n = len(run.sft.records)
     total = math.ceil(cfg.sft_epochs * n / cfg.sft_batch_size)
     opt, sched = make_optimizer(
-        model, cfg.sft_lr, total, cfg.sft_warmup, weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule
+        policy.module, cfg.sft_lr, total, cfg.sft_warmup, weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule
     )
     if state.get("optimizer") is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"])
-    model.train()
-    bar = tqdm(total=total, initial=state["step"], desc="sft", disable=not cfg.progress)
+        run.restore(state, opt, sched)
+    policy.train()
+    bar = tqdm(total=total, initial=state["step"], desc="sft", disable=not (cfg.progress and dist.main))
     for step in range(state["step"], total):
         if budget[0] == 0:  # halted; the checkpoint of the previous step is on disk
             bar.close()
             return False
         t0 = time.perf_counter()
-        idx = batch_indices(n, cfg.sft_batch_size, step, cfg.seed)
+        idx = dist.shard(batch_indices(n, cfg.sft_batch_size, step, cfg.seed))  # this rank's share
         p_ids, p_mask = pad_left([run.sft.prompts[i] for i in idx], tok.pad_token_id, dev)
         t_ids, t_mask = pad_right([run.sft_targets[i] for i in idx], tok.pad_token_id, dev)
-        num_tokens = t_mask.sum().clamp(min=1)  # normaliser of the whole batch: micro-batches add up to it
-        total_loss = 0.0
-        for sl in micro_slices(len(idx), cfg.micro_batch):
-            logp = response_logprobs(model, p_ids[sl], p_mask[sl], t_ids[sl], t_mask[sl], impl=cfg.impl)  # (b, T)
-            loss = -(logp * t_mask[sl]).sum() / num_tokens
-            check_finite(loss, f"sft step {step}", str(run.ckpt))
-            loss.backward()
-            total_loss += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        # normaliser of the whole batch, over every rank: micro-batches and ranks add up to it
+        num_tokens = dist.sum(t_mask.sum()).clamp(min=1)
+        total_loss = torch.zeros((), device=dev)
+        slices = micro_slices(len(idx), cfg.micro_batch)
+        for m, sl in enumerate(slices):
+            with policy.sync_grads(m == len(slices) - 1):
+                logp = policy(response_logprobs, p_ids[sl], p_mask[sl], t_ids[sl], t_mask[sl], impl=cfg.impl)
+                loss = -(logp * t_mask[sl]).sum() / num_tokens
+                policy.backward(loss)
+            total_loss = total_loss + loss.detach()
+        total_loss = dist.sum(total_loss)
+        check_finite(total_loss, f"sft step {step}", str(run.ckpt))
+        total_loss = float(total_loss)
+        grad_norm = policy.clip_grad_norm(cfg.grad_clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -384,7 +474,7 @@ def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         state["step"] = step + 1
         if state["step"] == total:
             row.update(scalars(headline(run.evaluate(run.val)), "val/"))
-            model.train()
+            policy.train()
         logger.log(row)
         bar.update(1)
         bar.set_postfix(loss=f"{total_loss:.3f}")
@@ -416,45 +506,42 @@ def rollout_scores(run: Run, records, completion, response):
 
 def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
     """GRPO + SAM. Returns False when halted."""
-    cfg, model, tok, dev = run.cfg, run.model, run.tokenizer, run.device
+    cfg, policy, tok, dev, dist = run.cfg, run.policy, run.tokenizer, run.device, run.dist
     P, G = cfg.prompts_per_step, cfg.group_size
-    opt, sched = make_optimizer(
-        model, cfg.rl_lr, cfg.rl_steps * cfg.mu, cfg.rl_warmup, weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule
-    )
-    generator = torch.Generator(device=dev).manual_seed(cfg.seed + 1)
+    opt, sched = make_optimizer(policy.module, cfg.rl_lr, cfg.rl_steps * cfg.mu, cfg.rl_warmup,
+                                weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule)  # fmt: skip
+    # each rank samples from its own stream (rank 0's is the one-process stream)
+    generator = torch.Generator(device=dev).manual_seed(cfg.seed + 1 + 1_000_003 * dist.rank)
     if state.get("optimizer") is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_states(state["rng"], generator)
-    ref_model = None
-    if cfg.kl_coef > 0:
-        ref_model = (copy.deepcopy(model) if state["step"] == 0 else run.rl_start_model()).eval()
-        ref_model.requires_grad_(False)
+        run.restore(state, opt, sched, generator)
+    ref = run.rl_start_model() if cfg.kl_coef > 0 else None
     exception_segments = (4, 5) if cfg.segmenter == "steps" else (0, 1)
     S = num_segments(cfg.segmenter, cfg.fmt)
     if budget[0] == 0 and state["step"] < cfg.rl_steps:
         return False
     if state["step"] == 0:
         logger.log({"stage": "rl", "step": 0, **scalars(headline(run.evaluate(run.val)), "val/")})
-    bar = tqdm(total=cfg.rl_steps, initial=state["step"], desc="rl", disable=not cfg.progress)
+    bar = tqdm(total=cfg.rl_steps, initial=state["step"], desc="rl", disable=not (cfg.progress and dist.main))
     for step in range(state["step"], cfg.rl_steps):
         if budget[0] == 0:  # halted; the checkpoint of the previous step is on disk
             bar.close()
             return False
         times = {}
         t0 = time.perf_counter()
-        # 1. rollouts: G samples for each of P prompts, prompt-major so groups are contiguous
-        idx = batch_indices(len(run.rl.records), P, step, cfg.seed)
+        # 1. rollouts: G samples for each of this rank's P / K prompts, prompt-major so groups are contiguous
+        idx = dist.shard(batch_indices(len(run.rl.records), P, step, cfg.seed))
         records = [run.rl.records[i] for i in idx for _ in range(G)]
         p_ids, p_mask = pad_left([run.rl.prompts[i] for i in idx for _ in range(G)], tok.pad_token_id, dev)
-        completion, response = generate(model, p_ids, p_mask, max_new_tokens=cfg.max_new_tokens,
-                                        eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=cfg.temperature,
-                                        top_p=cfg.top_p, vocab_size=len(tok), generator=generator)  # fmt: skip
-        model.train()
+        with policy.gathered():  # ranks stop sampling at different lengths: no communication inside
+            completion, response = policy(generate, p_ids, p_mask, max_new_tokens=cfg.max_new_tokens,
+                                          eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                          temperature=cfg.temperature, top_p=cfg.top_p, vocab_size=len(tok),
+                                          generator=generator)  # fmt: skip
+        policy.train()
         times["generate_s"] = time.perf_counter() - t0
-        gen_tokens = int(response.sum())
+        gen_tokens = int(dist.sum(response.sum()))
 
-        # 2. parse, segment, reward, verdicts, advantages, SAM keep weights
+        # 2. parse, segment, reward, verdicts, advantages, SAM keep weights (whole groups: no communication)
         t1 = time.perf_counter()
         step_id, parses, rewards, comp, verdicts = rollout_scores(run, records, completion, response)
         adv, valid, adv_stats = group_advantages(rewards, G, method=cfg.adv_method, clamp=cfg.adv_clamp or None,
@@ -464,62 +551,31 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
                                       exception=cfg.exception, alpha=cfg.alpha, known=verdicts.known,
                                       exception_segments=exception_segments, segment_tokens=seg_tokens.cpu(),
                                       seq_adv=adv)  # fmt: skip
-        step_id = torch.where(valid.to(dev)[:, None], step_id, -1)  # dropped groups leave the loss entirely
-        B, T = completion.shape
-        seq_id = torch.arange(B, device=dev).repeat_interleave(T)  # (B*T,)
-        step_flat = step_id.reshape(-1).to(dev)  # (B*T,)
-        adv, keep = adv.to(dev), keep.to(dev)
-        normalizer = policy_loss_normalizer(seq_id, step_flat, keep, agg=cfg.agg)  # whole rollout batch
+        step_id = torch.where(valid.to(dev)[:, None], step_id.to(dev), -1)  # dropped groups leave the loss
+        batch = Rollouts(p_ids, p_mask, completion, response, adv.to(dev), keep.to(dev), step_id)
         times["score_s"] = time.perf_counter() - t1
 
-        # 3. old and reference log-probs, no grad
-        t2 = time.perf_counter()
-        slices = micro_slices(B, cfg.micro_batch)
-        logprobs_of = partial(rollout_logprobs, batch=(p_ids, p_mask, completion, response), cfg=cfg)
-
-        old = torch.cat([logprobs_of(model, sl) for sl in slices]) if cfg.mu > 1 else None
-        ref = torch.cat([logprobs_of(ref_model, sl) for sl in slices]) if ref_model is not None else None
-        times["logprob_s"] = time.perf_counter() - t2
-
-        # 4. mu optimizer steps over micro-batches, one normaliser
+        # 3. mu optimizer steps over micro-batches, one normaliser for the whole batch over every rank
         t3 = time.perf_counter()
-        loss_sum, metric_sums, grad_norms = 0.0, {}, []
-        for epoch in range(cfg.mu):
-            for m, sl in enumerate(slices):
-                tok_sl = slice(sl.start * T, sl.stop * T)
-                logp = logprobs_of(model, sl, grad=True)
-                old_sl = old[tok_sl] if old is not None else logp.detach()
-                loss, metrics = policy_loss(
-                    logp, old_sl, adv, seq_id[tok_sl], step_flat[tok_sl], keep,
-                    ref_logp=None if ref is None else ref[tok_sl], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                    dual_clip=cfg.dual_clip or None, kl_coef=cfg.kl_coef, agg=cfg.agg, normalizer=normalizer,
-                    impl=cfg.impl,
-                )  # fmt: skip
-                check_finite(loss, f"rl step {step} (epoch {epoch}, micro-batch {m})", str(run.ckpt))
-                loss.backward()
-                loss_sum += loss.item() / cfg.mu
-                weight = (sl.stop - sl.start) / B / cfg.mu  # metrics: averaged over micro-batches by rollouts
-                for k, v in metrics.items():
-                    metric_sums[k] = max(metric_sums.get(k, 0.0), float(v)) if k == "ratio_max" else (
-                        metric_sums.get(k, 0.0) + weight * float(v))  # fmt: skip
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+        loss_sum, metric_sums, grad_norms = rl_update(policy, opt, sched, batch, cfg, dist=dist, ref=ref,
+                                                      where=f"rl step {step}", last_ckpt=str(run.ckpt))  # fmt: skip
         times["update_s"] = time.perf_counter() - t3
         times["step_s"] = time.perf_counter() - t0
+        rollout = dist.mean({"reward": float(rewards.mean()), "accuracy": float(comp["correct"].float().mean()),
+                             "malformed_rate": 1 - float(comp["well_formed"].float().mean()),
+                             **scalars(sam_diag, "sam/"), **scalars(adv_stats, "adv/")})  # fmt: skip
+        B = completion.shape[0] * dist.world
 
         state["step"] = step + 1
-        row = {"stage": "rl", "step": step + 1, "loss": loss_sum, "reward": float(rewards.mean()),
-               "accuracy": float(comp["correct"].float().mean()),
-               "malformed_rate": 1 - float(comp["well_formed"].float().mean()),
+        row = {"stage": "rl", "step": step + 1, "loss": loss_sum, "reward": rollout.pop("reward"),
+               "accuracy": rollout.pop("accuracy"), "malformed_rate": rollout.pop("malformed_rate"),
                "response_tokens": gen_tokens / B, "grad_norm": sum(grad_norms) / len(grad_norms),
                "lr": sched.get_last_lr()[0], "generate_tokens_per_s": gen_tokens / times["generate_s"],
                "update_tokens_per_s": gen_tokens * cfg.mu / times["update_s"], **times,
-               **scalars(metric_sums, "pl/"), **scalars(sam_diag, "sam/"), **scalars(adv_stats, "adv/")}  # fmt: skip
+               **scalars(metric_sums, "pl/"), **rollout}  # fmt: skip
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.rl_steps:
             val = headline(run.evaluate(run.val))
-            model.train()
+            policy.train()
             row.update(scalars(val, "val/"))
             if val["accuracy"] > state["best_val"]:
                 state["best_val"], state["best_step"] = val["accuracy"], state["step"]
@@ -586,50 +642,64 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()  # the per-file bars of save/load would break the progress bar's line
     started = time.perf_counter()
     cfg, given = parse_config(Config, argv, __doc__)
+    dist = init_distributed(cfg.device)
     try:
-        cfg, state = setup_run_dir(cfg, given, ("ckpt", "sft", "best"))
+        return train(cfg, given, dist, started)
+    finally:
+        shutdown()
+
+
+def train(cfg: Config, given: set[str], dist: Dist, started: float) -> int:
+    try:
+        cfg, state = setup_run_dir(cfg, given, ("ckpt", "sft", "best"), dist)
         torch.manual_seed(cfg.seed)
-        run = Run(cfg, state)
+        run = Run(cfg, state, dist)
     except (ConfigError, ModelLoadError, RecordError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{f' (rank {dist.rank})' if dist.world > 1 else ''}: {exc}", file=sys.stderr)
         return 2
-    run.dir.mkdir(parents=True, exist_ok=True)
-    if state is None:
-        write_text_atomic(run.dir / "config.json", to_json(cfg))
-    print(to_json(cfg), end="")
-    print(f"device {run.device}, dtype {run.dtype}, model {num_parameters(run.model) / 1e6:.2f}M parameters, "
-          f"instruction {'on' if run.with_instruction else 'off'}, run folder {run.dir}", flush=True)  # fmt: skip
+    if dist.main:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            write_text_atomic(run.dir / "config.json", to_json(cfg))
+        print(to_json(cfg), end="")
+        print(f"device {run.device}, dtype {run.dtype}, model {num_parameters(run.model) / 1e6:.2f}M parameters, "
+              f"instruction {'on' if run.with_instruction else 'off'}, parallel {run.strategy} over {dist.world} "
+              f"process(es){f' ({dist.backend})' if dist.world > 1 else ''}, run folder {run.dir}",
+              flush=True)  # fmt: skip
+    dist.barrier()
 
     stages = cfg.stage_list
     state = state or {"stage": stages[0], "step": 0, "best_val": -1.0, "best_step": -1}
-    logger = Logger(run.dir, cfg.tensorboard)
+    logger = Logger(run.dir, cfg.tensorboard, enabled=dist.main)
     order, step = STAGES.index(state["stage"]), state["step"]
     logger.truncate(lambda row: (STAGES.index(row["stage"]), row["step"]) <= (order, step))
     budget = [cfg.halt_after or -1]  # steps left in this invocation (-1: unlimited)
+    say = print if dist.main else lambda *a, **k: None
     try:
         for stage in stages[stages.index(state["stage"]) :]:
             if state["stage"] != stage:  # a fresh stage: new optimizer, step 0
                 state = {"stage": stage, "step": 0, "best_val": -1.0, "best_step": -1}
             if stage == "sft":
                 if not run_sft(run, state, logger, budget):
-                    print(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
+                    say(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
                     return 0
                 if not (run.dir / "eval_sft.json").exists():
                     run.save_model(run.dir / "sft")
-                    run.evaluate_tests(run.model, "sft")
+                    run.evaluate_tests(run.policy, "sft")
             else:
                 if not run_rl(run, state, logger, budget):
-                    print(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
+                    say(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
                     return 0
                 if not (run.dir / "eval_rl.json").exists():
                     best = run.dir / "best"
-                    model = run.load(best) if best.exists() else run.model
-                    run.evaluate_tests(model, "rl")
-                    print(f"after RL: the best validation accuracy was at RL step {state['best_step']}", flush=True)
+                    run.evaluate_tests(run.wrap(run.load(best), trainable=False) if best.exists() else run.policy,
+                                       "rl")  # fmt: skip
+                    say(f"after RL: the best validation accuracy was at RL step {state['best_step']}", flush=True)
     except NonFiniteLoss as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{f' (rank {dist.rank})' if dist.world > 1 else ''}: {exc}", file=sys.stderr)
         return 3
-    report(run, started)
+    if dist.main:
+        report(run, started)
     return 0
 
 

@@ -166,7 +166,8 @@ def num_parameters(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def save_pretrained(model, tokenizer, path: str | Path) -> None:
-    """Hugging Face format (safetensors + config + tokenizer) into `path` (callers make it atomic)."""
-    model.save_pretrained(str(path), safe_serialization=True)
+def save_pretrained(model, tokenizer, path: str | Path, state_dict: dict | None = None) -> None:
+    """Hugging Face format (safetensors + config + tokenizer) into `path` (callers make it atomic). `state_dict`
+    replaces the model's own tensors (the full weights gathered from sharded ranks)."""
+    model.save_pretrained(str(path), safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(str(path))

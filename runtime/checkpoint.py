@@ -51,10 +51,11 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     _swap_in(tmp, path)
 
 
-def save_checkpoint(path: Path, model, tokenizer, trainer_state: dict | None = None) -> None:
-    """Write the model (HF format) and optionally the trainer state to `path`, atomically."""
+def save_checkpoint(path: Path, model, tokenizer, trainer_state: dict | None = None, state_dict=None) -> None:
+    """Write the model (HF format; `state_dict`: full weights gathered from sharded ranks) and optionally the
+    trainer state to `path`, atomically."""
     with atomic_folder(path) as tmp:
-        save_pretrained(model, tokenizer, tmp)
+        save_pretrained(model, tokenizer, tmp, state_dict)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
 
@@ -87,3 +88,14 @@ def set_rng_states(state: dict, generator: torch.Generator | None = None) -> Non
         torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])
+
+
+def rank_rng_states(dist, generator: torch.Generator | None = None) -> dict:
+    """Trainer-state entries for every rank's random state (collective): `rng` (rank 0's, as a one-process run
+    saves it), `rng_ranks` (all ranks') and `world_size`."""
+    states = dist.gather(rng_states(generator))
+    return {"rng": states[0], "rng_ranks": states, "world_size": dist.world}
+
+
+def set_rank_rng_states(state: dict, dist, generator: torch.Generator | None = None) -> None:
+    set_rng_states(state["rng_ranks"][dist.rank] if "rng_ranks" in state else state["rng"], generator)

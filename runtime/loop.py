@@ -15,19 +15,24 @@ from kernels._common import INTERPRET
 from model.hf import default_dtype
 from runtime.checkpoint import load_trainer_state, recover
 from runtime.config import ConfigError, from_dict
+from runtime.parallel import Dist
 
 # flags a resumed run may change: they do not alter what it computes
 RESUME_FREE = {"resume", "halt_after", "progress", "name", "out_dir"}
 
 
-def setup_run_dir(cfg, given: set[str], folders: tuple[str, ...]):
+def setup_run_dir(cfg, given: set[str], folders: tuple[str, ...], dist: Dist | None = None):
     """(config, trainer state or None) for runs/<name>: a fresh run needs an empty folder; --resume takes the saved
-    config (flags given explicitly must agree with it) and the state in ckpt/. Interrupted checkpoint swaps of
-    `folders` are recovered first. `cfg` has fields out_dir, name, resume, halt_after, progress."""
+    config (flags given explicitly must agree with it) and the state in ckpt/, which must come from the same number
+    of ranks. Interrupted checkpoint swaps of `folders` are recovered first (by rank 0, while the others wait).
+    `cfg` has fields out_dir, name, resume, halt_after, progress."""
+    dist = dist or Dist()
     run_dir = Path(cfg.out_dir) / cfg.name
     ckpt = run_dir / "ckpt"
-    for name in folders:
-        recover(run_dir / name)
+    if dist.main:
+        for name in folders:
+            recover(run_dir / name)
+    dist.barrier()
     if not cfg.resume:
         if (run_dir / "metrics.jsonl").exists() or ckpt.exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another --name")
@@ -39,14 +44,22 @@ def setup_run_dir(cfg, given: set[str], folders: tuple[str, ...]):
     if differ:
         raise ConfigError(f"--resume: {', '.join('--' + f.replace('_', '-') for f in differ)} differ from the saved "
                           f"run {run_dir}; a resumed run keeps its settings")  # fmt: skip
-    return replace(saved, resume=True, halt_after=cfg.halt_after, progress=cfg.progress), load_trainer_state(ckpt)
+    state = load_trainer_state(ckpt)
+    if state.get("world_size", 1) != dist.world:
+        raise ConfigError(f"--resume: {ckpt} was written by {state.get('world_size', 1)} process(es) and this run has "
+                          f"{dist.world}; an exact resume needs the same world size (torchrun --nnodes x "
+                          "--nproc-per-node)")  # fmt: skip
+    return replace(saved, resume=True, halt_after=cfg.halt_after, progress=cfg.progress), state
 
 
-def device_settings(cfg) -> tuple[torch.device, torch.dtype, str | None]:
+def device_settings(cfg, dist: Dist | None = None) -> tuple[torch.device, torch.dtype, str | None]:
     """(device, dtype, attention implementation or None for the default) from the --device, --dtype, --attention
-    flags, checked against the machine, including whether --impl triton can run here."""
+    flags, checked against the machine, including whether --impl triton can run here. Under torchrun each rank
+    takes the GPU of its local rank."""
     auto = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        device = torch.device("cuda", (dist or Dist()).local_rank)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but CUDA is not available")
     if cfg.impl == "triton" and device.type != "cuda" and not INTERPRET:
@@ -101,6 +114,14 @@ def micro_slices(B: int, micro: int) -> list[slice]:
     return [slice(lo, min(B, lo + micro)) for lo in range(0, B, micro)]
 
 
+def shard_check(dist: Dist, **batches: int) -> None:
+    """Every rank takes an equal share of each batch: the world size must divide them (flag name -> size)."""
+    for flag, size in batches.items():
+        if size % dist.world:
+            raise ConfigError(f"--{flag.replace('_', '-')} {size} is not divisible by the world size {dist.world}: "
+                              "each rank takes an equal share")  # fmt: skip
+
+
 def check_finite(loss: torch.Tensor, where: str, last_ckpt: str) -> None:
     if not bool(torch.isfinite(loss)):  # host sync: once per micro-batch, to stop before a bad update
         raise NonFiniteLoss(
@@ -110,12 +131,13 @@ def check_finite(loss: torch.Tensor, where: str, last_ckpt: str) -> None:
 
 
 class Logger:
-    """metrics.jsonl (one line per step), optional TensorBoard, the progress bar's postfix."""
+    """metrics.jsonl (one line per step) and optional TensorBoard; on rank 0 only (elsewhere it does nothing)."""
 
-    def __init__(self, run: Path, tensorboard: bool):
+    def __init__(self, run: Path, tensorboard: bool, enabled: bool = True):
         self.path = run / "metrics.jsonl"
         self.tb = None
-        if tensorboard:
+        self.enabled = enabled
+        if tensorboard and enabled:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -126,12 +148,14 @@ class Logger:
     def truncate(self, keep: Callable[[dict], bool]) -> None:
         """On resume, drop the lines written after the checkpoint (they will be written again): keep(row) says
         which rows the checkpoint already covers."""
-        if not self.path.exists():
+        if not self.enabled or not self.path.exists():
             return
         lines = [line for line in self.path.read_text().splitlines() if keep(json.loads(line))]
         write_text_atomic(self.path, "".join(line + "\n" for line in lines))
 
     def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
