@@ -62,7 +62,7 @@ from model.hf import (
     save_pretrained,
 )
 from model.sampling import generate, pad_left, pad_right, response_hidden, response_logprobs
-from runtime.checkpoint import STATE_FILE, atomic_folder, rng_states, set_rng_states
+from runtime.checkpoint import STATE_FILE, atomic_folder, rank_rng_states, set_rank_rng_states
 from runtime.config import ConfigError, parse_config, to_json
 from runtime.data import BUILTIN_DIR, DataError, Encoded, encode_prompts, ensure_builtin, load_split
 from runtime.loop import (
@@ -75,7 +75,9 @@ from runtime.loop import (
     micro_slices,
     scalars,
     setup_run_dir,
+    shard_check,
 )
+from runtime.parallel import STRATEGIES, Dist, Policy, init_distributed, resolve_strategy, shutdown
 from sam.parse import parse_scores
 from sam.prompt import render_label
 
@@ -97,7 +99,8 @@ class Config:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
     attention: str = "auto"  # auto (flash_attention_2 if installed on GPU, else sdpa), sdpa, eager
     impl: str = "auto"  # kernels: auto (Triton on CUDA, reference on CPU), triton, ref
-    seed: int = 0  # seed for student init, data order and sampling
+    parallel: str = "auto"  # under torchrun: fsdp (FSDP2, sharded), ddp (replicated), auto (fsdp where available)
+    seed: int = 0  # seed for student init, data order and sampling (rank r samples with its own stream)
     trust_remote_code: bool = False  # allow custom model code from the model directories
     max_prompt_tokens: int = 512  # longer prompts follow --long-prompts
     long_prompts: str = "error"  # error (stop before training) or skip (leave out and count)
@@ -156,6 +159,7 @@ class Config:
         need(self.attention in ("auto", "sdpa", "eager", "flash_attention_2"), "--attention: auto, sdpa, eager or "
              "flash_attention_2")  # fmt: skip
         need(self.impl in ("auto", "triton", "ref"), f"--impl must be auto, triton or ref, got {self.impl!r}")
+        need(self.parallel in STRATEGIES, f"--parallel must be one of {STRATEGIES}, got {self.parallel!r}")
         need(self.long_prompts in ("error", "skip"), "--long-prompts must be error or skip")
         need(self.lr_schedule in ("constant", "linear", "cosine"), "--lr-schedule: constant, linear or cosine")
         need(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
@@ -206,19 +210,22 @@ def same_records(by_fmt: dict) -> dict:
 class Run:
     """Resolved settings, data, tokenizer, teacher and students of one distillation run."""
 
-    def __init__(self, cfg: Config, state: dict | None):
+    def __init__(self, cfg: Config, state: dict | None, dist: Dist | None = None):
         self.cfg = cfg
+        self.dist = dist = dist or Dist()
+        self.strategy = resolve_strategy(cfg.parallel, dist.world)
+        shard_check(dist, prompts_per_step=cfg.prompts_per_step)
         self.dir = Path(cfg.out_dir) / cfg.name
         self.ckpt = self.dir / "ckpt"
-        self.device, self.dtype, self.attention = device_settings(cfg)
+        self.device, self.dtype, self.attention = device_settings(cfg, dist)
 
         teacher_dir = Path(cfg.teacher)
         if not teacher_dir.is_dir():
             hint = " (the default teacher is the output of `python train.py`: run it first)" if (
                 cfg.teacher == Config.teacher) else ""  # fmt: skip
             raise ModelLoadError(f"{teacher_dir}: teacher checkpoint not found{hint}")
-        self.teacher = self.load(teacher_dir).eval()
-        self.teacher.requires_grad_(False)
+        teacher = self.load(teacher_dir).eval().requires_grad_(False)
+        self.teacher_parameters = num_parameters(teacher)
         self.tokenizer = load_tokenizer(teacher_dir)
         saved = json.loads((teacher_dir / PROMPT_FILE).read_text()) if (teacher_dir / PROMPT_FILE).exists() else {}
         self.fmt = saved.get("fmt", "criteria")
@@ -236,7 +243,9 @@ class Run:
             check_same_tokenizer(self.tokenizer, load_tokenizer(self.student_spec), self.student_spec)
 
         if cfg.data_dir == BUILTIN_DIR:
-            ensure_builtin(cfg.data_dir)
+            if dist.main:
+                ensure_builtin(cfg.data_dir)
+            dist.barrier()  # the others read what rank 0 wrote
         self.train = same_records({fmt: self.encode(cfg.split, fmt) for fmt in self.fmts()})
         if len(self.train[self.fmt].records) < cfg.prompts_per_step:
             raise DataError(f"split {cfg.split!r} has fewer prompts than --prompts-per-step {cfg.prompts_per_step}")
@@ -247,18 +256,23 @@ class Run:
         self.students = {}
         for i, kind in enumerate(cfg.student_list):
             source = self.ckpt / kind if state is not None else None
-            self.students[kind] = self.load(source) if source is not None else self.new_student(seed=cfg.seed + i)
-            rows = head_weight(self.students[kind]).shape[0]
+            model = self.load(source) if source is not None else self.new_student(seed=cfg.seed + i)
+            rows = head_weight(model).shape[0]
             if rows < len(self.tokenizer):
                 raise ModelLoadError(f"{self.student_spec}: the student's LM head has {rows} rows but the tokenizer "
                                      f"has {len(self.tokenizer)} tokens")  # fmt: skip
+            self.students[kind] = self.wrap(model)
+        self.teacher = self.wrap(teacher, trainable=False)  # every rank loaded the same weights: FSDP keeps shards
+
+    def wrap(self, model, trainable: bool = True) -> Policy:
+        return Policy(model, self.dist, self.strategy, trainable=trainable)
 
     def load(self, path) -> torch.nn.Module:
         return load_model(path, device=self.device, dtype=self.dtype, attention=self.attention,
                           trust_remote_code=self.cfg.trust_remote_code)  # fmt: skip
 
     def auto_student(self) -> str:
-        size = num_parameters(self.teacher)
+        size = self.teacher_parameters
         smaller = [name for name in PRESETS if num_parameters(build_preset(name, self.tokenizer)) < size]
         if not smaller:
             raise ConfigError(f"--student auto: no preset is smaller than the teacher ({size / 1e6:.2f}M "
@@ -290,40 +304,53 @@ class Run:
         return enc
 
     def save_student(self, path: Path, kind: str) -> None:
-        with atomic_folder(path) as tmp:
-            self.write_student(tmp, kind)
+        """Collective: the full weights are gathered, rank 0 writes, the others wait for the folder."""
+        full = self.students[kind].full_state_dict()
+        if self.dist.main:
+            with atomic_folder(path) as tmp:
+                self.write_student(tmp, kind, full)
+        self.dist.barrier()
 
-    def write_student(self, folder: Path, kind: str) -> None:
-        save_pretrained(self.students[kind], self.tokenizer, folder)
+    def write_student(self, folder: Path, kind: str, full: dict | None) -> None:
+        save_pretrained(self.students[kind].module, self.tokenizer, folder, full)
         prompt = {"fmt": self.fmt_of(kind), "with_instruction": self.with_instruction, "rules": self.rules}
         write_text_atomic(folder / PROMPT_FILE, json.dumps(prompt, indent=2) + "\n")
 
     def save_resumable(self, state: dict, opts: dict, generator) -> None:
-        state = dict(state, optimizers={k: (o.state_dict(), s.state_dict()) for k, (o, s) in opts.items()},
-                     rng=rng_states(generator))  # fmt: skip
-        with atomic_folder(self.ckpt) as tmp:
-            for kind in self.students:
-                self.write_student(tmp / kind, kind)
-            torch.save(state, tmp / STATE_FILE)
+        optimizers = {k: (self.students[k].optimizer_state(o), s.state_dict()) for k, (o, s) in opts.items()}
+        state = dict(state, optimizers=optimizers, **rank_rng_states(self.dist, generator))
+        full = {kind: student.full_state_dict() for kind, student in self.students.items()}
+        if self.dist.main:
+            with atomic_folder(self.ckpt) as tmp:
+                for kind in self.students:
+                    self.write_student(tmp / kind, kind, full[kind])
+                torch.save(state, tmp / STATE_FILE)
+        self.dist.barrier()
 
-    def evaluate(self, model, enc, fmt: str, progress=None):
+    def evaluate(self, policy: Policy, enc, fmt: str, progress=None):
+        """Metrics and predictions of one encoded split; the ranks share the work."""
         cfg = self.cfg
-        return evaluate_split(model, self.tokenizer, enc, fmt=fmt, temperature=cfg.eval_temperature,
+        return evaluate_split(policy, self.tokenizer, enc, fmt=fmt, temperature=cfg.eval_temperature,
                               max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                              device=self.device, progress=progress)  # fmt: skip
+                              device=self.device, progress=progress, dist=self.dist)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------------------
 # One step
 
 
-def sample(run: Run, model, prompts: list[list[int]], generator):
-    """(prompt ids, prompt mask, completion, response mask) for one trace per prompt."""
+def sample(run: Run, policy: Policy, prompts: list[list[int]], generator):
+    """(prompt ids, prompt mask, completion, response mask) for one trace per prompt; None without prompts.
+    Collective (under FSDP the weights are gathered for it), so every rank calls it, with or without prompts."""
     cfg, tok = run.cfg, run.tokenizer
-    p_ids, p_mask = pad_left(prompts, tok.pad_token_id, run.device)
-    completion, response = generate(model, p_ids, p_mask, max_new_tokens=cfg.max_new_tokens, eos_id=tok.eos_token_id,
-                                    pad_id=tok.pad_token_id, temperature=cfg.sample_temperature, top_p=cfg.top_p,
-                                    vocab_size=len(tok), generator=generator)  # fmt: skip
+    with policy.gathered():
+        if not prompts:
+            return None
+        p_ids, p_mask = pad_left(prompts, tok.pad_token_id, run.device)
+        completion, response = policy(generate, p_ids, p_mask, max_new_tokens=cfg.max_new_tokens,
+                                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                                      temperature=cfg.sample_temperature, top_p=cfg.top_p, vocab_size=len(tok),
+                                      generator=generator)  # fmt: skip
     return p_ids, p_mask, completion, response
 
 
@@ -345,35 +372,49 @@ def concat_samples(a, b, pad_id: int):
             torch.cat([right(a[3], False), right(b[3], False)]))  # fmt: skip
 
 
-def token_loss(run: Run, student, hs, ht, mask) -> torch.Tensor:
-    """Sum over tokens of the chosen divergence; hs (n, Ds) student and ht (n, Dt) teacher rows."""
-    cfg = run.cfg
-    per_token = distill_kl(hs, head_weight(student), ht, head_weight(run.teacher), kind=cfg.loss, beta=cfg.beta,
-                           temperature=cfg.kl_temperature, mask=mask, vocab_size=len(run.tokenizer),
-                           impl=cfg.impl)  # fmt: skip
+def student_loss(model, rows, teacher_hidden, teacher_weight, mask, *, cfg, vocab_size) -> torch.Tensor:
+    """Sum over the response tokens of `rows` (prompt ids, prompt mask, targets, target mask) of the chosen loss:
+    the NLL of the targets (seq), or the divergence from the teacher's next-token distribution, whose hidden states
+    `teacher_hidden` (b, T, Dt) and head `teacher_weight` (V, Dt) are given. Runs inside the student's forward."""
+    if cfg.loss == "seq":
+        return -(response_logprobs(model, *rows, impl=cfg.impl) * mask).sum()
+    hs = response_hidden(model, *rows)  # (b, T, Ds)
+    per_token = distill_kl(hs.reshape(-1, hs.shape[-1]), head_weight(model),
+                           teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, kind=cfg.loss,
+                           beta=cfg.beta, temperature=cfg.kl_temperature, mask=mask.reshape(-1),
+                           vocab_size=vocab_size, impl=cfg.impl)  # fmt: skip
     return per_token.sum()
 
 
-def reasoning_step(run: Run, student, batch, teacher_hidden, where: str) -> tuple[float, int]:
-    """Accumulate the reasoning student's gradient over micro-batches; returns (loss, tokens)."""
-    cfg = run.cfg
-    p_ids, p_mask, completion, response = batch
-    num_tokens = response.sum().clamp(min=1)  # one normaliser for the whole batch
-    total = 0.0
-    for sl in micro_slices(len(p_ids), cfg.micro_batch):
-        rows = (p_ids[sl], p_mask[sl], completion[sl], response[sl])
-        if cfg.loss == "seq":
-            logp = response_logprobs(student, *rows, impl=cfg.impl)  # (b, T)
-            loss = -(logp * response[sl]).sum() / num_tokens
-        else:
-            hs = response_hidden(student, *rows)  # (b, T, Ds)
-            ht = teacher_hidden[sl]  # (b, T, Dt)
-            loss = token_loss(run, student, hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]),
-                              response[sl].reshape(-1)) / num_tokens  # fmt: skip
-        check_finite(loss, where, str(run.ckpt))
-        loss.backward()
-        total += loss.item()
-    return total, int(num_tokens)
+def accumulate(run: Run, student: Policy, rows, teacher_hidden, mask, where: str) -> float:
+    """Backward of the student's loss on `rows` over micro-batches, normalised by the response tokens of the
+    whole batch over every rank; returns that global loss. Every rank runs the same number of micro-batches
+    (a rank short of rows runs zero-weighted ones), as the gradient sync needs."""
+    cfg, dist = run.cfg, run.dist
+    num_tokens = dist.sum(mask.sum()).clamp(min=1)
+    slices = micro_slices(len(rows[0]), cfg.micro_batch)
+    n_micro = dist.max_int(len(slices))
+    total = torch.zeros((), device=run.device)
+    with run.teacher.full_head() as teacher_weight:
+        for m in range(n_micro):
+            # past this rank's rows: its first row again, with a zero mask (no loss, no gradient)
+            sl = slices[m] if m < len(slices) else slice(0, 1)
+            weight = mask[sl] if m < len(slices) else torch.zeros_like(mask[sl])
+            ht = None if teacher_hidden is None else teacher_hidden[sl]
+            with student.sync_grads(m == n_micro - 1):
+                loss = student(student_loss, tuple(r[sl] for r in rows), ht, teacher_weight, weight, cfg=cfg,
+                               vocab_size=len(run.tokenizer)) / num_tokens  # fmt: skip
+                student.backward(loss)
+            total = total + loss.detach()
+    total = dist.sum(total)
+    check_finite(total, where, str(run.ckpt))
+    return float(total)
+
+
+def reasoning_step(run: Run, student: Policy, batch, teacher_hidden, where: str) -> tuple[float, int]:
+    """Accumulate the reasoning student's gradient; returns (loss, response tokens over every rank)."""
+    loss = accumulate(run, student, batch, teacher_hidden, batch[3], where)
+    return loss, int(run.dist.sum(batch[3].sum()))
 
 
 def label_targets(run: Run, completion, response) -> list[list[int] | None]:
@@ -398,37 +439,35 @@ def label_targets(run: Run, completion, response) -> list[list[int] | None]:
     return targets
 
 
-def label_step(run: Run, student, teacher_batch, teacher_hidden, label_prompts, where: str) -> tuple[float, dict]:
-    """Accumulate the label student's gradient; returns (loss, counts)."""
-    cfg, tok = run.cfg, run.tokenizer
-    _, _, completion, response = teacher_batch
-    targets = label_targets(run, completion, response)
-    use = [i for i, t in enumerate(targets) if t is not None]
-    counts = {"label/used": len(use) / len(targets)}
-    if not use:
+def label_step(run: Run, student: Policy, teacher_batch, teacher_hidden, label_prompts, fallback_prompt,
+               where: str) -> tuple[float, dict]:  # fmt: skip
+    """Accumulate the label student's gradient; returns (loss, counts). `teacher_batch` is None on a rank whose
+    share of the batch was all on-policy; such a rank (or one whose traces were all unusable) still takes part in
+    the gradient sync with a zero-weighted row built from `fallback_prompt`."""
+    tok = run.tokenizer
+    targets, use = [], []
+    if teacher_batch is not None:
+        _, _, completion, response = teacher_batch
+        targets = label_targets(run, completion, response)
+        use = [i for i, t in enumerate(targets) if t is not None]
+    used, traces = (int(x) for x in run.dist.sum(torch.tensor([len(use), len(targets)], device=run.device)))
+    counts = {"label/used": used / max(1, traces)}
+    if not used:
         return 0.0, counts
-    p_ids, p_mask = pad_left([label_prompts[i] for i in use], tok.pad_token_id, run.device)
-    t_ids, t_mask = pad_right([targets[i] for i in use], tok.pad_token_id, run.device)
-    num_tokens = t_mask.sum()
-    total = 0.0
-    for sl in micro_slices(len(use), cfg.micro_batch):
-        rows = (p_ids[sl], p_mask[sl], t_ids[sl], t_mask[sl])
-        if cfg.loss == "seq":
-            loss = -(response_logprobs(student, *rows, impl=cfg.impl) * t_mask[sl]).sum() / num_tokens
-        else:
-            hs = response_hidden(student, *rows)  # (b, L, Ds)
-            # teacher rows: the positions that predicted the last L tokens of each trace
-            ht = torch.zeros(hs.shape[0], hs.shape[1], teacher_hidden.shape[-1], dtype=teacher_hidden.dtype,
-                             device=run.device)  # fmt: skip
-            for j, i in enumerate(use[sl]):
-                n, L = int(response[i].sum()), len(targets[i])
-                ht[j, :L] = teacher_hidden[i, n - L : n]
-            loss = token_loss(run, student, hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1]),
-                              t_mask[sl].reshape(-1)) / num_tokens  # fmt: skip
-        check_finite(loss, where, str(run.ckpt))
-        loss.backward()
-        total += loss.item()
-    return total, counts
+    prompts = [label_prompts[i] for i in use] or [fallback_prompt]
+    p_ids, p_mask = pad_left(prompts, tok.pad_token_id, run.device)
+    t_ids, t_mask = pad_right([targets[i] for i in use] or [[tok.eos_token_id]], tok.pad_token_id, run.device)
+    if not use:
+        t_mask.zero_()
+    ht = None
+    if run.cfg.loss != "seq":
+        # teacher rows: the positions that predicted the last L tokens of each trace
+        dt = head_weight(run.teacher.module).shape[1]
+        ht = torch.zeros(*t_ids.shape, dt, dtype=run.dtype, device=run.device)
+        for j, i in enumerate(use):
+            n, L = int(response[i].sum()), len(targets[i])
+            ht[j, :L] = teacher_hidden[i, n - L : n]
+    return accumulate(run, student, (p_ids, p_mask, t_ids, t_mask), ht, t_mask, where), counts
 
 
 @torch.no_grad()
@@ -436,54 +475,58 @@ def teacher_states(run: Run, batch) -> torch.Tensor | None:
     """Teacher hidden states (B, T, Dt) at the response positions, for the token-level losses."""
     if run.cfg.loss == "seq":
         return None
-    p_ids, p_mask, completion, response = batch
-    parts = [response_hidden(run.teacher, p_ids[sl], p_mask[sl], completion[sl], response[sl])
-             for sl in micro_slices(len(p_ids), run.cfg.micro_batch)]  # fmt: skip
+    with run.teacher.gathered():
+        if batch is None:
+            return None
+        p_ids, p_mask, completion, response = batch
+        parts = [run.teacher(response_hidden, p_ids[sl], p_mask[sl], completion[sl], response[sl])
+                 for sl in micro_slices(len(p_ids), run.cfg.micro_batch)]  # fmt: skip
     return torch.cat(parts)
 
 
 def distill(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
     """The distillation loop. Returns False when halted."""
-    cfg, tok = run.cfg, run.tokenizer
-    P = cfg.prompts_per_step
-    opts = {kind: make_optimizer(m, cfg.lr, cfg.steps, cfg.warmup, weight_decay=cfg.weight_decay,
+    cfg, tok, dist = run.cfg, run.tokenizer, run.dist
+    P = cfg.prompts_per_step // dist.world  # this rank's share
+    opts = {kind: make_optimizer(m.module, cfg.lr, cfg.steps, cfg.warmup, weight_decay=cfg.weight_decay,
                                  schedule=cfg.lr_schedule) for kind, m in run.students.items()}  # fmt: skip
-    generator = torch.Generator(device=run.device).manual_seed(cfg.seed + 1)
+    # each rank samples from its own stream (rank 0's is the one-process stream)
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed + 1 + 1_000_003 * dist.rank)
     if state.get("optimizers") is not None:
         for kind, (opt, sched) in opts.items():
-            opt.load_state_dict(state["optimizers"][kind][0])
+            run.students[kind].load_optimizer_state(opt, state["optimizers"][kind][0])
             sched.load_state_dict(state["optimizers"][kind][1])
-        set_rng_states(state["rng"], generator)
+        set_rank_rng_states(state, dist, generator)
     enc = run.train[run.fmt]
     label_enc = run.train.get("label")
-    n_on = round(cfg.on_policy * P) if "reasoning" in run.students else 0
+    n_on = round(cfg.on_policy * P) if "reasoning" in run.students else 0  # rounded per rank
     for model in run.students.values():
         model.train()
-    bar = tqdm(total=cfg.steps, initial=state["step"], desc="distill", disable=not cfg.progress)
+    bar = tqdm(total=cfg.steps, initial=state["step"], desc="distill", disable=not (cfg.progress and dist.main))
     for step in range(state["step"], cfg.steps):
         if budget[0] == 0:
             bar.close()
             return False
         times, t0 = {}, time.perf_counter()
-        idx = batch_indices(len(enc.records), P, step, cfg.seed)
+        idx = dist.shard(batch_indices(len(enc.records), cfg.prompts_per_step, step, cfg.seed))
         on_idx, off_idx = idx[:n_on], idx[n_on:]
         # 1. traces: the on-policy share from the reasoning student, the rest from the teacher
-        teacher_batch = sample(run, run.teacher, [enc.prompts[i] for i in off_idx], generator) if off_idx else None
+        teacher_batch = sample(run, run.teacher, [enc.prompts[i] for i in off_idx], generator)
         student_batch = (sample(run, run.students["reasoning"], [enc.prompts[i] for i in on_idx], generator)
-                         if on_idx else None)  # fmt: skip
+                         if "reasoning" in run.students and cfg.on_policy > 0 else None)  # fmt: skip
         for model in run.students.values():
             model.train()
         times["sample_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
         row = {"stage": "distill", "step": step + 1}
-        if teacher_batch is not None:
+        if off_idx:  # the same number of teacher traces on every rank
             _, _, completion, response = teacher_batch
             texts = [tok.decode(completion[b, : int(response[b].sum())].tolist(), skip_special_tokens=True)
                      for b in range(len(off_idx))]  # fmt: skip
             parses = [parse_scores(t, run.fmt) for t in texts]
             correct = sum(p.ok and p.label == enc.records[i].label for p, i in zip(parses, off_idx))
-            row["teacher/accuracy"] = correct / len(off_idx)
-            row["teacher/malformed_rate"] = sum(not p.ok for p in parses) / len(off_idx)
+            row.update(dist.mean({"teacher/accuracy": correct / len(off_idx),
+                                  "teacher/malformed_rate": sum(not p.ok for p in parses) / len(off_idx)}))  # fmt: skip
         # 2. teacher hidden states on every trace (the student's own ones included)
         batch = concat_samples(student_batch, teacher_batch, tok.pad_token_id)
         hidden = teacher_states(run, batch)
@@ -498,10 +541,11 @@ def distill(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
             else:
                 t_hidden = None if hidden is None else hidden[len(on_idx) :]
                 label_prompts = [label_enc.prompts[i] for i in off_idx]
-                loss, counts = label_step(run, model, teacher_batch, t_hidden, label_prompts, where)
+                loss, counts = label_step(run, model, teacher_batch, t_hidden, label_prompts,
+                                          label_enc.prompts[idx[0]], where)  # fmt: skip
                 row.update(counts)
             opt, sched = opts[kind]
-            row[f"{kind}/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            row[f"{kind}/grad_norm"] = model.clip_grad_norm(cfg.grad_clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -532,39 +576,43 @@ def distill(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
 
 
 @torch.no_grad()
-def latency_ms(run: Run, model, enc, fmt: str) -> float:
+def latency_ms(run: Run, policy: Policy, enc, fmt: str) -> float:
     """Median milliseconds to answer one prompt alone (batch 1, greedy: a serving request), over the first
-    `latency_examples` prompts of `enc`."""
-    tok, times = run.tokenizer, []
-    for prompt in enc.prompts[: run.cfg.latency_examples]:
-        ids, mask = pad_left([prompt], tok.pad_token_id, run.device)
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        generate(model, ids, mask, max_new_tokens=run.cfg.max_new_tokens, eos_id=tok.eos_token_id,
-                 pad_id=tok.pad_token_id, temperature=0.0, vocab_size=len(tok))  # fmt: skip
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+    `latency_examples` prompts of `enc` (spread over the ranks, each on its own device)."""
+    tok, dist, times = run.tokenizer, run.dist, []
+    with policy.gathered():
+        for prompt in enc.prompts[: run.cfg.latency_examples][dist.rank :: dist.world]:
+            ids, mask = pad_left([prompt], tok.pad_token_id, run.device)
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            policy(generate, ids, mask, max_new_tokens=run.cfg.max_new_tokens, eos_id=tok.eos_token_id,
+                   pad_id=tok.pad_token_id, temperature=0.0, vocab_size=len(tok))  # fmt: skip
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - start) * 1e3)
+    times = [t for part in dist.gather(times) for t in part]
     return statistics.median(times) if times else math.nan
 
 
-def evaluate_model(run: Run, name: str, model, fmt: str) -> dict:
+def evaluate_model(run: Run, name: str, policy: Policy, fmt: str) -> dict:
     """Test-split metrics, predictions and speed of one model, cached in eval_<name>.json (resume skips it)."""
     path = run.dir / f"eval_{name}.json"
     if path.exists():
         return json.loads(path.read_text())
-    model.eval()
-    out = {"parameters": num_parameters(model), "fmt": fmt, "splits": {}}
+    policy.eval()
+    out = {"parameters": num_parameters(policy.module), "fmt": fmt, "splits": {}}
     for split, by_fmt in run.tests.items():
-        bar = tqdm(total=len(by_fmt[fmt].records), desc=f"eval {name} {split}", disable=not run.cfg.progress,
-                   leave=False)  # fmt: skip
-        metrics, preds = run.evaluate(model, by_fmt[fmt], fmt, progress=bar.update)
+        bar = tqdm(total=len(by_fmt[fmt].records), desc=f"eval {name} {split}", leave=False,
+                   disable=not (run.cfg.progress and run.dist.main))  # fmt: skip
+        metrics, preds = run.evaluate(policy, by_fmt[fmt], fmt, progress=bar.update)
         bar.close()
         out["splits"][split] = {"metrics": metrics, "predicted": [p["predicted"] for p in preds]}
     first = next(iter(run.tests.values()), None)
-    out["latency_ms"] = latency_ms(run, model, first[fmt], fmt) if first is not None else math.nan
-    write_text_atomic(path, json.dumps(out) + "\n")
+    out["latency_ms"] = latency_ms(run, policy, first[fmt], fmt) if first is not None else math.nan
+    if run.dist.main:
+        write_text_atomic(path, json.dumps(out) + "\n")
+    run.dist.barrier()
     return out
 
 
@@ -576,7 +624,8 @@ def agreement(a: list, b: list) -> float:
 def report(run: Run, started: float) -> dict:
     results = {"teacher": evaluate_model(run, "teacher", run.teacher, run.fmt)}
     for kind in run.students:
-        results[f"{kind} student"] = evaluate_model(run, kind, run.load(run.dir / kind), run.fmt_of(kind))
+        student = run.wrap(run.load(run.dir / kind), trainable=False)
+        results[f"{kind} student"] = evaluate_model(run, kind, student, run.fmt_of(kind))
     teacher = results["teacher"]
     header = (f"{'model':<18} {'params':>8} {'split':<14} {'acc':>6} {'macroF1':>8} {'agree':>6} {'malformed':>9} "
               f"{'lat ms':>7} {'tok/s':>7} {'ex/s':>7}")  # fmt: skip
@@ -594,6 +643,8 @@ def report(run: Run, started: float) -> dict:
             lines.append(f"{name:<18} {res['parameters'] / 1e6:>7.2f}M {split:<14} {m['accuracy']:>6.3f} "
                          f"{m['macro_f1']:>8.3f} {agree:>6.3f} {m['malformed_rate']:>9.3f} {res['latency_ms']:>7.1f} "
                          f"{m['generated_tokens_per_s']:>7.0f} {m['examples_per_s']:>7.1f}")  # fmt: skip
+    if not run.dist.main:
+        return {}
     print("\n".join(lines))
     print(f"(sampled at T={run.cfg.eval_temperature}, seed {run.cfg.seed}; latency: median of "
           f"{run.cfg.latency_examples} prompts answered one at a time, greedy; tok/s and ex/s: batched evaluation "
@@ -613,37 +664,50 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     cfg, given = parse_config(Config, argv, __doc__)
+    dist = init_distributed(cfg.device)
     try:
-        cfg, state = setup_run_dir(cfg, given, ("ckpt", *STUDENTS))
+        return run_distill(cfg, given, dist, started)
+    finally:
+        shutdown()
+
+
+def run_distill(cfg: Config, given: set[str], dist: Dist, started: float) -> int:
+    rank = f" (rank {dist.rank})" if dist.world > 1 else ""
+    try:
+        cfg, state = setup_run_dir(cfg, given, ("ckpt", *STUDENTS), dist)
         torch.manual_seed(cfg.seed)
-        run = Run(cfg, state)
+        run = Run(cfg, state, dist)
     except (ConfigError, ModelLoadError, RecordError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{rank}: {exc}", file=sys.stderr)
         return 2
-    run.dir.mkdir(parents=True, exist_ok=True)
-    if state is None:
-        write_text_atomic(run.dir / "config.json", to_json(cfg))
-    print(to_json(cfg), end="")
-    sizes = ", ".join(f"{k} {num_parameters(m) / 1e6:.2f}M" for k, m in run.students.items())
-    print(f"device {run.device}, dtype {run.dtype}, teacher {cfg.teacher} ({num_parameters(run.teacher) / 1e6:.2f}M "
-          f"parameters, format {run.fmt}), student {run.student_spec}: {sizes}; loss {cfg.loss}, on-policy "
-          f"{cfg.on_policy}; vocabulary: the tokenizer's {len(run.tokenizer)} entries; run folder {run.dir}",
-          flush=True)  # fmt: skip
+    if dist.main:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            write_text_atomic(run.dir / "config.json", to_json(cfg))
+        print(to_json(cfg), end="")
+        sizes = ", ".join(f"{k} {num_parameters(m.module) / 1e6:.2f}M" for k, m in run.students.items())
+        print(f"device {run.device}, dtype {run.dtype}, teacher {cfg.teacher} ({run.teacher_parameters / 1e6:.2f}M "
+              f"parameters, format {run.fmt}), student {run.student_spec}: {sizes}; loss {cfg.loss}, on-policy "
+              f"{cfg.on_policy}; vocabulary: the tokenizer's {len(run.tokenizer)} entries; parallel {run.strategy} "
+              f"over {dist.world} process(es); run folder {run.dir}", flush=True)  # fmt: skip
+    dist.barrier()
     state = state or {"step": 0}
-    logger = Logger(run.dir, cfg.tensorboard)
+    logger = Logger(run.dir, cfg.tensorboard, enabled=dist.main)
     done_steps = state["step"]
     logger.truncate(lambda row: row["step"] <= done_steps)
     budget = [cfg.halt_after or -1]
     try:
         if not distill(run, state, logger, budget):
-            print(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
+            if dist.main:
+                print(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
             return 0
     except NonFiniteLoss as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error{rank}: {exc}", file=sys.stderr)
         return 3
-    for kind in run.students:
-        if not (run.dir / kind).exists():
-            run.save_student(run.dir / kind, kind)
+    missing = [kind for kind in run.students if not (run.dir / kind).exists()]
+    dist.barrier()  # every rank has looked before rank 0 writes: they save the same students
+    for kind in missing:
+        run.save_student(run.dir / kind, kind)
     report(run, started)
     return 0
 

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from model.hf import head_weight
+
 try:  # public since torch 2.6
     from torch.distributed.fsdp import FSDPModule, fully_shard
 except ImportError:  # pragma: no cover - older torch
@@ -214,6 +216,20 @@ class Policy:
                 m.reshard()
             for layer in self._layers:
                 layer.set_reshard_after_forward(True, recurse=False)
+
+    @contextmanager
+    def full_head(self):
+        """The LM-head weight (V, D) in full inside the block, for a computation outside this model's own forward
+        (the teacher's head in a student's distillation loss). Under FSDP the root group (embeddings, head, final
+        norm) is gathered while the layers stay sharded; entering is collective."""
+        if self.strategy != "fsdp" or self._gathered:
+            yield head_weight(self.module)
+            return
+        self._root.unshard()
+        try:
+            yield head_weight(self.module)
+        finally:
+            self._root.reshard()
 
     def sync_grads(self, sync: bool):
         """Context for one micro-batch's backward: `sync=False` accumulates locally, for all but the last one."""

@@ -150,7 +150,8 @@ def test_label_student_rows_align_with_the_teachers_answer_positions(bench, teac
     c_ids, c_mask = distill.pad_right(traces, tok.pad_token_id, run.device)
     teacher_batch = (p_ids, p_mask, c_ids, c_mask)
     hidden = distill.teacher_states(run, teacher_batch)
-    loss, counts = distill.label_step(run, student, teacher_batch, hidden, run.train["label"].prompts[:2], "test")
+    label_prompts = run.train["label"].prompts[:2]
+    loss, counts = distill.label_step(run, student, teacher_batch, hidden, label_prompts, label_prompts[0], "test")
     assert counts["label/used"] == 1.0
     # by hand: the student's answer rows against the teacher rows that predicted the trace's last L tokens
     total, n_tokens = 0.0, 0
@@ -160,9 +161,9 @@ def test_label_student_rows_align_with_the_teachers_answer_positions(bench, teac
             L = len(target)
             lp, lm = distill.pad_left([run.train["label"].prompts[i]], tok.pad_token_id, run.device)
             t_ids = torch.tensor([target])
-            hs = response_hidden(student, lp, lm, t_ids, torch.ones_like(t_ids, dtype=torch.bool))[0]
+            hs = response_hidden(student.module, lp, lm, t_ids, torch.ones_like(t_ids, dtype=torch.bool))[0]
             ht = hidden[i, len(trace) - L : len(trace)]
-            total += distill_kl_ref(hs, student.lm_head.weight, ht, run.teacher.lm_head.weight, kind="rkl",
+            total += distill_kl_ref(hs, student.module.lm_head.weight, ht, run.teacher.module.lm_head.weight, kind="rkl",
                                     vocab_size=len(tok)).sum().item()  # fmt: skip
             n_tokens += L
     assert loss == pytest.approx(total / n_tokens, rel=1e-5)
