@@ -163,8 +163,8 @@ def test_label_student_rows_align_with_the_teachers_answer_positions(bench, teac
             t_ids = torch.tensor([target])
             hs = response_hidden(student.module, lp, lm, t_ids, torch.ones_like(t_ids, dtype=torch.bool))[0]
             ht = hidden[i, len(trace) - L : len(trace)]
-            total += distill_kl_ref(hs, student.module.lm_head.weight, ht, run.teacher.module.lm_head.weight, kind="rkl",
-                                    vocab_size=len(tok)).sum().item()  # fmt: skip
+            ws, wt = student.module.lm_head.weight, run.teacher.module.lm_head.weight
+            total += distill_kl_ref(hs, ws, ht, wt, kind="rkl", vocab_size=len(tok)).sum().item()
             n_tokens += L
     assert loss == pytest.approx(total / n_tokens, rel=1e-5)
 
