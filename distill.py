@@ -6,6 +6,7 @@
     python distill.py --teacher runs/qwen/best --student /models/Qwen2.5-0.5B-Instruct --dtype bf16 \
         --prompts-per-step 64 --max-new-tokens 1024 --lr 1e-5
     python distill.py --name distill --resume          # continue an interrupted run exactly
+    torchrun --nproc-per-node 8 distill.py --teacher DIR --student DIR ...   # 8 processes (FSDP2 or DDP)
     python distill.py --help                           # every option
 
 Two students learn from the same teacher samples (PAPER.md, "Distillation for serving"):

@@ -6,6 +6,7 @@
     python train.py --model /models/Qwen2.5-0.5B-Instruct --data-dir /data/grm --name qwen \
         --max-prompt-tokens 2048 --max-new-tokens 1024 --prompts-per-step 40 --group-size 8 --rl-lr 1e-6
     python train.py --name default --resume           # continue an interrupted run exactly
+    torchrun --nproc-per-node 8 train.py --model DIR ...   # 8 processes: FSDP2 (or --parallel ddp); README
     python train.py --help                            # every option
 
 The default run generates the built-in benchmark into data/builtin when it is missing, trains the `tiny` preset
