@@ -39,6 +39,7 @@ import math
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -396,7 +397,8 @@ def accumulate(run: Run, student: Policy, rows, teacher_hidden, mask, where: str
     slices = micro_slices(len(rows[0]), cfg.micro_batch)
     n_micro = dist.max_int(len(slices))
     total = torch.zeros((), device=run.device)
-    with run.teacher.full_head() as teacher_weight:
+    head = run.teacher.full_head() if cfg.loss != "seq" else nullcontext(None)  # seq needs no teacher head
+    with head as teacher_weight:
         for m in range(n_micro):
             # past this rank's rows: its first row again, with a zero mask (no loss, no gradient)
             sl = slices[m] if m < len(slices) else slice(0, 1)

@@ -174,6 +174,7 @@ class Policy:
         self._gathered = False
         self._root = _Root(model)
         if self.strategy == "fsdp":
+            # a model that names no layer classes is sharded as one group: correct, with a larger gathered peak
             layer_types = set(getattr(model, "_no_split_modules", None) or ())
             self._layers = [m for m in model.modules() if type(m).__name__ in layer_types]
             for layer in self._layers:
@@ -199,7 +200,8 @@ class Policy:
     @contextmanager
     def gathered(self):
         """Full weights on every rank inside the block, so that calls there need no communication (ranks may make
-        different numbers of them: sampling, evaluation). Entering and leaving are collective under FSDP."""
+        different numbers of them: sampling, evaluation). Under FSDP entering is collective (one all-gather per
+        group); leaving frees the gathered copies."""
         if self.strategy != "fsdp" or self._gathered:
             yield
             return
