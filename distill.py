@@ -79,7 +79,7 @@ from runtime.loop import (
     setup_run_dir,
     shard_check,
 )
-from runtime.parallel import STRATEGIES, Dist, Policy, init_distributed, resolve_strategy, shutdown
+from runtime.parallel import STRATEGIES, Dist, Policy, process_group, resolve_strategy
 from sam.parse import parse_scores
 from sam.prompt import render_label
 
@@ -667,11 +667,12 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     started = time.perf_counter()
     cfg, given = parse_config(Config, argv, __doc__)
-    dist = init_distributed(cfg.device)
     try:
-        return run_distill(cfg, given, dist, started)
-    finally:
-        shutdown()
+        with process_group(cfg.device) as dist:
+            return run_distill(cfg, given, dist, started)
+    except ConfigError as exc:  # joining the ranks failed; run_distill() reports its own errors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def run_distill(cfg: Config, given: set[str], dist: Dist, started: float) -> int:

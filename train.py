@@ -78,7 +78,7 @@ from runtime.loop import (
     setup_run_dir,
     shard_check,
 )
-from runtime.parallel import STRATEGIES, Dist, Policy, init_distributed, resolve_strategy, shutdown
+from runtime.parallel import STRATEGIES, Dist, Policy, process_group, resolve_strategy
 from sam.advantage import METHODS, group_advantages
 from sam.mask import POLICIES, keep_weights
 from sam.prompt import FORMATS, NUM_BOXES, load_rules
@@ -643,11 +643,12 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()  # the per-file bars of save/load would break the progress bar's line
     started = time.perf_counter()
     cfg, given = parse_config(Config, argv, __doc__)
-    dist = init_distributed(cfg.device)
     try:
-        return train(cfg, given, dist, started)
-    finally:
-        shutdown()
+        with process_group(cfg.device) as dist:
+            return train(cfg, given, dist, started)
+    except ConfigError as exc:  # joining the ranks failed; train() reports its own errors
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def train(cfg: Config, given: set[str], dist: Dist, started: float) -> int:

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from model.hf import head_weight
+from runtime.config import ConfigError
 
 try:  # public since torch 2.6
     from torch.distributed.fsdp import FSDPModule, fully_shard
@@ -97,8 +98,8 @@ class Dist:
     def device(self) -> torch.device:
         return torch.device("cuda", self.local_rank) if self.backend == "nccl" else torch.device("cpu")
 
-    def shard(self, items: list) -> list:
-        """This rank's contiguous share of a list whose length the world size divides."""
+    def shard(self, items):
+        """This rank's contiguous share of a list (or a tensor's rows) whose length the world size divides."""
         n = len(items) // self.world
         return items[self.rank * n : (self.rank + 1) * n]
 
@@ -114,7 +115,8 @@ def init_distributed(device: str = "auto") -> Dist:
     backend = "nccl" if cuda else "gloo"
     if cuda:
         if local >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local} but this node has {torch.cuda.device_count()} GPU(s)")
+            raise ConfigError(f"LOCAL_RANK {local}, but this node has {torch.cuda.device_count()} GPU(s): start at "
+                              "most one process per GPU (torchrun --nproc-per-node)")  # fmt: skip
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group(backend)
@@ -126,12 +128,21 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def process_group(device: str = "auto"):
+    """`init_distributed` for the length of a block (a script's main), then leave the process group."""
+    try:
+        yield init_distributed(device)
+    finally:
+        shutdown()
+
+
 def resolve_strategy(strategy: str, world: int) -> str:
     """The engine in use: none for one process; fsdp (FSDP2) where this torch has it, else ddp, for `auto`."""
     if world == 1:
         return "none"
     if strategy == "fsdp" and fully_shard is None:
-        raise RuntimeError(f"--parallel fsdp needs FSDP2 (torch >= 2.4); this is torch {torch.__version__}")
+        raise ConfigError(f"--parallel fsdp needs FSDP2 (torch >= 2.4); this is torch {torch.__version__}")
     return ("fsdp" if fully_shard is not None else "ddp") if strategy == "auto" else strategy
 
 

@@ -55,11 +55,6 @@ def rl_batch(prompts) -> train.Rollouts:
     return train.Rollouts(p_ids, p_mask, completion, response, adv, keep, step_id)
 
 
-def shard(x, dist):
-    n = x.shape[0] // dist.world
-    return x[dist.rank * n : (dist.rank + 1) * n]
-
-
 def params(policy: Policy) -> dict:
     """Full copies of the parameters (gathered from the shards under FSDP)."""
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
@@ -80,7 +75,7 @@ def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_i
     ref = Policy(fresh().requires_grad_(False), dist, strategy, trainable=False)
     opt, sched = make_optimizer(policy.module, 1e-2, 10, 0, weight_decay=0.01, schedule="constant")
     prompts = [torch.randint(2, V, (3 + 4 * i,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
-    batch = train.Rollouts(*(shard(t, dist) for t in rl_batch(prompts)))
+    batch = train.Rollouts(*(dist.shard(t) for t in rl_batch(prompts)))
     loss, metrics, norms = train.rl_update(policy, opt, sched, batch, cfg, dist=dist, ref=ref)
     result["rl"] = {"loss": loss, "metrics": metrics, "grad_norms": norms, "params": params(policy)}
     full = policy.full_state_dict()
@@ -100,7 +95,7 @@ def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_i
     traces[2:] = [t[: len(t) // 2] for t in traces[2:]]
     p_ids, p_mask = pad_left(run.train[run.fmt].prompts[:4], tok.pad_token_id, "cpu")
     c_ids, c_mask = pad_right(traces, tok.pad_token_id, "cpu")
-    teacher_batch = tuple(shard(t, dist) for t in (p_ids, p_mask, c_ids, c_mask))
+    teacher_batch = tuple(dist.shard(t) for t in (p_ids, p_mask, c_ids, c_mask))
     label_prompts = dist.shard(run.train["label"].prompts[:4])
     hidden = distill.teacher_states(run, teacher_batch)
     result["distill"] = {}

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -187,7 +188,7 @@ def test_resume_under_another_world_size_is_a_clear_error(bench, tmp_path, monke
 def test_indivisible_batches_are_refused(bench, tmp_path, capsys, monkeypatch):
     import train
 
-    monkeypatch.setattr(train, "init_distributed", lambda device: Dist(rank=0, world=2))
+    monkeypatch.setattr(train, "process_group", lambda device: nullcontext(Dist(rank=0, world=2)))
     monkeypatch.setattr(Dist, "barrier", lambda self: None)
     assert train.main(train_args(bench, tmp_path, "--prompts-per-step", "3")) == 2
     assert "--prompts-per-step 3 is not divisible by the world size 2" in capsys.readouterr().err
