@@ -45,6 +45,7 @@ import train
 from data.schema import write_text_atomic
 from runtime.config import ConfigError, parse_config, parse_flags
 from runtime.data import BUILTIN_DIR, DataError, ensure_builtin
+from sam.metrics import paired_bootstrap
 
 ROOT = Path(__file__).resolve().parent
 PLACEMENT = {"name", "out_dir", "seed", "stages", "init", "resume", "halt_after"}  # flags this script sets
@@ -358,38 +359,6 @@ def load_predictions(path: Path) -> dict[str, tuple[list[str], np.ndarray, np.nd
         gold.append(row["label"])
         pred.append(99 if row["predicted"] is None else row["predicted"])
     return {s: (ids, np.array(g), np.array(p)) for s, (ids, g, p) in by_split.items()}
-
-
-def metric_on(gold: np.ndarray, pred: np.ndarray, idx: np.ndarray, metric: str) -> np.ndarray:
-    """Accuracy or macro-F1 (sam/metrics.py's definitions: malformed is wrong, macro over the gold classes
-    present) of each resample: idx (R, n) indices into the examples -> (R,)."""
-    g, p = gold[idx], pred[idx]
-    if metric == "accuracy":
-        return (g == p).mean(axis=1)
-    f1_sum, present = np.zeros(len(idx)), np.zeros(len(idx))
-    for c in np.unique(gold):
-        tp = ((p == c) & (g == c)).sum(1)
-        gp = (g == c).sum(1)
-        denom = (p == c).sum(1) + gp
-        f1_sum += np.where(tp > 0, 2 * tp / np.maximum(denom, 1), 0.0)
-        present += gp > 0
-    return f1_sum / present
-
-
-def paired_bootstrap(arm: list, base: list, metric: str, resamples: int, seed: int = 0) -> dict:
-    """arm, base: per seed (gold, pred) on the same examples. Mean over seeds of (arm - base) with a two-level
-    (seeds, then examples) bootstrap 95% interval, and the per-seed differences."""
-    rng = np.random.default_rng(seed)
-    k, n = len(arm), len(arm[0][0])
-    full = np.arange(n)[None]
-    per_seed = [float(metric_on(*a, full, metric)[0] - metric_on(*b, full, metric)[0]) for a, b in zip(arm, base)]
-    idx = rng.integers(0, n, size=(resamples, n))
-    diffs = np.stack([metric_on(*a, idx, metric) - metric_on(*b, idx, metric) for a, b in zip(arm, base)])  # (k, R)
-    picks = rng.integers(0, k, size=(resamples, k))
-    boot = diffs[picks, np.arange(resamples)[:, None]].mean(axis=1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"diff": float(np.mean(per_seed)), "lo": float(lo), "hi": float(hi), "per_seed": per_seed,
-            "p_le_0": float((boot <= 0).mean())}  # fmt: skip
 
 
 @dataclass

@@ -43,6 +43,7 @@ from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
@@ -81,10 +82,11 @@ from runtime.loop import (
 from runtime.parallel import STRATEGIES, Dist, Policy, process_group, resolve_strategy
 from sam.advantage import METHODS, group_advantages
 from sam.mask import POLICIES, keep_weights
+from sam.metrics import paired_difference
 from sam.prompt import FORMATS, NUM_BOXES, load_rules
 from sam.reward import outcome_reward
 from sam.segment import SEGMENTERS, num_segments, segment_batch
-from sam.verdict import SOURCES, box_verdicts, expand_to_segments, gold_verdicts
+from sam.verdict import SOURCES, box_verdicts, expand_to_segments, gold_box_verdicts, gold_verdicts
 
 STAGES = ("sft", "rl")
 
@@ -111,7 +113,7 @@ class Config:
     trust_remote_code: bool = False  # allow custom model code from the model directory
     max_prompt_tokens: int = 512  # longer prompts follow --long-prompts
     long_prompts: str = "error"  # error (stop before training) or skip (leave out and count)
-    max_new_tokens: int = 160  # completion budget for sampling (RL and evaluation)
+    max_new_tokens: int = 96  # completion budget for sampling (RL and evaluation)
     micro_batch: int = 32  # sequences per forward/backward pass (gradient accumulation over the rest)
     weight_decay: float = 0.01  # AdamW weight decay
     grad_clip: float = 1.0  # gradient-norm clip
@@ -132,9 +134,9 @@ class Config:
     rl_warmup: int = 5  # RL warm-up steps
     temperature: float = 1.0  # rollout sampling temperature (log-probs use it too)
     top_p: float = 1.0  # rollout nucleus threshold
-    policy: str = "sam"  # masking policy: none, sam, soft, sequence, token
+    policy: str = "sam"  # masking policy: none, sam, soft, sequence, token, random (control: sam's masked fraction)
     segmenter: str = "boxes"  # segments: boxes (paper), steps, box_tokens (with --policy token), none
-    verdicts: str = "box"  # verdict source: box (each boxed score vs the label, paper) or gold (each step vs gold)
+    verdicts: str = "box"  # box (each box vs the label, paper), gold-box (box 1/2 vs gold initial/calibrated), gold
     exception: bool = True  # SAM's exception: keep both when calibration fixed a wrong initial score
     alpha: float = 0.5  # weight a masked segment keeps under --policy soft
     adv_method: str = "grpo"  # grpo, drgrpo, rloo
@@ -150,9 +152,11 @@ class Config:
     agg: str = "seq-mean-token-mean"  # loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum
     # evaluation
     val_split: str = "val"  # validation split
-    val_limit: int = 200  # validation records used (0 = all)
+    val_limit: int = 500  # validation records used (0 = all)
     eval_every: int = 10  # evaluate on validation every N RL steps (and at the end of each stage)
-    eval_temperature: float = 0.6  # sampling temperature of evaluation (the authors validate at 0.6; 0 = greedy)
+    select: str = "last"  # RL model evaluated on the tests: last (the final step) or best (best validation accuracy)
+    eval_temperature: float = 0.0  # evaluation sampling temperature (0 = greedy; the authors validate at 0.6)
+    eval_samples: int = 1  # with --eval-temperature > 0: samples per record, metrics averaged over them
     eval_batch_size: int = 128  # prompts per evaluation batch
     test_splits: str = "test_random,test_longtail"  # splits evaluated after each stage ("" = none)
     test_limit: int = 0  # test records used per split (0 = all)
@@ -188,7 +192,7 @@ class Config:
             "--policy token and --segmenter box_tokens go together (the token policy masks the box tokens alone)",
         )
         need(self.verdicts in SOURCES, f"--verdicts must be one of {SOURCES}, got {self.verdicts!r}")
-        need(self.verdicts == "box" or self.fmt == "criteria", "--verdicts gold needs --fmt criteria")
+        need(self.verdicts == "box" or self.fmt == "criteria", f"--verdicts {self.verdicts} needs --fmt criteria")
         need(self.adv_method in METHODS, f"--adv-method must be one of {METHODS}")
         need(self.zero_variance in ("keep", "drop"), "--zero-variance must be keep or drop")
         need(self.agg in AGG_MODES, f"--agg must be one of {AGG_MODES}, got {self.agg!r}")
@@ -203,6 +207,10 @@ class Config:
         need(self.temperature > 0, "--temperature must be > 0 (RL samples its rollouts)")
         need(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
         need(self.eval_temperature >= 0, "--eval-temperature must be >= 0")
+        need(self.select in ("last", "best"), f"--select must be last or best, got {self.select!r}")
+        need(self.eval_samples >= 1, "--eval-samples must be >= 1")
+        need(self.eval_samples == 1 or self.eval_temperature > 0, "--eval-samples > 1 needs --eval-temperature > 0 "
+             "(greedy decoding gives the same answer every time)")  # fmt: skip
         need(0 <= self.alpha <= 1, "--alpha must be in [0, 1]")
         need(self.dual_clip == 0 or self.dual_clip > 1, "--dual-clip must be > 1, or 0 to turn it off")
         need(0 <= self.clip_low < 1 and self.clip_high >= 0, "need 0 <= --clip-low < 1 and --clip-high >= 0")
@@ -401,12 +409,23 @@ class Run:
         set_rank_rng_states(state, self.dist, generator)
 
     def evaluate(self, enc, policy: Policy | None = None, progress=None, with_predictions=False):
-        """Metrics of one encoded split (and its per-example predictions when asked); the ranks share the work."""
+        """Metrics of one encoded split (and its per-example predictions when asked); the ranks share the work.
+        With --eval-samples K > 1 every record is answered K times (seeds seed, seed + 1, ...): numeric metrics are
+        the mean over the K passes and each prediction carries its sample index."""
         cfg = self.cfg
-        metrics, preds = evaluate_split(policy or self.policy, self.tokenizer, enc, fmt=cfg.fmt,
-                                        temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
-                                        batch_size=cfg.eval_batch_size, seed=cfg.seed, device=self.device,
-                                        progress=progress, dist=self.dist)  # fmt: skip
+        runs = []
+        for k in range(cfg.eval_samples):
+            runs.append(evaluate_split(policy or self.policy, self.tokenizer, enc, fmt=cfg.fmt,
+                                       temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
+                                       batch_size=cfg.eval_batch_size, seed=cfg.seed + k, device=self.device,
+                                       progress=progress, dist=self.dist))  # fmt: skip
+        metrics, preds = runs[0]
+        if len(runs) > 1:
+            metrics = dict(metrics, eval_samples=len(runs))
+            for key, value in runs[0][0].items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    metrics[key] = sum(m[key] for m, _ in runs) / len(runs)
+            preds = [dict(p, sample=k) for k, (_, ps) in enumerate(runs) for p in ps]
         return (metrics, preds) if with_predictions else metrics
 
     def evaluate_tests(self, policy: Policy, stage: str) -> dict:
@@ -419,7 +438,8 @@ class Run:
             results[split], preds = self.evaluate(enc, policy, progress=bar.update, with_predictions=True)
             bar.close()
             lines += [json.dumps({"split": split, "id": p["id"], "label": p["label"], "predicted": p["predicted"],
-                                  "status": p["status"]}) for p in preds]  # fmt: skip
+                                  "status": p["status"], **({"sample": p["sample"]} if "sample" in p else {})})
+                      for p in preds]  # fmt: skip
         if self.dist.main:
             write_text_atomic(self.dir / f"predictions_{stage}.jsonl", "".join(line + "\n" for line in lines))
             write_text_atomic(self.dir / f"eval_{stage}.json", json.dumps(results, indent=2) + "\n")
@@ -499,6 +519,8 @@ def rollout_scores(run: Run, records, completion, response):
                                    malformed_penalty=cfg.malformed_penalty, ordinal=cfg.ordinal_reward)  # fmt: skip
     if cfg.verdicts == "box":
         raw = box_verdicts(parses, labels, NUM_BOXES[cfg.fmt])
+    elif cfg.verdicts == "gold-box":
+        raw = gold_box_verdicts(parses, [r.gold for r in records], labels, NUM_BOXES[cfg.fmt])
     else:
         raw = gold_verdicts(texts, parses, [r.gold for r in records])
     verdicts = expand_to_segments(raw, cfg.segmenter, cfg.fmt, source=cfg.verdicts)
@@ -547,11 +569,14 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         step_id, parses, rewards, comp, verdicts = rollout_scores(run, records, completion, response)
         adv, valid, adv_stats = group_advantages(rewards, G, method=cfg.adv_method, clamp=cfg.adv_clamp or None,
                                                  zero_variance=cfg.zero_variance)  # fmt: skip
-        seg_tokens = torch.stack([(step_id == s).sum(1) for s in range(S)], dim=1)  # (B, S)
+        # tokens per segment of the rollouts in the loss (dropped groups count none), for the weight diagnostics
+        seg_tokens = torch.stack([(step_id == s).sum(1) for s in range(S)], dim=1).cpu() * valid[:, None]  # (B, S)
+        # the random control's draws: a stream per (seed, step, rank), so a resumed run draws the same masks
+        mask_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank + 7)
         keep, sam_diag = keep_weights(verdicts.correct, comp["correct"], comp["well_formed"], policy=cfg.policy,
                                       exception=cfg.exception, alpha=cfg.alpha, known=verdicts.known,
-                                      exception_segments=exception_segments, segment_tokens=seg_tokens.cpu(),
-                                      seq_adv=adv)  # fmt: skip
+                                      exception_segments=exception_segments, segment_tokens=seg_tokens,
+                                      seq_adv=adv, generator=mask_gen, agg=cfg.agg)  # fmt: skip
         step_id = torch.where(valid.to(dev)[:, None], step_id.to(dev), -1)  # dropped groups leave the loss
         batch = Rollouts(p_ids, p_mask, completion, response, adv.to(dev), keep.to(dev), step_id)
         times["score_s"] = time.perf_counter() - t1
@@ -622,6 +647,30 @@ def plot_curves(run_dir: Path) -> Path | None:
     return out
 
 
+def per_example_correct(path: Path) -> dict[str, dict[str, float]]:
+    """{split: {record id: fraction of its samples answered correctly}} from a predictions_<stage>.jsonl."""
+    hits: dict[str, dict[str, list[int]]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        hits.setdefault(row["split"], {}).setdefault(row["id"], []).append(int(row["predicted"] == row["label"]))
+    return {split: {i: sum(v) / len(v) for i, v in by_id.items()} for split, by_id in hits.items()}
+
+
+def paired_rl_vs_sft(run_dir: Path, resamples: int = 2000) -> dict[str, dict]:
+    """Accuracy of the RL model minus the warm-up's on the same test records, with a bootstrap 95% interval."""
+    files = run_dir / "predictions_rl.jsonl", run_dir / "predictions_sft.jsonl"
+    if not all(f.exists() for f in files):
+        return {}
+    rl, sft = (per_example_correct(f) for f in files)
+    out = {}
+    for split in rl:
+        ids = [i for i in rl[split] if i in sft.get(split, {})]
+        if ids:
+            out[split] = paired_difference(np.array([rl[split][i] for i in ids]),
+                                           np.array([sft[split][i] for i in ids]), resamples)  # fmt: skip
+    return out
+
+
 def report(run: Run, started: float) -> None:
     rows = {}
     for stage, file in (("sft", "eval_sft.json"), ("rl", "eval_rl.json")):
@@ -629,7 +678,12 @@ def report(run: Run, started: float) -> None:
             rows[{"sft": "sft warm-up", "rl": "after RL"}[stage]] = json.loads((run.dir / file).read_text())
     if rows:
         print(format_compact(rows))
-    results = {"tests": rows, "wall_s_this_invocation": time.perf_counter() - started,
+    paired = paired_rl_vs_sft(run.dir)
+    for split, d in paired.items():
+        print(f"RL - warm-up on {split}: accuracy {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (paired bootstrap "
+              f"95% interval over {d['n']} records; RL alone right on {d['a_better']}, warm-up alone on "
+              f"{d['b_better']})")  # fmt: skip
+    results = {"tests": rows, "rl_minus_sft": paired, "wall_s_this_invocation": time.perf_counter() - started,
                "parameters": num_parameters(run.model), "config": json.loads(to_json(run.cfg))}  # fmt: skip
     write_text_atomic(run.dir / "results.json", json.dumps(results, indent=2) + "\n")
     png = plot_curves(run.dir)
@@ -694,9 +748,13 @@ def train(cfg: Config, given: set[str], dist: Dist, started: float) -> int:
                     return 0
                 if not (run.dir / "eval_rl.json").exists():
                     best = run.dir / "best"
-                    run.evaluate_tests(run.wrap(run.load(best), trainable=False) if best.exists() else run.policy,
-                                       "rl")  # fmt: skip
-                    say(f"after RL: the best validation accuracy was at RL step {state['best_step']}", flush=True)
+                    if cfg.select == "best" and best.exists():
+                        run.evaluate_tests(run.wrap(run.load(best), trainable=False), "rl")
+                        say(f"after RL: testing the best validation checkpoint, RL step {state['best_step']}")
+                    else:
+                        run.evaluate_tests(run.policy, "rl")
+                        say(f"after RL: testing the last step ({cfg.rl_steps}); the best validation accuracy was "
+                            f"at RL step {state['best_step']}", flush=True)  # fmt: skip
     except NonFiniteLoss as exc:
         print(f"error{f' (rank {dist.rank})' if dist.world > 1 else ''}: {exc}", file=sys.stderr)
         return 3

@@ -27,33 +27,38 @@ import json
 import random
 import re
 import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from data.schema import Record, write_jsonl, write_text_atomic
 from data.tokenizer import build_tokenizer, save_tokenizer
-from sam.prompt import FORMATS, instruction, render_gold_reasoning, render_prompt
+from sam.prompt import FORMATS, LABELS, instruction, render_criteria_trace, render_gold_reasoning, render_prompt
 
 # ---------------------------------------------------------------------------------------------------------------
 # The world
 
+# One word per entity: a query entity is matched against the note's sentences word for word (multi-word entities
+# sharing a word, such as "baby stroller" and "baby bottle", made the match a different task per pair).
 CATEGORIES = {
-    "food": (["ramen", "hotpot", "dumplings", "bubble tea", "croissant", "sushi", "tacos", "curry", "cheesecake"],
-             ["vegan", "spicy", "homemade", "gluten free", "late night"]),
-    "travel": (["hiking trail", "beach resort", "night market", "ski trip", "road trip", "hot spring", "island tour"],
+    "food": (["ramen", "hotpot", "dumplings", "boba", "croissant", "sushi", "tacos", "curry", "cheesecake"],
+             ["vegan", "spicy", "homemade", "glutenfree", "midnight"]),
+    "travel": (["hiking", "resort", "market", "skiing", "roadtrip", "onsen", "cruise"],
                ["budget", "family", "solo", "weekend", "luxury"]),
-    "beauty": (["sunscreen", "lipstick", "face mask", "hair dye", "eyeliner", "moisturizer", "perfume"],
-               ["waterproof", "natural", "long lasting", "sensitive skin", "travel size"]),
-    "fitness": (["yoga", "running shoes", "home workout", "swimming", "pilates", "weight training", "cycling"],
-                ["beginner", "low impact", "morning", "quick", "advanced"]),
-    "tech": (["laptop", "phone case", "earbuds", "smart watch", "camera", "keyboard", "tablet"],
+    "beauty": (["sunscreen", "lipstick", "facemask", "hairdye", "eyeliner", "moisturizer", "perfume"],
+               ["waterproof", "natural", "longlasting", "gentle", "mini"]),
+    "fitness": (["yoga", "sneakers", "workout", "swimming", "pilates", "weights", "cycling"],
+                ["beginner", "lowimpact", "morning", "quick", "advanced"]),
+    "tech": (["laptop", "phonecase", "earbuds", "smartwatch", "camera", "keyboard", "tablet"],
              ["wireless", "gaming", "lightweight", "refurbished", "foldable"]),
-    "parenting": (["baby stroller", "toddler snacks", "bedtime story", "school bag", "baby bottle", "potty training"],
+    "parenting": (["stroller", "snacks", "storybook", "schoolbag", "bottle", "diapers"],
                   ["organic", "safe", "portable", "twin", "newborn"]),
-    "home": (["sofa", "desk lamp", "rice cooker", "storage box", "curtains", "plant pot", "air purifier"],
-             ["small", "quiet", "wooden", "modern", "second hand"]),
-    "fashion": (["denim jacket", "sneakers", "wool coat", "summer dress", "handbag", "scarf", "boots"],
-                ["oversized", "vintage", "black", "linen", "plus size"]),
+    "home": (["sofa", "lamp", "ricecooker", "storage", "curtains", "plantpot", "purifier"],
+             ["small", "quiet", "wooden", "modern", "secondhand"]),
+    "fashion": (["jacket", "loafers", "coat", "dress", "handbag", "scarf", "boots"],
+                ["oversized", "vintage", "black", "linen", "plussize"]),
 }  # fmt: skip
 PLACES = ["Chengdu", "Kyoto", "Lisbon", "Seoul", "Bangkok", "Paris", "Hangzhou", "Osaka", "Bali", "Xiamen"]
 FIRST_NAMES = ["Mia", "Leo", "Ava", "Max", "Ivy", "Sam", "Zoe", "Ken"]
@@ -71,16 +76,16 @@ CASES = {
     "comparison": ("both", "one side"),
     "ranking": ("three or more", "two", "one"),
     "question": ("answered", "not answered"),
-    "numeric": ("present", "absent"),
+    "numeric": ("within", "over"),
     "place": ("guide", "other place"),
-    "product": ("details", "related use"),
+    "product": ("details", "other model"),
     "author": ("exact", "partial"),
 }
 DISTRIBUTIONS = {
     "random": {
-        "types": dict(plain=40, qualifier=15, comparison=3, ranking=3, question=12, numeric=3, place=12, product=9,
-                      author=3),
-        "case_prob": 0.12,  # chance that a rule's evidence is a non-default case
+        "types": dict(plain=25, qualifier=15, comparison=5, ranking=5, question=12, numeric=5, place=15, product=12,
+                      author=6),
+        "case_prob": 0.3,  # chance that a rule's evidence is a non-default case
     },
     "longtail": {
         "types": dict(plain=4, qualifier=8, comparison=16, ranking=16, question=8, numeric=16, place=8, product=8,
@@ -88,30 +93,48 @@ DISTRIBUTIONS = {
         "case_prob": 0.7,
     },
 }  # fmt: skip
-COVERAGE = {"large": 35, "partial": 25, "mention": 15, "none": 25}
+# Which entity of the note the query asks about, and so the coverage: every note has one entity in 4-5 of its 8
+# sentences (A), one in 2-3 (B) and one in exactly 1 (C); the query names A, B, C or an entity the note never names.
+ROLES = {"A": 35, "B": 25, "C": 15, "absent": 25}
+COMPOSITIONS = [(4, 2), (4, 3), (5, 2)]  # (sentences about A, about B); C has 1, filler the rest
+NUM_SENTENCES = 8
+# Every query type's labels follow this distribution (records are drawn until the label matches one drawn from it),
+# so the query alone predicts nothing beyond the majority label; business rules that cap or lower the score would
+# otherwise give each query type its own label mix.
+LABEL_TARGET = {3: 30, 2: 25, 1: 20, 0: 15, -1: 10}
 SPLITS = {"sft": "random", "rl": "random", "val": "random", "test_random": "random", "test_longtail": "longtail"}
-DEFAULT_SIZES = {"sft": 2000, "rl": 8000, "val": 500, "test_random": 1000, "test_longtail": 1000}
+DEFAULT_SIZES = {"sft": 2000, "rl": 8000, "val": 1000, "test_random": 1000, "test_longtail": 1000}
+VERSION = 2
+# The teacher that wrote the warm-up traces (DESIGN.md, "The built-in benchmark"): it has two blind spots, one per
+# scored step, and errs on them at these rates. Step 5 (title bias): when the note's title names the query's
+# entity and the note only partly covers it (partial or mention), the teacher reads the coverage one level higher.
+# Step 6 (missed special case): on a non-default business-rule case the teacher writes the default case and keeps
+# the score. The labels of every split stay the truth. Fixed from pre-RL measurements (docs/benchmark.md).
+TEACHER = {"initial_error": 0.7, "calibration_error": 0.7, "errors": "independent"}
+TEACHER_MODES = ("independent", "correlated", "none")
 
 TOPIC_TEMPLATES = [
-    "I tried {s} last week and loved it.",
-    "Here is what I learned about {s}.",
-    "Many friends asked me about {s}.",
-    "The best part of {s} is the detail.",
+    "I loved {s}.",
+    "More on {s}.",
+    "Friends asked about {s}.",
+    "{s} is worth it.",
     "I would pick {s} again.",
-    "Tip: plan ahead for {s}.",
-    "My honest notes on {s} are below.",
-    "People often get {s} wrong.",
-    "I spent a whole month on {s}.",
-    "Saving this post about {s} for later.",
+    "Tip: plan for {s}.",
+    "My notes on {s}.",
+    "People get {s} wrong.",
+    "A month of {s}.",
+    "Saving this {s} post.",
 ]
 FILLER = [
-    "The weather was nice that day.",
-    "Thanks for reading and see you soon.",
-    "Follow me for more posts.",
-    "Leave a comment if you have questions.",
-    "My cat slept the whole afternoon.",
-    "Coffee first, then everything else.",
+    "Nice weather today.",
+    "Thanks for reading.",
+    "Follow for more.",
+    "Questions welcome.",
+    "My cat slept.",
+    "Coffee first.",
 ]
+TITLES = ["Notes on {s}", "Thoughts about {s}", "A week of {s}", "{s} diary"]
+LEVELS = ("none", "mention", "partial", "large")
 
 
 def _weighted(rng: random.Random, weights: dict):
@@ -120,137 +143,12 @@ def _weighted(rng: random.Random, weights: dict):
 
 
 def _contains(text: str, phrase: str) -> bool:
-    return re.search(r"(?<![A-Za-z])" + re.escape(phrase.lower()) + r"(?![A-Za-z])", text.lower()) is not None
+    return re.search(r"(?<![A-Za-z0-9])" + re.escape(phrase.lower()) + r"(?![A-Za-z0-9])", text.lower()) is not None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Queries
-
-
-def _make_query(rng: random.Random, qtype: str) -> dict:
-    """The query text, its keywords and the slots the note and the rule need."""
-    cat = rng.choice(sorted(CATEGORIES))
-    entities, qualifiers = CATEGORIES[cat]
-    e = rng.choice(entities)
-    q = dict(type=qtype, category=cat, entity=e, keywords=[e])
-    if qtype == "plain":
-        q["text"] = e if rng.random() < 0.5 else f"{e} tips"
-    elif qtype == "qualifier":
-        q["qualifier"] = rng.choice(qualifiers)
-        q["text"] = f"{q['qualifier']} {e}"
-        q["keywords"] = [q["qualifier"], e]
-    elif qtype == "comparison":
-        q["other"] = rng.choice([x for x in entities if x != e])
-        q["text"] = f"{e} vs {q['other']}"
-        q["keywords"] = [e, q["other"]]
-    elif qtype == "ranking":
-        q["size"] = rng.choice(RANK_SIZES)
-        q["text"] = f"top {q['size']} {e}"
-    elif qtype == "question":
-        q["text"] = f"how to choose {e}"
-    elif qtype == "numeric":
-        q["price"] = rng.choice(PRICES)
-        q["text"] = f"{e} under {q['price']} dollars"
-        q["keywords"] = [e, str(q["price"])]
-    elif qtype == "place":
-        q["place"] = rng.choice(PLACES)
-        q["text"] = f"{e} in {q['place']}"
-        q["keywords"] = [e, q["place"]]
-    elif qtype == "product":
-        q["product"] = f"{rng.choice(BRANDS)} {rng.choice(MODELS)} {e}"
-        q["text"] = q["product"]
-        q["keywords"] = [q["product"]]
-    elif qtype == "author":
-        q["author"] = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
-        q["text"] = f"{q['author']} {e}"
-        q["keywords"] = [q["author"], e]
-    q["need"] = "precise" if qtype in ("question", "product", "numeric") else "broad"
-    return q
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Notes
-
-
-def _evidence(rng: random.Random, q: dict, case: str) -> tuple[str, list[str], str, str]:
-    """(subject phrase of on-topic sentences, evidence sentences, rule text for the trace, author)."""
-    e, t = q["entity"], q["type"]
-    author = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
-    if t == "qualifier":
-        qual = q["qualifier"]
-        if case == "kept":
-            return (
-                f"{qual} {e}",
-                [f"Everything here is about {qual} {e}."],
-                f"the note keeps the qualifier {qual}",
-                author,
-            )
-        if case == "dropped":
-            return e, [f"This is about {e} in general."], f"the note drops the qualifier {qual}", author
-        return e, [f"To be clear, this {e} is not {qual}."], f"the note contradicts the qualifier {qual}", author
-    if t == "comparison":
-        if case == "both":
-            return (
-                e,
-                [f"I put {e} and {q['other']} side by side."],
-                f"the note covers both {e} and {q['other']}",
-                author,
-            )
-        return e, [f"I only had time for {e}."], f"the note covers only {e}", author
-    if t == "ranking":
-        k = {"three or more": rng.randint(3, q["size"]), "two": 2, "one": 1}[case]
-        items = " ".join(f"{i + 1}. {p} {e}." for i, p in enumerate(rng.sample(PLACES, k)))
-        return e, [f"My list: {items}"], f"the note lists {k} item{'s' if k > 1 else ''}", author
-    if t == "question":
-        if case == "answered":
-            return e, [f"The answer: to choose {e}, check the size, the price and the reviews."], (
-                "the note answers the question directly"), author  # fmt: skip
-        return e, [f"I still do not know how to choose {e}."], "the note does not answer the question", author
-    if t == "numeric":
-        if case == "present":
-            price = rng.choice([p for p in PRICES if p < q["price"]] or [q["price"] // 2])
-            return e, [f"It costs {price} dollars."], f"the note gives a price of {price} dollars", author
-        return e, [f"I forgot to note the price of {e}."], "the note gives no price", author
-    if t == "place":
-        if case == "guide":
-            p = q["place"]
-            return f"{e} in {p}", [f"A full guide to {e} in {p}."], f"the note is a guide for {p}", author
-        p = rng.choice([x for x in PLACES if x != q["place"]])
-        return f"{e} in {p}", [f"A full guide to {e} in {p}."], f"the note is about {p}, not {q['place']}", author
-    if t == "product":
-        prod = q["product"]
-        if case == "details":
-            return prod, [f"The {prod} has a solid build and a long battery life."], (
-                f"the note gives details of the {prod}"), author  # fmt: skip
-        return prod, [f"I took my {prod} on a trip to {rng.choice(PLACES)}."], (
-            f"the note only mentions using the {prod}"), author  # fmt: skip
-    if t == "author":
-        first, last = q["author"].split()
-        if case == "exact":
-            return e, [], f"the note is by {q['author']}", q["author"]
-        other = f"{first} {rng.choice([x for x in LAST_NAMES if x != last])}"
-        return e, [], f"the note is by {other}, a partial match", other
-    return e, [], "", author
-
-
-def _calibrate(qtype: str, case: str, initial: int) -> int:
-    """The business rule of `qtype` applied to the initial score (only called when initial >= 1)."""
-    default = CASES[qtype][0]
-    if case == default:
-        return initial
-    drop_one = max(1, initial - 1)
-    return {
-        ("qualifier", "dropped"): drop_one,
-        ("qualifier", "flipped"): 0,
-        ("comparison", "one side"): drop_one,
-        ("ranking", "two"): drop_one,
-        ("ranking", "one"): 1,
-        ("question", "not answered"): min(initial, 1),
-        ("numeric", "absent"): drop_one,
-        ("place", "other place"): 0,
-        ("product", "related use"): 1,
-        ("author", "partial"): 1,
-    }[(qtype, case)]
+def coverage_level(count: int) -> str:
+    """Coverage from the number of the note's 8 sentences about the query entity."""
+    return "large" if count >= 4 else "partial" if count >= 2 else "mention" if count == 1 else "none"
 
 
 def _rubric(coverage: str, category_match: bool, hits: list[str]) -> int:
@@ -263,109 +161,267 @@ def _rubric(coverage: str, category_match: bool, hits: list[str]) -> int:
     return 0 if category_match or hits else -1
 
 
-def _sentences(rng, subject: str, n: int) -> list[str]:
-    return [rng.choice(TOPIC_TEMPLATES).format(s=subject) for _ in range(n)]
+def _calibrate(qtype: str, case: str | None, initial: int) -> int:
+    """The business rule of `qtype` applied to the initial score; defined for every initial score (a rule that
+    lowers by one leaves scores below 2 alone, a cap leaves scores under it alone)."""
+    if case is None or case == CASES[qtype][0]:
+        return initial
+    lower = initial - 1 if initial >= 2 else initial
+    return {
+        ("qualifier", "dropped"): lower,
+        ("qualifier", "flipped"): min(initial, 0),
+        ("comparison", "one side"): lower,
+        ("ranking", "two"): lower,
+        ("ranking", "one"): min(initial, 1),
+        ("question", "not answered"): min(initial, 1),
+        ("numeric", "over"): lower,
+        ("place", "other place"): min(initial, 0),
+        ("product", "other model"): min(initial, 1),
+        ("author", "partial"): min(initial, 1),
+    }[(qtype, case)]
 
 
-def make_record(rng: random.Random, split: str, index: int, dist: str, case_prob: float | None = None) -> Record:
-    """One record of the world, with gold values for every step. `case_prob` overrides the distribution's."""
+# ---------------------------------------------------------------------------------------------------------------
+# Notes, then the query that makes the wanted coverage: the note's surface never depends on the label
+
+
+def _make_note(rng: random.Random) -> dict:
+    """A note of one category: entities A, B, C in a:b:1 of 8 sentences, the rest filler, shuffled."""
+    cat = rng.choice(sorted(CATEGORIES))
+    entities, qualifiers = CATEGORIES[cat]
+    a, b = rng.choice(COMPOSITIONS)
+    A, B, C = rng.sample(entities, 3)
+    body = [(A, t) for t in rng.sample(TOPIC_TEMPLATES, a)] + [(B, t) for t in rng.sample(TOPIC_TEMPLATES, b)]
+    body += [(C, rng.choice(TOPIC_TEMPLATES))] + [(None, f) for f in rng.sample(FILLER, NUM_SENTENCES - a - b - 1)]
+    rng.shuffle(body)
+    return dict(category=cat, entities={"A": A, "B": B, "C": C}, counts={A: a, B: b, C: 1},
+                sentences=[t.format(s=e) if e else t for e, t in body])  # fmt: skip
+
+
+def _make_query(rng: random.Random, qtype: str, note: dict, role: str) -> dict:
+    """The query: its entity plays `role` in the note (A, B, C or absent); text, keywords and rule slots."""
+    if role == "absent":
+        # half from the note's category (a near miss: categories match), half from another one
+        same = rng.random() < 0.5
+        cat = note["category"] if same else rng.choice([c for c in sorted(CATEGORIES) if c != note["category"]])
+        e = rng.choice([x for x in CATEGORIES[cat][0] if x not in note["counts"]])
+    else:
+        cat, e = note["category"], note["entities"][role]
+    q = dict(type=qtype, category=cat, entity=e, keywords=[e])
+    qualifiers = CATEGORIES[cat][1]
+    if qtype == "plain":
+        q["text"] = e if rng.random() < 0.5 else f"{e} tips"
+    elif qtype == "qualifier":
+        q["qualifier"] = rng.choice(qualifiers)
+        q["text"] = f"{q['qualifier']} {e}"
+        q["keywords"] = [q["qualifier"], e]
+    elif qtype == "comparison":
+        q["other"] = rng.choice([x for x in CATEGORIES[cat][0] if x != e and x not in note["counts"]])
+        q["text"] = f"{e} vs {q['other']}"
+        q["keywords"] = [e, q["other"]]
+    elif qtype == "ranking":
+        q["size"] = rng.choice(RANK_SIZES)
+        q["text"] = f"top {q['size']} {e}"
+    elif qtype == "question":
+        q["text"] = f"how to choose {e}"
+    elif qtype == "numeric":
+        q["price"] = rng.choice(PRICES[1:-1])  # a limit with prices on both sides
+        q["text"] = f"{e} under {q['price']} dollars"
+        q["keywords"] = [e, f"{q['price']} dollars"]
+    elif qtype == "place":
+        q["place"] = rng.choice(PLACES)
+        q["text"] = f"{e} in {q['place']}"
+        q["keywords"] = [e, q["place"]]
+    elif qtype == "product":
+        q["brand"], q["model"] = rng.choice(BRANDS), rng.choice(MODELS)
+        q["text"] = f"{q['brand']} {q['model']} {e}"
+        q["keywords"] = [f"{q['brand']} {q['model']}", e]
+    elif qtype == "author":
+        q["first"], q["last"] = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+        q["text"] = f"{q['first']} {q['last']} {e}"
+        q["keywords"] = [f"{q['first']} {q['last']}", e]
+    q["need"] = "precise" if qtype in ("question", "product", "numeric") else "broad"
+    return q
+
+
+def _detail(rng: random.Random, kind: str, q: dict | None, case: str | None, cat: str) -> tuple[str, str | None]:
+    """(detail sentence, author or None) of `kind`: the evidence of the query's rule when `q` is given (for `case`),
+    else a random detail of that kind (every note has one detail line, so its presence tells nothing)."""
+    entities, qualifiers = CATEGORIES[cat]
+    if kind == "qualifier":
+        qual = q["qualifier"] if q else rng.choice(qualifiers)
+        if case == "dropped" or (q is None and rng.random() < 0.3):
+            return f"Style: {rng.choice([x for x in qualifiers if x != qual])}.", None
+        return (f"Style: not {qual}." if case == "flipped" else f"Style: {qual}."), None
+    if kind == "comparison":
+        other = q["other"] if q and case == "both" else rng.choice(entities)
+        return f"Also compared: {other}.", None
+    if kind == "ranking":
+        k = {"three or more": rng.choice([3, 5, 10]), "two": 2, "one": 1}.get(case) or rng.choice([1, 2, 3, 5, 10])
+        return f"List: {k} pick{'s' if k > 1 else ''}.", None
+    if kind == "question":
+        answered = case == "answered" if q else rng.random() < 0.7
+        return ("It explains how to choose." if answered else "It does not explain how to choose."), None
+    if kind == "numeric":
+        limit = q["price"] if q else rng.choice(PRICES[1:-1])
+        if case == "over":
+            price = rng.choice([p for p in PRICES if p > limit])
+        elif case == "within":
+            price = rng.choice([p for p in PRICES if p <= limit])
+        else:
+            price = rng.choice(PRICES)
+        return f"Price: {price} dollars.", None
+    if kind == "place":
+        place = q["place"] if q and case == "guide" else rng.choice([p for p in PLACES if not q or p != q["place"]])
+        return f"Place: {place}.", None
+    if kind == "product":
+        brand = q["brand"] if q else rng.choice(BRANDS)
+        if q and case == "details":
+            model = q["model"]
+        else:
+            model = rng.choice([m for m in MODELS if not q or m != q["model"]])
+        return f"Model: {brand} {model}.", None
+    # author: the evidence is the note's author field
+    if q and case == "exact":
+        return "", f"{q['first']} {q['last']}"
+    if q:
+        return "", f"{q['first']} {rng.choice([x for x in LAST_NAMES if x != q['last']])}"
+    return "", f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+
+
+def _teacher(rng: random.Random, gold: dict, title_names_query: bool, teacher: dict) -> dict:
+    """The imperfect teacher's step values for one record (see TEACHER): coverage, initial, case, calibrated."""
+    mode = teacher["errors"]
+    hard5 = title_names_query and gold["coverage"] in ("partial", "mention")
+    hard6 = gold["case"] is not None and gold["case"] != CASES[gold["rule"]][0]
+    u5, u6 = rng.random(), rng.random()
+    if mode == "correlated":  # the teacher errs only where both blind spots meet, at both steps, on one draw
+        hard5 = hard6 = hard5 and hard6
+        u6 = u5
+    err5 = mode != "none" and hard5 and u5 < teacher["initial_error"]
+    err6 = mode != "none" and hard6 and u6 < teacher["calibration_error"]
+    coverage = LEVELS[LEVELS.index(gold["coverage"]) + 1] if err5 else gold["coverage"]
+    initial = _rubric(coverage, gold["query_category"] == gold["note_category"], gold["hits"])
+    case = CASES[gold["rule"]][0] if err6 else gold["case"]
+    calibrated = _calibrate(gold["rule"], case, initial) if gold["rule"] else initial
+    return {"coverage": coverage, "initial": initial, "case": case, "calibrated": calibrated, "hard5": hard5,
+            "hard6": hard6, "err5": err5, "err6": err6}  # fmt: skip
+
+
+def make_record(rng: random.Random, split: str, index: int, dist: str, case_prob: float | None = None,
+                teacher: dict | None = None) -> Record:  # fmt: skip
+    """One record of the world, with gold values for every step; sft records carry the teacher's trace.
+
+    The note is drawn first and alone (so nothing on its surface depends on the label), then the query's role in it
+    (which sets the coverage), its type and the business-rule case; the note's detail line is the rule's evidence.
+    `case_prob` overrides the distribution's chance of a non-default case."""
+    teacher = dict(TEACHER if teacher is None else teacher)
     spec = DISTRIBUTIONS[dist]
-    q = _make_query(rng, _weighted(rng, spec["types"]))
-    qtype, e, cat = q["type"], q["entity"], q["category"]
-    coverage = _weighted(rng, COVERAGE)
+    qtype = _weighted(rng, spec["types"])
+    target = _weighted(rng, LABEL_TARGET)
+    # rejection: P(label | query type) is LABEL_TARGET for every type. A label that a setting makes (nearly)
+    # impossible for a type (e.g. -1 for qualifier queries when --case-prob 0 keeps every qualifier, a keyword hit)
+    # gives up after 1000 draws and keeps the last record: the label mix then departs from the target for that type.
+    for _ in range(1000):
+        record = _draw_record(rng, split, index, spec, qtype, case_prob, teacher)
+        if record.label == target:
+            break
+    return record
+
+
+def _draw_record(rng, split, index, spec, qtype, case_prob, teacher) -> Record:
+    note = _make_note(rng)
+    role = _weighted(rng, ROLES)
+    q = _make_query(rng, qtype, note, role)
     case = None
     if qtype in CASES:
         default, *others = CASES[qtype]
-        case = rng.choice(others) if rng.random() < (spec["case_prob"] if case_prob is None else case_prob) else default
-
-    if coverage == "none":
-        kind = rng.choice(["near miss", "keyword", "unrelated"])
-        note_cat = cat if kind == "near miss" else rng.choice([c for c in sorted(CATEGORIES) if c != cat])
-        pool = [x for x in CATEGORIES[note_cat][0] if x not in q["keywords"] and x != q.get("other")]
-        other = rng.choice(pool)
-        body = _sentences(rng, other, 7) + rng.sample(FILLER, 3)
-        author = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
-        side = {"qualifier": q.get("qualifier"), "numeric": str(q.get("price")), "place": q.get("place")}.get(qtype)
-        if kind == "keyword" and side:
-            # a side keyword of the query (never its subject) appears in passing in an unrelated note: tangential
-            body[1] = f"I also saw a sign that said {side}."
-        elif kind == "keyword" and qtype == "author":
-            author = q["author"]  # an unrelated note by the queried author
-        title = f"My {other} story"
-        rule_text, evidence = "", []
-    else:
-        note_cat = cat
-        subject, evidence, rule_text, author = _evidence(rng, q, case) if case else (e, [], "", None)
-        author = author or f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
-        if coverage == "large":
-            n_topic, n_total = rng.randint(9, 10), 10
-        elif coverage == "partial":
-            n_topic, n_total = rng.randint(3, 7), 10
-        else:
-            n_topic, n_total = 1, 12
-        topic = (evidence + _sentences(rng, subject, n_topic))[:n_topic]
-        others = [x for x in CATEGORIES[cat][0] if x != e and x != q.get("other")]
-        off = []
-        for _ in range(n_total - n_topic):
-            off.append(rng.choice(FILLER) if rng.random() < 0.5 else _sentences(rng, rng.choice(others), 1)[0])
-        # on-topic sentences first for a large share, spread otherwise
-        body = topic + off if coverage == "large" else off[:1] + topic + off[1:]
-        title = f"All about {subject}" if coverage == "large" else f"My {cat} diary"
-
-    content = " ".join(body)
-    note = {"title": title, "content": content, "tags": [note_cat]}
+        p = spec["case_prob"] if case_prob is None else case_prob
+        case = rng.choice(others) if rng.random() < p else default
+    nondefault = case is not None and case != CASES[qtype][0]
+    # the title names one of the note's entities (or none), drawn without looking at the query; in the correlated
+    # control world the title bias is tied to the rule case instead, so the teacher's two blind spots coincide
+    title_entity = rng.choice([note["entities"]["A"], note["entities"]["B"], note["entities"]["C"], None])
+    if teacher["errors"] == "correlated" and role in ("B", "C"):
+        title_entity = q["entity"] if nondefault else rng.choice([x for x in note["counts"] if x != q["entity"]])
+    title = rng.choice(TITLES).format(s=title_entity) if title_entity else f"My {note['category']} notes"
+    title = title[0].upper() + title[1:]
+    kind = qtype if qtype in CASES else rng.choice(sorted(CASES))
+    detail, author = _detail(rng, kind, q if qtype in CASES else None, case, note["category"])
+    author = author or f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+    content = " ".join(note["sentences"] + ([detail] if detail else []))
+    note_json = {"title": title, "content": content, "tags": [note["category"]]}
     text = f"{title} {content}"
-    hits = [k for k in q["keywords"] if _contains(text, k) or (k == q.get("author") and k == author)]
+    hits = [k for k in q["keywords"] if _contains(text, k) or k == author]
     misses = [k for k in q["keywords"] if k not in hits]
-    initial = _rubric(coverage, note_cat == cat, hits)
-    applies = case is not None and initial >= 1
-    calibrated = _calibrate(qtype, case, initial) if applies else initial
+    coverage = coverage_level(note["counts"].get(q["entity"], 0))
+    initial = _rubric(coverage, note["category"] == q["category"], hits)
+    calibrated = _calibrate(qtype, case, initial) if case else initial
     gold = {
         "query_type": qtype,
         "need": q["need"],
         "coverage": coverage,
-        "query_category": cat,
-        "note_category": note_cat,
+        "query_category": q["category"],
+        "note_category": note["category"],
         "hits": hits,
         "misses": misses,
         "initial": initial,
-        "rule": qtype if applies else None,
-        "case": case if applies else None,
-        "rule_text": rule_text if applies else "",
+        "rule": qtype if case else None,
+        "case": case,
         "calibrated": calibrated,
         "final": calibrated,
     }
+    t = _teacher(rng, gold, title_entity == q["entity"], teacher)
     record = Record(
         id=f"{split}-{index:06d}",
         query=q["text"],
-        note=note,
+        note=note_json,
         label=calibrated,
-        query_extra={"category": cat},
+        query_extra={"category": q["category"], "subject": q["entity"]},  # query understanding: what it is about
         note_extra={"author": author},
         gold=gold,
     )
     if split == "sft":
-        record.reasoning = render_gold_reasoning(record, "criteria")
+        record.gold["teacher"] = {k: t[k] for k in ("coverage", "initial", "case", "calibrated")}
+        record.reasoning = render_criteria_trace(
+            need=q["need"], coverage=t["coverage"], match=note["category"] == q["category"], hits=len(hits),
+            keywords=len(q["keywords"]), initial=t["initial"], rule=gold["rule"], case=t["case"],
+            calibrated=t["calibrated"], final=t["calibrated"],
+        )  # fmt: skip
     return record
 
 
-def generate(seed: int = 0, sizes: dict | None = None, case_prob: float | None = None) -> dict[str, list[Record]]:
-    """All splits; each split's stream depends only on (seed, split name, case_prob).
+def generate(seed: int = 0, sizes: dict | None = None, case_prob: float | None = None,
+             teacher: dict | None = None) -> dict[str, list[Record]]:  # fmt: skip
+    """All splits; each split's stream depends only on (seed, split name, case_prob, teacher).
 
     `case_prob` is the difficulty knob of the RANDOM splits (sft, rl, val, test_random): the chance that a query
-    type's business rule meets a non-default case, so that calibration (step 6) changes the initial score. The
-    default (None) keeps the distribution's own 0.12, under which calibration changes about 5% of the labels; the
-    LONGTAIL split keeps 0.7 whatever the knob. Raise it when a study needs the intermediate scores to disagree
-    with the final one more often (SAM only acts on such rollouts; docs/ablation.md).
+    type's business rule meets a non-default case. The default (None) keeps the distribution's own (0.3); the
+    LONGTAIL split keeps 0.7 whatever the knob. `teacher` overrides TEACHER (the warm-up traces' error rates and
+    mode); it changes the sft traces, and in the correlated mode the titles of every split.
     """
     if case_prob is not None and not 0 <= case_prob <= 1:
         raise ValueError(f"case_prob must be in [0, 1], got {case_prob}")
+    teacher = check_teacher(teacher)
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
     out = {}
     for split, n in sizes.items():
-        rng = random.Random(f"grm-sam/{seed}/{split}")
+        rng = random.Random(f"grm-sam/v{VERSION}/{seed}/{split}")
         knob = case_prob if SPLITS[split] == "random" else None
-        out[split] = [make_record(rng, split, i, SPLITS[split], knob) for i in range(n)]
+        out[split] = [make_record(rng, split, i, SPLITS[split], knob, teacher) for i in range(n)]
+    return out
+
+
+def check_teacher(teacher: dict | None) -> dict:
+    out = dict(TEACHER)
+    out.update(teacher or {})
+    if set(out) != set(TEACHER):
+        raise ValueError(f"teacher settings are {sorted(TEACHER)}, got {sorted(out)}")
+    for key in ("initial_error", "calibration_error"):
+        if not 0 <= out[key] <= 1:
+            raise ValueError(f"teacher {key} must be in [0, 1], got {out[key]}")
+    if out["errors"] not in TEACHER_MODES:
+        raise ValueError(f"teacher errors must be one of {TEACHER_MODES}, got {out['errors']!r}")
     return out
 
 
@@ -373,42 +429,126 @@ def generate(seed: int = 0, sizes: dict | None = None, case_prob: float | None =
 # Statistics and files
 
 
+_WORD = re.compile(r"[a-z]+|[0-9]+")
+
+
+def _note_text(r: Record) -> str:
+    return " ".join([r.note["title"], r.note["content"], *r.note["tags"], *map(str, r.note_extra.values())])
+
+
+def _query_text(r: Record) -> str:
+    return " ".join([r.query, *map(str, r.query_extra.values())])
+
+
+def bow_baseline(train: list[Record], tests: dict[str, list[Record]], view, dims: int = 1024) -> dict[str, float]:
+    """Accuracy of a bag-of-words multinomial logistic regression that reads only `view(record)`: unigram and
+    bigram counts hashed (crc32) into `dims` buckets, log1p-scaled, fit on `train` by 200 full-batch Adam steps
+    (L2 1e-3, zero init: deterministic) and scored on each split of `tests`. The note-only and query-only views must
+    stay near the majority label: a model that beats them by much has found a one-sided shortcut, not relevance."""
+
+    def features(records) -> np.ndarray:
+        rows, cols = [], []
+        for i, r in enumerate(records):
+            words = _WORD.findall(view(r).lower())
+            grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
+            cols += [bucket[g] if g in bucket else bucket.setdefault(g, zlib.crc32(g.encode()) % dims) for g in grams]
+            rows += [i] * len(grams)
+        x = np.zeros((len(records), dims + 1), dtype=np.float32)
+        np.add.at(x, (np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)), 1.0)
+        x[:, -1] = 1.0  # bias
+        return np.log1p(x)
+
+    bucket: dict[str, int] = {}
+
+    x = features(train)
+    onehot = np.eye(len(LABELS), dtype=np.float32)[[LABELS.index(r.label) for r in train]]
+    w = np.zeros((dims + 1, len(LABELS)), dtype=np.float32)
+    m, v = np.zeros_like(w), np.zeros_like(w)
+    for t in range(1, 201):  # Adam on the mean cross-entropy
+        z = x @ w
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        grad = x.T @ (p - onehot) / len(x) + 1e-3 * w
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad**2
+        w = w - 0.05 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+    out = {}
+    for name, records in tests.items():
+        pred = (features(records) @ w).argmax(1)
+        out[name] = round(float(np.mean(pred == np.array([LABELS.index(r.label) for r in records]))), 4)
+    return out
+
+
 def split_stats(records: list[Record], train_majority: int, type_majority: dict) -> dict:
     n = max(1, len(records))
     labels = Counter(r.label for r in records)
     types = Counter(r.gold["query_type"] for r in records)
-    return {
+    g = [r.gold for r in records]
+    # the joint distribution SAM's case needs: is the initial score hard (coverage at a boundary or a title naming
+    # the query), and does calibration change the score, on the same records
+    joint = Counter(
+        f"initial {'differs from' if x['initial'] != r.label else 'equals'} label, calibration "
+        f"{'changes' if x['calibrated'] != x['initial'] else 'keeps'} the score"
+        for r, x in zip(records, g)
+    )  # fmt: skip
+    out = {
         "size": len(records),
-        "labels": {str(k): labels.get(k, 0) for k in (-1, 0, 1, 2, 3)},
+        "labels": {str(k): labels.get(k, 0) for k in LABELS},
         "query_types": {t: types.get(t, 0) for t in QUERY_TYPES},
-        "coverage": dict(Counter(r.gold["coverage"] for r in records)),
-        "rule_applies_frac": sum(r.gold["rule"] is not None for r in records) / n,
-        "calibration_changes_frac": sum(r.gold["calibrated"] != r.gold["initial"] for r in records) / n,
+        "coverage": {c: sum(x["coverage"] == c for x in g) for c in reversed(LEVELS)},
+        "rule_applies_frac": round(sum(x["rule"] is not None for x in g) / n, 4),
+        "nondefault_case_frac": round(sum(x["case"] not in (None, CASES.get(x["rule"], ("",))[0]) for x in g) / n, 4),
+        "calibration_changes_frac": round(sum(x["calibrated"] != x["initial"] for x in g) / n, 4),
+        "joint": dict(sorted(joint.items())),
         "baseline_acc": {
-            "majority_label": sum(r.label == train_majority for r in records) / n,
-            "query_type_majority": sum(r.label == type_majority.get(r.gold["query_type"]) for r in records) / n,
-            "initial_score_no_calibration": sum(r.label == r.gold["initial"] for r in records) / n,
+            "majority_label": round(sum(r.label == train_majority for r in records) / n, 4),
+            "query_type_majority": round(
+                sum(r.label == type_majority.get(x["query_type"]) for r, x in zip(records, g)) / n, 4
+            ),  # fmt: skip
+            "initial_score_no_calibration": round(sum(r.label == x["initial"] for r, x in zip(records, g)) / n, 4),
         },
     }
+    teacher = [x["teacher"] for x in g if "teacher" in x]
+    if teacher:
+        out["teacher"] = {
+            "label_acc": round(sum(t["calibrated"] == r.label for t, r in zip(teacher, records)) / n, 4),
+            "initial_error_rate": round(sum(t["initial"] != x["initial"] for t, x in zip(teacher, g)) / n, 4),
+            "calibration_error_rate": round(sum(t["case"] != x["case"] for t, x in zip(teacher, g)) / n, 4),
+            "both_steps_wrong_rate": round(
+                sum(t["initial"] != x["initial"] and t["case"] != x["case"] for t, x in zip(teacher, g)) / n, 4
+            ),  # fmt: skip
+        }
+    return out
 
 
-def compute_stats(splits: dict[str, list[Record]], seed: int, case_prob: float | None = None) -> dict:
-    """Distributions and trivial baselines; the majority labels come from the rl split (the training data)."""
+def compute_stats(splits: dict[str, list[Record]], seed: int, case_prob: float | None = None,
+                  teacher: dict | None = None) -> dict:  # fmt: skip
+    """Distributions, the teacher's error rates and trivial baselines; the majority labels and the bag-of-words
+    baselines are fit on the rl split (the training data) and scored on every split."""
     train = splits.get("rl") or next(iter(splits.values()))
     majority = Counter(r.label for r in train).most_common(1)[0][0] if train else 0
     by_type: dict[str, Counter] = {}
     for r in train:
         by_type.setdefault(r.gold["query_type"], Counter())[r.label] += 1
     type_majority = {t: c.most_common(1)[0][0] for t, c in by_type.items()}
-    return {
+    stats = {
+        "version": VERSION,
         "seed": seed,
         "case_prob": {
             "random": DISTRIBUTIONS["random"]["case_prob"] if case_prob is None else case_prob,
             "longtail": DISTRIBUTIONS["longtail"]["case_prob"],
         },  # fmt: skip
+        "teacher": check_teacher(teacher),
         "train_majority_label": majority,
         "splits": {name: split_stats(recs, majority, type_majority) for name, recs in splits.items()},
     }
+    if train:
+        views = {"note_only_bow": _note_text, "query_only_bow": _query_text,
+                 "query_and_note_bow": lambda r: _query_text(r) + " " + _note_text(r)}  # fmt: skip
+        for key, view in views.items():
+            for name, acc in bow_baseline(train, splits, view).items():
+                stats["splits"][name]["baseline_acc"][key] = acc
+    return stats
 
 
 def tokenizer_corpus(splits: dict[str, list[Record]]):
@@ -433,15 +573,17 @@ def vocabulary_corpus():
     yield from tokenizer_corpus(generate(0))
 
 
-def write_benchmark(out: str | Path, seed: int = 0, sizes: dict | None = None, case_prob: float | None = None) -> dict:
+def write_benchmark(out: str | Path, seed: int = 0, sizes: dict | None = None, case_prob: float | None = None,
+                    teacher: dict | None = None) -> dict:  # fmt: skip
     """Generate and write `out`/{split}.jsonl, stats.json and tokenizer/; returns the stats."""
     out = Path(out)
-    splits = generate(seed, sizes, case_prob)
+    splits = generate(seed, sizes, case_prob, teacher)
     for name, records in splits.items():
         write_jsonl(out / f"{name}.jsonl", records)
-    stats = compute_stats(splits, seed, case_prob)
-    write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
+    stats = compute_stats(splits, seed, case_prob, teacher)
     save_tokenizer(build_tokenizer(vocabulary_corpus()), out / "tokenizer")
+    # stats.json last: its version is what runtime.data.ensure_builtin trusts as "this folder is complete"
+    write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     return stats
 
 
@@ -459,30 +601,50 @@ def parse_sizes(text: str) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write the built-in grounded-relevance benchmark.")
+    p = argparse.ArgumentParser(description=f"Write the built-in grounded-relevance benchmark (version {VERSION}).")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sizes", type=parse_sizes, default=dict(DEFAULT_SIZES), help="e.g. sft=2000,rl=8000,val=500")
+    p.add_argument("--sizes", type=parse_sizes, default=dict(DEFAULT_SIZES), help="e.g. sft=2000,rl=8000,val=1000")
     p.add_argument("--case-prob", type=float, default=None, help="difficulty: chance of a non-default business-rule "
-                   "case in the random splits (default 0.12; test_longtail keeps 0.7)")  # fmt: skip
+                   f"case in the random splits (default {DISTRIBUTIONS['random']['case_prob']}; test_longtail keeps "
+                   f"{DISTRIBUTIONS['longtail']['case_prob']})")  # fmt: skip
+    p.add_argument("--teacher-initial-error", type=float, default=TEACHER["initial_error"],
+                   help="rate at which the warm-up traces' teacher falls for the title bias at step 5 (on the "
+                   "records where it can)")  # fmt: skip
+    p.add_argument(
+        "--teacher-calibration-error",
+        type=float,
+        default=TEACHER["calibration_error"],
+        help="rate at which the teacher misses a non-default business-rule case at step 6",
+    )
+    p.add_argument("--teacher-errors", choices=TEACHER_MODES, default=TEACHER["errors"],
+                   help="independent (the two blind spots on their own records), correlated (the control world: "
+                   "they coincide, one draw decides both), none (a perfect teacher)")  # fmt: skip
     args = p.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} exists and is not a folder")
-    if args.case_prob is not None and not 0 <= args.case_prob <= 1:
-        p.error(f"--case-prob must be in [0, 1], got {args.case_prob}")
+    for flag in ("case_prob", "teacher_initial_error", "teacher_calibration_error"):
+        value = getattr(args, flag)
+        if value is not None and not 0 <= value <= 1:  # also refuses nan
+            p.error(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
+    teacher = {"initial_error": args.teacher_initial_error, "calibration_error": args.teacher_calibration_error,
+               "errors": args.teacher_errors}  # fmt: skip
     try:
-        stats = write_benchmark(args.out, args.seed, args.sizes, args.case_prob)
+        stats = write_benchmark(args.out, args.seed, args.sizes, args.case_prob, teacher)
     except OSError as exc:
         print(f"error: cannot write the benchmark to {args.out}: {exc}", file=sys.stderr)
         return 1
     for name, s in stats["splits"].items():
         b = s["baseline_acc"]
-        print(
+        line = (
             f"{name:>14}: {s['size']:>6} records, labels {s['labels']}, calibration changes "
-            f"{s['calibration_changes_frac']:.1%}, majority acc {b['majority_label']:.1%}, "
-            f"initial-score acc {b['initial_score_no_calibration']:.1%}"
+            f"{s['calibration_changes_frac']:.1%}; acc of majority {b['majority_label']:.1%}, note-only "
+            f"{b.get('note_only_bow', float('nan')):.1%}, query-only {b.get('query_only_bow', float('nan')):.1%}"
         )
-    print(f"wrote {args.out}/{{{','.join(stats['splits'])}}}.jsonl, stats.json, tokenizer/")
+        if "teacher" in s:
+            line += f"; teacher label acc {s['teacher']['label_acc']:.1%}"
+        print(line)  # fmt: skip
+    print(f"wrote {args.out}/{{{','.join(stats['splits'])}}}.jsonl, stats.json, tokenizer/ (version {VERSION})")
     return 0
 
 

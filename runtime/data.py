@@ -5,6 +5,7 @@ policy "skip" leaves them out, prints how many per split and records the count i
 truncates a prompt (a truncated note would be judged on text the label was not given for).
 """
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +20,19 @@ class DataError(ValueError):
 
 
 def ensure_builtin(data_dir: str | Path, seed: int = 0) -> bool:
-    """Generate the built-in benchmark into `data_dir` when it is missing; True if it was generated."""
-    from data.synthetic import write_benchmark
+    """Generate the built-in benchmark into `data_dir` when it is missing or of another version (stats.json, written
+    last, holds it); True if it was generated."""
+    from data.synthetic import VERSION, write_benchmark
 
     data_dir = Path(data_dir)
-    if (data_dir / "rl.jsonl").exists() and (data_dir / "tokenizer" / "tokenizer.json").exists():
+    try:
+        found = json.loads((data_dir / "stats.json").read_text()).get("version", 1)
+    except (OSError, ValueError):
+        found = None  # missing or unreadable: generate
+    if found == VERSION and (data_dir / "rl.jsonl").exists() and (data_dir / "tokenizer" / "tokenizer.json").exists():
         return False
-    print(f"generating the built-in benchmark into {data_dir} (seed {seed}) ...", flush=True)
+    was = "" if found is None else f" (it held version {found})"
+    print(f"generating the built-in benchmark version {VERSION} into {data_dir}{was}, seed {seed} ...", flush=True)
     write_benchmark(data_dir, seed)
     return True
 

@@ -1,6 +1,6 @@
 """Evaluation metrics for relevance labels (PAPER.md, "Baselines"): 5-class accuracy, macro-F1 and per-class F1,
 binary accuracy / F1 (relevant iff label >= 1), confusion matrix, malformed rate, per-step agreement with gold,
-and accuracy per query type.
+and accuracy per query type; paired bootstrap intervals for the difference of two models on the same examples.
 
 A malformed completion (no readable label) is a wrong answer everywhere: it counts against accuracy, is a false
 negative for its gold class (and, in the binary view, a false negative when the gold is relevant), and is never a
@@ -8,6 +8,8 @@ false positive for any class. The confusion matrix has a sixth column, "malforme
 """
 
 from collections import defaultdict
+
+import numpy as np
 
 from sam.prompt import LABELS
 
@@ -71,3 +73,49 @@ def relevance_metrics(
             agree.append(sum(known) / len(known) if known else None)
         out["step_agreement"] = agree
     return out
+
+
+def metric_on(gold: np.ndarray, pred: np.ndarray, idx: np.ndarray, metric: str) -> np.ndarray:
+    """Accuracy or macro-F1 (sam/metrics.py's definitions: malformed is wrong, macro over the gold classes
+    present) of each resample: idx (R, n) indices into the examples -> (R,)."""
+    g, p = gold[idx], pred[idx]
+    if metric == "accuracy":
+        return (g == p).mean(axis=1)
+    f1_sum, present = np.zeros(len(idx)), np.zeros(len(idx))
+    for c in np.unique(gold):
+        tp = ((p == c) & (g == c)).sum(1)
+        gp = (g == c).sum(1)
+        denom = (p == c).sum(1) + gp
+        f1_sum += np.where(tp > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+        present += gp > 0
+    return f1_sum / present
+
+
+def paired_bootstrap(arm: list, base: list, metric: str, resamples: int, seed: int = 0) -> dict:
+    """arm, base: per seed (gold, pred) on the same examples. Mean over seeds of (arm - base) with a two-level
+    (seeds, then examples) bootstrap 95% interval, and the per-seed differences."""
+    rng = np.random.default_rng(seed)
+    k, n = len(arm), len(arm[0][0])
+    full = np.arange(n)[None]
+    per_seed = [float(metric_on(*a, full, metric)[0] - metric_on(*b, full, metric)[0]) for a, b in zip(arm, base)]
+    idx = rng.integers(0, n, size=(resamples, n))
+    diffs = np.stack([metric_on(*a, idx, metric) - metric_on(*b, idx, metric) for a, b in zip(arm, base)])  # (k, R)
+    picks = rng.integers(0, k, size=(resamples, k))
+    boot = diffs[picks, np.arange(resamples)[:, None]].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"diff": float(np.mean(per_seed)), "lo": float(lo), "hi": float(hi), "per_seed": per_seed,
+            "p_le_0": float((boot <= 0).mean())}  # fmt: skip
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of a - b over the same examples (a, b: (n,) per-example scores, e.g. 1 for a correct answer, or the
+    fraction of correct samples) with a percentile bootstrap 95% interval over examples, and the counts of
+    examples where a alone or b alone is better."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(f"paired_difference needs two equal-length non-empty vectors, got {a.shape} and {b.shape}")
+    d = a - b
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
+    lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": len(d), "a_better": int((d > 0).sum()),
+            "b_better": int((d < 0).sum())}  # fmt: skip

@@ -31,17 +31,19 @@ RUBRIC = {
     -1: "the need is not met, the categories differ and no query keyword appears",
 }
 
-# The seven steps of the criteria format: (short name used in the step header, instruction).
+# The seven steps of the criteria format: (short name, instruction). Each step's answer is a closed word or number
+# (render_criteria_trace shows the exact wording), so every step can be checked against gold values.
 CRITERIA_STEPS = (
-    ("query need", "Decide whether the query has a precise need (one clear intent) or a broad need (a primary "
-     "need and secondary needs)."),
-    ("coverage", "Estimate how much of the note is about the query: large, partial, mention or none."),
-    ("category", "Compare the category of the query with the category of the note."),
-    ("keywords", "List the query keywords the note hits and the ones it misses; a near miss counts as a miss."),
-    ("initial score", "Give the initial score on the rubric as \\boxed{k}. Do not use the special cases here."),
-    ("calibration", "Check the business special cases below. If one applies, give the calibrated score as "
-     "\\boxed{k}; otherwise repeat the initial score in a box."),
-    ("final score", "Give the final score as \\boxed{k}."),
+    ("query need", "Write `need precise` if the query has one clear intent (a question, a product, a price), "
+     "else `need broad`."),
+    ("coverage", "Write `coverage` and how much of the note is about the query: large (4 or more of its 8 "
+     "sentences), partial (2 or 3), mention (1) or none (0)."),
+    ("category", "Write `category match` if the note's category is the query's, else `category differ`."),
+    ("keywords", "Write `keywords H of K`: how many of the query's K keywords appear in the note."),
+    ("initial score", "Write `initial` and the rubric score as \\boxed{k}. Do not use the special cases here."),
+    ("calibration", "Write the business special case and its outcome (e.g. `qualifier dropped`), or `no case`, "
+     "then the calibrated score as \\boxed{k} (the initial score again if the case keeps it)."),
+    ("final score", "Write `final` and the final score as \\boxed{k}."),
 )  # fmt: skip
 
 GENERIC_STEPS = (
@@ -50,22 +52,26 @@ GENERIC_STEPS = (
     ("final score", "Judge how relevant the note is to the query and give the score as \\boxed{k}."),
 )
 
-# Business special cases for step 6: name -> description. Names match the query types of the built-in benchmark.
+# Business special cases for step 6: name -> description. Names match the query types of the built-in benchmark;
+# the note's detail line (style, comparison, list, answer, price, place, model, author) is the evidence. A case
+# applies whatever the initial score; it changes the score only where the description says so.
 BUSINESS_RULES = {
-    "qualifier": "The query has a qualifier. If the note keeps it, keep the score; if the note drops it, lower "
-    "the score by one (not below 1); if the note contradicts it, the score is 0.",
-    "comparison": "The query compares two things. If the note covers both, keep the score; if it covers only "
-    "one side, lower the score by one (not below 1).",
-    "ranking": "The query asks for a ranking. A note listing three or more items keeps its score; two items lower "
-    "it by one (not below 1); a single item makes it 1.",
-    "question": "The query is a question. If the note answers it directly, keep the score; otherwise the score is "
-    "at most 1.",
-    "numeric": "The query has a number (a price limit). If the note gives a matching number, keep the score; if "
-    "it gives none, lower the score by one (not below 1).",
-    "place": "The query names a place. A guide for that place keeps its score; a note about another place is 0.",
-    "product": "The query names a product. Details of that product keep the score; a note that only mentions "
-    "using it for something else is 1.",
-    "author": "The query names an author. A note by exactly that author keeps its score; a partial name match is 1.",
+    "qualifier": "The query has a qualifier. Style equal to it: kept, keep the score. Another style: dropped, lower "
+    "a score of 2 or more by one. Style `not` the qualifier: flipped, the score is at most 0.",
+    "comparison": "The query compares two things. The note also compares the other one: both, keep the score. "
+    "Something else: one side, lower a score of 2 or more by one.",
+    "ranking": "The query asks for a ranking. A list of three or more picks: keep the score. Two: lower a score of "
+    "2 or more by one. One: the score is at most 1.",
+    "question": "The query is a question. The note explains it: answered, keep the score. It does not: not "
+    "answered, the score is at most 1.",
+    "numeric": "The query has a price limit. A price within it: within, keep the score. Over it: over, lower a "
+    "score of 2 or more by one.",
+    "place": "The query names a place. The note's place is it: guide, keep the score. Another place: other place, "
+    "the score is at most 0.",
+    "product": "The query names a product model. The same model: details, keep the score. Another model of the "
+    "brand: other model, the score is at most 1.",
+    "author": "The query names an author. The note's author exactly: exact, keep the score. Same first name only: "
+    "partial, the score is at most 1.",
 }
 
 
@@ -85,11 +91,9 @@ def load_rules(path: str | Path) -> dict[str, str]:
 
 
 def _input_block(record) -> str:
-    """The query, its side information and the note's fields; empty fields are omitted."""
-    lines = [f"Query: {record.query}"]
-    for key, value in sorted(record.query_extra.items()):
-        if value not in ("", None, [], {}):
-            lines.append(f"Query {key}: {value}")
+    """The note's fields, then the query and its side information; empty fields are omitted. The query comes
+    last, next to where the answer starts: every step of the reasoning compares the note with it."""
+    lines = []
     note = record.note
     for key in ("title", "content"):
         if note.get(key):
@@ -102,6 +106,10 @@ def _input_block(record) -> str:
     for key, value in sorted(record.note_extra.items()):
         if value not in ("", None, [], {}):
             lines.append(f"Note {key}: {value}")
+    lines.append(f"Query: {record.query}")
+    for key, value in sorted(record.query_extra.items()):
+        if value not in ("", None, [], {}):
+            lines.append(f"Query {key}: {value}")
     return "\n".join(lines)
 
 
@@ -162,44 +170,57 @@ def render_label(label: int) -> str:
     return f"\\boxed{{{label}}}"
 
 
+def render_criteria_trace(*, need: str, coverage: str, match: bool, hits: int, keywords: int, initial: int,
+                          rule: str | None, case: str | None, calibrated: int, final: int) -> str:  # fmt: skip
+    """The criteria format's 7 steps from step values, in closed words (no free text copied from the prompt):
+
+        Step 1: need broad                 (precise | broad)
+        Step 2: coverage partial           (large | partial | mention | none)
+        Step 3: category match             (match | differ)
+        Step 4: keywords 1 of 2            (query keywords found in the note, of all query keywords)
+        Step 5: initial \\boxed{2}
+        Step 6: qualifier dropped \\boxed{1}   (rule and case, or "no case")
+        Step 7: final \\boxed{1}
+
+    Every step is checkable against gold values (sam/verdict.py reads these words), and a small model can write
+    it: nothing in it is an entity or a name to be copied.
+    """
+    step6 = f"{rule} {case}" if rule else "no case"
+    return (
+        f"Step 1: need {need}\n"
+        f"Step 2: coverage {coverage}\n"
+        f"Step 3: category {'match' if match else 'differ'}\n"
+        f"Step 4: keywords {hits} of {keywords}\n"
+        f"Step 5: initial \\boxed{{{initial}}}\n"
+        f"Step 6: {step6} \\boxed{{{calibrated}}}\n"
+        f"Step 7: final \\boxed{{{final}}}"
+    )
+
+
 def render_gold_reasoning(record, fmt: str = "criteria") -> str:
     """The gold completion for `fmt` from the record's gold step values (built-in benchmark records carry them).
 
-    Needs gold keys: need, coverage, query_category, note_category, hits, misses, initial, rule, rule_text,
-    calibrated ("criteria"); the label alone suffices for "label".
+    Needs gold keys: need, coverage, query_category, note_category, hits, misses, initial, calibrated (and rule,
+    case when a business rule applies) for "criteria" and "generic"; the label alone suffices for "label".
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}; choose from {FORMATS}")
     if fmt == "label":
         return render_label(record.label)
     gold = record.gold or {}
-    missing = [k for k in ("need", "coverage", "query_category", "note_category", "hits", "misses") if k not in gold]
+    needed = ("need", "coverage", "query_category", "note_category", "hits", "misses", "initial", "calibrated")
+    missing = [k for k in needed if k not in gold]
     if missing:
         raise ValueError(f"record {record.id}: gold is missing {missing}; cannot render a reasoning trace")
-    need = "a precise need (one clear intent)" if gold["need"] == "precise" else "a broad need"
-    hits = ", ".join(gold["hits"]) or "none"
-    misses = ", ".join(gold["misses"]) or "none"
-    match = "they match" if gold["query_category"] == gold["note_category"] else "they differ"
+    match = gold["query_category"] == gold["note_category"]
+    hits, keywords = len(gold["hits"]), len(gold["hits"]) + len(gold["misses"])
     if fmt == "generic":
         return (
-            f"Step 1: The query {record.query} has {need}.\n"
-            f"Step 2: The note is about {gold['note_category']}; the share about the query is {gold['coverage']}, "
-            f"keyword hits: {hits}.\n"
-            f"Step 3: Final score: \\boxed{{{record.label}}}"
+            f"Step 1: need {gold['need']}\n"
+            f"Step 2: coverage {gold['coverage']}, category {'match' if match else 'differ'}, keywords {hits} of "
+            f"{keywords}\n"
+            f"Step 3: final \\boxed{{{record.label}}}"
         )
-    initial, calibrated = gold["initial"], gold["calibrated"]
-    if gold.get("rule"):
-        verdict = f"stays at {initial}" if calibrated == initial else f"goes from {initial} to {calibrated}"
-        step6 = f"Special case {gold['rule']}: {gold['rule_text']}, so the score {verdict}."
-    else:
-        step6 = "No special case applies, so the score stays the same."
-    return (
-        f"Step 1: The query {record.query} has {need}.\n"
-        f"Step 2: The share of the note about the query is {gold['coverage']}.\n"
-        f"Step 3: The query category is {gold['query_category']} and the note category is "
-        f"{gold['note_category']}: {match}.\n"
-        f"Step 4: Keyword hits: {hits}. Keyword misses: {misses}.\n"
-        f"Step 5: By the rubric the initial score is \\boxed{{{initial}}}\n"
-        f"Step 6: {step6} \\boxed{{{calibrated}}}\n"
-        f"Step 7: The final score is \\boxed{{{record.label}}}"
-    )
+    return render_criteria_trace(need=gold["need"], coverage=gold["coverage"], match=match, hits=hits,
+                                 keywords=keywords, initial=gold["initial"], rule=gold.get("rule"),
+                                 case=gold.get("case"), calibrated=gold["calibrated"], final=record.label)  # fmt: skip

@@ -10,6 +10,10 @@ Sources:
   step 6 box 2's, step 7 box 3's).
 - "gold" (finer than the paper): each of the 7 steps' claims read from the completion and compared with the
   record's gold value (need, coverage, category match, keyword hits and misses, initial, calibrated, final).
+- "gold-box": box-shaped (B, 3) like "box", but each intermediate box against its own gold value: box 1 against the
+  record's gold initial score, box 2 against the gold calibrated score, box 3 against the label. Under "box" a
+  correct initial score that calibration then changes (initial != label) reads as wrong, so SAM would mask a
+  right step in a correct rollout; "gold-box" judges each box by what that step should have said.
 """
 
 import re
@@ -20,7 +24,7 @@ import torch
 from sam.parse import ParseResult
 from sam.segment import num_segments
 
-SOURCES = ("box", "gold")
+SOURCES = ("box", "gold", "gold-box")
 
 
 @dataclass
@@ -41,22 +45,58 @@ def box_verdicts(parses: list[ParseResult], labels: torch.Tensor, num_boxes: int
     return Verdicts(correct, known)
 
 
+# the gold key each intermediate box is judged against under "gold-box"; the last box is judged against the label
+_GOLD_BOX_KEYS = ("initial", "calibrated")
+
+
+def gold_box_verdicts(
+    parses: list[ParseResult], golds: list[dict | None], labels: torch.Tensor, num_boxes: int = 3
+) -> Verdicts:
+    """(B, num_boxes) verdicts: box k < last against gold[("initial", "calibrated")[k]], the last box against the
+    label. Unknown for a malformed completion (all boxes) and, per box, where the record has no gold value for it
+    (a record without gold keeps box 3 known against its label): no verdict is guessed."""
+    if not 1 <= num_boxes <= len(_GOLD_BOX_KEYS) + 1:
+        raise ValueError(f"gold_box_verdicts: num_boxes must be in 1..{len(_GOLD_BOX_KEYS) + 1}, got {num_boxes}")
+    if len(golds) != len(parses) or labels.shape != (len(parses),):
+        raise ValueError(f"gold_box_verdicts: {len(parses)} parses, {len(golds)} golds, labels {tuple(labels.shape)}")
+    labels = labels.cpu().tolist()
+    keys = _GOLD_BOX_KEYS[: num_boxes - 1]
+    correct = torch.zeros(len(parses), num_boxes, dtype=torch.bool)
+    known = torch.zeros(len(parses), num_boxes, dtype=torch.bool)
+    for b, (parse, gold, label) in enumerate(zip(parses, golds, labels)):
+        if not parse.ok or len(parse.scores) != num_boxes:
+            continue  # malformed: every box unknown
+        gold = gold or {}
+        targets = [gold.get(key) for key in keys] + [label]  # None: no gold value for this box
+        for k, (score, target) in enumerate(zip(parse.scores, targets)):
+            if target is not None:
+                known[b, k] = True
+                correct[b, k] = score == target
+    return Verdicts(correct, known)
+
+
 _STEP = re.compile(r"^Step (\d+):(.*)$", re.MULTILINE)
-_COVERAGE = re.compile(r"\b(large|partial|mention|none)\b")
-_HITS = re.compile(r"Keyword hits: (.*?)\. Keyword misses: (.*?)\.\s*$")
-
-
-def _listed(text: str) -> set[str] | None:
-    text = text.strip()
-    return set() if text == "none" else {x.strip() for x in text.split(",") if x.strip()}
+# each step's claim, in the closed words of sam.prompt.render_criteria_trace; a claim that does not read exactly
+# like this is unknown, never wrong: a step is judged on what it says, not on its wording
+_CLAIMS = {
+    1: re.compile(r"^ need (precise|broad)$"),
+    2: re.compile(r"^ coverage (large|partial|mention|none)$"),
+    3: re.compile(r"^ category (match|differ)$"),
+    4: re.compile(r"^ keywords (\d+) of (\d+)$"),
+}
 
 
 def _step_claims(text: str) -> dict[int, str]:
-    return {int(m.group(1)): m.group(2) for m in _STEP.finditer(text)}
+    return {int(m.group(1)): m.group(2).rstrip() for m in _STEP.finditer(text)}
 
 
 def gold_verdicts(texts: list[str], parses: list[ParseResult], golds: list[dict | None]) -> Verdicts:
-    """(B, 7) verdicts of the criteria format's steps against gold values; unknown where a claim is unreadable."""
+    """(B, 7) verdicts of the criteria format's steps against gold values; unknown where a claim is unreadable.
+
+    Steps 1-4 are closed words (need, coverage level, category match, number of keyword hits of the query's
+    keywords); steps 5-7 are the boxes against the gold initial, calibrated and final scores. Only checkable
+    claims are judged: a step whose text does not read as its closed form, or whose gold value is missing, is
+    unknown (and masking never acts on it)."""
     B = len(texts)
     correct = torch.zeros(B, 7, dtype=torch.bool)
     known = torch.zeros(B, 7, dtype=torch.bool)
@@ -64,26 +104,17 @@ def gold_verdicts(texts: list[str], parses: list[ParseResult], golds: list[dict 
         if not parse.ok or not gold:
             continue
         claims = _step_claims(text)
-        checks: dict[int, bool | None] = {}
-        # step 1: the need
-        need = re.findall(r"\b(precise|broad)\b", claims.get(1, ""))
-        checks[1] = (need[0] == gold.get("need")) if len(need) == 1 and "need" in gold else None
-        # step 2: the coverage level
-        cov = _COVERAGE.findall(claims.get(2, ""))
-        checks[2] = (cov[-1] == gold.get("coverage")) if cov and "coverage" in gold else None
-        # step 3: category match
-        match = re.findall(r"\b(match|differ)\b", claims.get(3, ""))
-        if match and "query_category" in gold and "note_category" in gold:
-            checks[3] = (match[-1] == "match") == (gold["query_category"] == gold["note_category"])
-        else:
-            checks[3] = None
-        # step 4: keyword hits and misses
-        hm = _HITS.search(claims.get(4, ""))
-        if hm and "hits" in gold and "misses" in gold:
-            checks[4] = _listed(hm.group(1)) == set(gold["hits"]) and _listed(hm.group(2)) == set(gold["misses"])
-        else:
-            checks[4] = None
-        # steps 5-7: the boxes against the gold initial, calibrated and final scores
+        read = {k: pattern.match(claims.get(k, "")) for k, pattern in _CLAIMS.items()}
+        checks: dict[int, bool | None] = dict.fromkeys(range(1, 8))
+        if read[1] and "need" in gold:
+            checks[1] = read[1].group(1) == gold["need"]
+        if read[2] and "coverage" in gold:
+            checks[2] = read[2].group(1) == gold["coverage"]
+        if read[3] and "query_category" in gold and "note_category" in gold:
+            checks[3] = (read[3].group(1) == "match") == (gold["query_category"] == gold["note_category"])
+        if read[4] and "hits" in gold and "misses" in gold:
+            hits, total = len(gold["hits"]), len(gold["hits"]) + len(gold["misses"])
+            checks[4] = (int(read[4].group(1)), int(read[4].group(2))) == (hits, total)
         for step, key, score in zip((5, 6, 7), ("initial", "calibrated", "final"), parse.scores):
             checks[step] = (score == gold[key]) if key in gold else None
         for step, verdict in checks.items():
@@ -99,13 +130,16 @@ def expand_to_segments(verdicts: Verdicts, segmenter: str, fmt: str = "criteria"
     box -> steps: steps 1-5 take box 1, step 6 box 2, step 7 box 3. gold -> boxes: S1 (steps 1-5) is correct iff
     every known step in it is correct (unknown if none is known); S2 = step 6; S3 = step 7. box_tokens uses one
     verdict per box (text segments are always kept by the `token` policy). none: the last box / step (the outcome).
+    "gold-box" verdicts are box-shaped (B, 3) and map exactly as "box".
     """
+    if source not in SOURCES:
+        raise ValueError(f"expand_to_segments: source must be one of {SOURCES}, got {source!r}")
     S = num_segments(segmenter, fmt)
     c, k = verdicts.correct, verdicts.known
     if fmt != "criteria":
         # one box: the only verdict is the outcome itself
         return Verdicts(c[:, -1:].expand(-1, S).clone(), k[:, -1:].expand(-1, S).clone())
-    if source == "box":
+    if source in ("box", "gold-box"):  # both (B, 3), one verdict per box
         if segmenter in ("boxes", "box_tokens"):
             return Verdicts(c, k)
         if segmenter == "steps":

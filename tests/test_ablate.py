@@ -11,6 +11,7 @@ import pytest
 
 import ablate
 from data import synthetic
+from sam import metrics
 from sam.metrics import relevance_metrics
 
 SIZES = {"sft": 24, "rl": 16, "val": 6, "test_random": 8, "test_longtail": 8}
@@ -191,8 +192,8 @@ def test_metric_on_matches_sam_metrics():
     idx = rng.integers(0, 50, size=(5, 50))
     for r in range(5):
         ref = relevance_metrics([None if p == 99 else int(p) for p in pred[idx[r]]], [int(g) for g in gold[idx[r]]])
-        assert ablate.metric_on(gold, pred, idx[r : r + 1], "accuracy")[0] == pytest.approx(ref["accuracy"])
-        assert ablate.metric_on(gold, pred, idx[r : r + 1], "macro_f1")[0] == pytest.approx(ref["macro_f1"])
+        assert metrics.metric_on(gold, pred, idx[r : r + 1], "accuracy")[0] == pytest.approx(ref["accuracy"])
+        assert metrics.metric_on(gold, pred, idx[r : r + 1], "macro_f1")[0] == pytest.approx(ref["macro_f1"])
 
 
 def test_paired_bootstrap_detects_a_real_difference_and_not_noise():
@@ -206,9 +207,9 @@ def test_paired_bootstrap_detects_a_real_difference_and_not_noise():
     better = [model(0.8, s) for s in range(3)]
     worse = [model(0.6, s + 10) for s in range(3)]
     same = [model(0.6, s + 20) for s in range(3)]
-    c = ablate.paired_bootstrap(better, worse, "accuracy", 1000)
+    c = metrics.paired_bootstrap(better, worse, "accuracy", 1000)
     assert c["lo"] > 0 and 0.15 < c["diff"] < 0.25 and len(c["per_seed"]) == 3 and c["p_le_0"] == 0
-    c = ablate.paired_bootstrap(same, worse, "accuracy", 1000)
+    c = metrics.paired_bootstrap(same, worse, "accuracy", 1000)
     assert c["lo"] < 0 < c["hi"]
-    c = ablate.paired_bootstrap(worse, better, "macro_f1", 1000)
+    c = metrics.paired_bootstrap(worse, better, "macro_f1", 1000)
     assert c["hi"] < 0

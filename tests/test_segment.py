@@ -13,7 +13,7 @@ from sam.segment import num_segments, segment_batch, segment_completion, token_c
 from sam.verdict import box_verdicts, expand_to_segments, gold_verdicts
 
 GOLD = {"need": "broad", "coverage": "partial", "query_category": "food", "note_category": "travel",
-        "hits": ["ramen"], "misses": ["vegan"], "initial": -1, "rule": "qualifier",
+        "hits": ["ramen"], "misses": ["vegan"], "initial": -1, "rule": "qualifier", "case": "dropped",
         "rule_text": "the note drops the qualifier vegan", "calibrated": 0, "final": 0}  # fmt: skip
 
 
@@ -39,9 +39,10 @@ def byte_bpe():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=280, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator([TRACE, TRACE2, "}\nStep {-1}\n{-"] * 50, trainer)
+    # merges that cross a box's closing brace into the next step header, as real vocabularies have
+    tok.train_from_iterator([TRACE, TRACE2] * 50 + ["-1}\nSt", "0}\nSt", "}\nS"] * 200, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
@@ -109,8 +110,8 @@ def test_batch_marks_prompt_and_padding(word_level):
 
 def test_box_and_gold_verdicts():
     right = render_gold_reasoning(record())  # boxes -1, 0, 0 for label 0
-    wrong_cov = right.replace("is partial.", "is large.")
-    unreadable = right.replace("Keyword hits: ramen. Keyword misses: vegan.", "Some keywords.")
+    wrong_cov = right.replace("coverage partial", "coverage large")
+    unreadable = right.replace("keywords 1 of 2", "some keywords")  # not the closed form: unknown, not wrong
     texts = [right, wrong_cov, unreadable, MALFORMED]
     parses = [parse_scores(t) for t in texts]
     v = box_verdicts(parses, torch.tensor([0, 0, 0, 0]))
