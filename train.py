@@ -587,7 +587,10 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
                                                       where=f"rl step {step}", last_ckpt=str(run.ckpt))  # fmt: skip
         times["update_s"] = time.perf_counter() - t3
         times["step_s"] = time.perf_counter() - t0
+        solved = comp["correct"].view(-1, G).float().mean(dim=1)  # (P,) share of each group answered right
         rollout = dist.mean({"reward": float(rewards.mean()), "accuracy": float(comp["correct"].float().mean()),
+                             "pass_at_group": float((solved > 0).float().mean()),
+                             "informative_groups": float(((solved > 0) & (solved < 1)).float().mean()),
                              "malformed_rate": 1 - float(comp["well_formed"].float().mean()),
                              **scalars(sam_diag, "sam/"), **scalars(adv_stats, "adv/")})  # fmt: skip
         B = completion.shape[0] * dist.world

@@ -370,6 +370,7 @@ def _draw_record(rng, split, index, spec, qtype, case_prob, teacher) -> Record:
         "case": case,
         "calibrated": calibrated,
         "final": calibrated,
+        "title_names_query": title_entity == q["entity"],  # where the teacher's step-5 blind spot can act
     }
     t = _teacher(rng, gold, title_entity == q["entity"], teacher)
     record = Record(
@@ -484,13 +485,13 @@ def split_stats(records: list[Record], train_majority: int, type_majority: dict)
     labels = Counter(r.label for r in records)
     types = Counter(r.gold["query_type"] for r in records)
     g = [r.gold for r in records]
-    # the joint distribution SAM's case needs: is the initial score hard (coverage at a boundary or a title naming
-    # the query), and does calibration change the score, on the same records
+    # the joint distribution SAM's case needs, on the same records: is step 5 hard (a partial or mention note whose
+    # title names the query's subject: the teacher's title bias) and does step 6 change the score
     joint = Counter(
-        f"initial {'differs from' if x['initial'] != r.label else 'equals'} label, calibration "
-        f"{'changes' if x['calibrated'] != x['initial'] else 'keeps'} the score"
-        for r, x in zip(records, g)
-    )  # fmt: skip
+        f"step 5 {'hard' if x.get('title_names_query') and x['coverage'] in ('partial', 'mention') else 'plain'}, "
+        f"calibration {'changes' if x['calibrated'] != x['initial'] else 'keeps'} the score"
+        for x in g
+    )
     out = {
         "size": len(records),
         "labels": {str(k): labels.get(k, 0) for k in LABELS},

@@ -82,6 +82,42 @@ def test_tiny_end_to_end_run_and_eval(bench, tmp_path, capsys):
         assert key in m, key
 
 
+def test_controls_selection_sampled_eval_and_paired_interval(bench, tmp_path, capsys):
+    # the random-mask control with gold-box verdicts, the best-validation checkpoint, 2 samples per test record
+    args = fast_args(bench, tmp_path, "--name", "ctl", "--max-new-tokens", "80", "--policy", "random", "--verdicts",
+                     "gold-box", "--select", "best", "--eval-temperature", "0.6", "--eval-samples", "2")  # fmt: skip
+    assert train.main(args) == 0
+    run = tmp_path / "ctl"
+    out = capsys.readouterr().out
+    assert "testing the best validation checkpoint" in out and "RL - warm-up on test_random: accuracy" in out
+    rl = [r for r in metric_rows(run) if r["stage"] == "rl" and r["step"] > 0]
+    for key in ("sam/tok_masked_frac", "sam/kept_weight_gain", "sam/weight_change", "pass_at_group",
+                "informative_groups"):  # fmt: skip
+        assert key in rl[-1], key
+    assert 0 <= rl[-1]["informative_groups"] <= rl[-1]["pass_at_group"] <= 1
+    preds = [json.loads(line) for line in (run / "predictions_rl.jsonl").read_text().splitlines()]
+    assert sorted(p["sample"] for p in preds if p["split"] == "test_random") == [0, 0, 0, 1, 1, 1]
+    tests = json.loads((run / "eval_rl.json").read_text())
+    assert tests["test_random"]["eval_samples"] == 2
+    paired = json.loads((run / "results.json").read_text())["rl_minus_sft"]
+    assert set(paired) == {"test_random", "test_longtail"}
+    for d in paired.values():
+        assert d["lo"] <= d["diff"] <= d["hi"] and d["n"] == 3
+    # the pre-RL gate figures from eval.py: pass@K >= pass@1, informative groups <= pass@K
+    out_json = tmp_path / "gate.json"
+    argv = ["--checkpoint", str(run / "sft"), "--data-dir", str(bench), "--splits", "rl", "--limit", "4",
+            "--temperature", "1", "--samples", "3", "--max-new-tokens", "80", "--out", str(out_json)]  # fmt: skip
+    assert eval_script.main(argv) == 0
+    m = json.loads(out_json.read_text())["results"]["rl"]
+    assert m["samples"] == 3 and m["accuracy"] <= m["pass_at_k"] and m["informative_frac"] <= m["pass_at_k"]
+    with pytest.raises(SystemExit) as exc:  # greedy answers repeat: several samples make no sense
+        eval_script.main(["--checkpoint", str(run / "sft"), "--samples", "2"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        train.main(fast_args(bench, tmp_path, "--name", "bad", "--eval-samples", "2", "--eval-temperature", "0"))
+    assert exc.value.code == 2 and "--eval-samples > 1 needs --eval-temperature > 0" in capsys.readouterr().err
+
+
 def test_resume_is_exact(bench, tmp_path):
     common = fast_args(bench, tmp_path, *GENERIC, "--rl-steps", "3", "--save-every", "100")
     assert train.main([*common, "--name", "whole"]) == 0
