@@ -90,3 +90,25 @@ def test_lr_schedule_shapes():
     assert f(10) == pytest.approx(0.1) and f(6) == pytest.approx(0.55)
     assert lr_lambda(10, 0, "constant")(9) == 1.0
     assert lr_lambda(10, 0, "linear")(5) == pytest.approx(0.55)
+
+
+def test_builtin_benchmark_is_regenerated_when_missing_or_of_another_version(tmp_path, monkeypatch):
+    import data.synthetic
+    from runtime.data import ensure_builtin
+
+    calls = []
+
+    def fake_write(out, seed):  # what write_benchmark leaves behind, in the order it writes it
+        calls.append(out)
+        (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+        (out / "tokenizer" / "tokenizer.json").write_text("{}")
+        (out / "rl.jsonl").write_text("")
+        (out / "stats.json").write_text(f'{{"version": {data.synthetic.VERSION}}}')
+
+    monkeypatch.setattr(data.synthetic, "write_benchmark", fake_write)
+    assert ensure_builtin(tmp_path) and len(calls) == 1  # missing
+    assert not ensure_builtin(tmp_path) and len(calls) == 1  # current: kept
+    (tmp_path / "stats.json").write_text('{"seed": 0}')  # version 1 wrote no version
+    assert ensure_builtin(tmp_path) and len(calls) == 2
+    (tmp_path / "stats.json").write_text("not json")  # an interrupted write: regenerate, never trust
+    assert ensure_builtin(tmp_path) and len(calls) == 3
