@@ -324,3 +324,13 @@ def test_triton_without_cuda_or_interpreter_is_a_clear_error(bench, tmp_path, ca
     monkeypatch.setattr(runtime.loop, "INTERPRET", False)
     assert train.main(fast_args(bench, tmp_path, "--name", "t", "--impl", "triton")) == 2
     assert "--impl triton needs a CUDA device" in capsys.readouterr().err
+
+
+def test_learnability_probe_runs_and_scores_lines(bench, capsys):
+    from bench import learnability
+
+    assert learnability.main(["--data-dir", str(bench), "--steps", "2", "--every", "2", "--val", "3"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].split()
+    assert row[0] == "2" and len(row) == 1 + 1 + 7 + 1 and all(0 <= float(a) <= 1 for a in row[2:9])
+    with pytest.raises(SystemExit):
+        learnability.main(["--data-dir", str(bench), "--lr", "nan"])

@@ -1,0 +1,98 @@
+"""Can a preset learn a benchmark's traces? Teacher-forced accuracy of each trace line while SFT runs.
+
+    python -m bench.learnability --data-dir data/builtin --lr 3e-3 --steps 1000      # a few minutes on 2 CPU cores
+
+Trains a random-initialised preset on the `sft` traces (AdamW, batch 16, constant learning rate after 20 warm-up
+steps, the reference log-prob path) and every `--every` steps prints, for each line of the 7-step criteria format,
+the share of `val` gold traces (first `--val` records) whose every token on that line is the model's argmax given
+the gold prefix. A line that stays at its majority rate means the model has not learned to compute it: line 2 (the
+coverage) and line 3 (the category match) need the note compared with the query, lines 5-7 follow from the lines
+before them. docs/LOG.md (2026-12-02) has the measurements behind the benchmark v2 entry.
+"""
+
+import argparse
+import time
+
+import torch
+
+from data.schema import read_jsonl
+from data.tokenizer import load_tokenizer
+from model.hf import PRESETS, build_preset, prepare
+from sam.prompt import render_gold_reasoning, render_prompt
+
+
+def encode(tok, record, trace):
+    prompt = tok(render_prompt(record, with_instruction=False))["input_ids"]
+    return prompt, tok(trace, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def batch(items, pad_id):
+    """(ids (B, L), labels (B, L) with -100 outside the trace), right-padded."""
+    L = max(len(p) + len(t) for p, t in items)
+    ids = torch.full((len(items), L), pad_id)
+    labels = torch.full((len(items), L), -100)
+    for i, (p, t) in enumerate(items):
+        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+        labels[i, len(p) : len(p) + len(t)] = torch.tensor(t)
+    return ids, labels
+
+
+@torch.no_grad()
+def line_accuracy(model, tok, val, lines=7) -> list[float]:
+    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
+    model.eval()
+    right, n = [0] * lines, 0
+    for lo in range(0, len(val), 100):
+        ids, labels = batch(val[lo : lo + 100], tok.pad_token_id)
+        pred = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits[:, :-1].argmax(-1)
+        target = labels[:, 1:]
+        for b in range(ids.shape[0]):
+            line, ok = 0, [True] * lines
+            for j in (target[b] != -100).nonzero().flatten().tolist():
+                if line < lines and pred[b, j] != target[b, j]:
+                    ok[line] = False
+                line += int(target[b, j] == newline)
+            right = [r + o for r, o in zip(right, ok)]
+            n += 1
+    model.train()
+    return [r / n for r in right]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", default="data/builtin")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--every", type=int, default=250)
+    p.add_argument("--val", type=int, default=400)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not (args.lr > 0 and args.steps > 0 and args.every > 0 and args.val > 0):  # also refuses nan
+        p.error("--lr, --steps, --every and --val must be > 0")
+    torch.manual_seed(args.seed)
+    tok = load_tokenizer(f"{args.data_dir}/tokenizer")
+    sft = [encode(tok, r, r.reasoning or render_gold_reasoning(r)) for r in read_jsonl(f"{args.data_dir}/sft.jsonl")]
+    val = [encode(tok, r, render_gold_reasoning(r)) for r in read_jsonl(f"{args.data_dir}/val.jsonl")[: args.val]]
+    model = prepare(build_preset(args.preset, tok, seed=args.seed, max_positions=512), device="cpu",
+                    dtype=torch.float32, attention="sdpa")  # fmt: skip
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    start = time.perf_counter()
+    print("step  loss  line accuracy (steps 1-7)  seconds")
+    for step in range(1, args.steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, step / 20)
+        ids, labels = batch([sft[i] for i in torch.randint(0, len(sft), (16,)).tolist()], tok.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % args.every == 0:
+            acc = " ".join(f"{a:.2f}" for a in line_accuracy(model, tok, val))
+            print(f"{step:>5} {loss.item():.3f} {acc} {time.perf_counter() - start:.0f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
