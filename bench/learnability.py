@@ -3,9 +3,9 @@
     python -m bench.learnability --data-dir data/builtin --lr 3e-3 --steps 1000      # a few minutes on 2 CPU cores
 
 Trains a random-initialised preset on the `sft` traces (AdamW, batch 16, constant learning rate after 20 warm-up
-steps, the reference log-prob path) and every `--every` steps prints, for each line of the 7-step criteria format,
-the share of `val` gold traces (first `--val` records) whose every token on that line is the model's argmax given
-the gold prefix. A line that stays at its majority rate means the model has not learned to compute it: line 2 (the
+steps; `--prompt-loss` adds the prompt's tokens to the loss) and every `--every` steps prints, for each line of
+the 7-step criteria format, the share of `val` gold traces (first `--val` records) whose every token on that line
+is the model's argmax given the gold prefix. A line that stays at its majority rate means the model has not learned to compute it: line 2 (the
 coverage) and line 3 (the category match) need the note compared with the query, lines 5-7 follow from the lines
 before them. docs/LOG.md (2026-12-02) has the measurements behind the benchmark v2 entry.
 """
@@ -26,14 +26,15 @@ def encode(tok, record, trace):
     return prompt, tok(trace, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
-def batch(items, pad_id):
-    """(ids (B, L), labels (B, L) with -100 outside the trace), right-padded."""
+def batch(items, pad_id, prompt_loss=False):
+    """(ids (B, L), labels (B, L) with -100 outside the trace, or outside the sequence with prompt_loss),
+    right-padded."""
     L = max(len(p) + len(t) for p, t in items)
     ids = torch.full((len(items), L), pad_id)
     labels = torch.full((len(items), L), -100)
     for i, (p, t) in enumerate(items):
         ids[i, : len(p) + len(t)] = torch.tensor(p + t)
-        labels[i, len(p) : len(p) + len(t)] = torch.tensor(t)
+        labels[i, 0 if prompt_loss else len(p) : len(p) + len(t)] = torch.tensor(p + t if prompt_loss else t)
     return ids, labels
 
 
@@ -67,6 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--every", type=int, default=250)
     p.add_argument("--val", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-loss", action="store_true", help="train on the prompt's tokens too (plain LM loss)")
     args = p.parse_args(argv)
     if not (args.lr > 0 and args.steps > 0 and args.every > 0 and args.val > 0):  # also refuses nan
         p.error("--lr, --steps, --every and --val must be > 0")
@@ -82,7 +84,8 @@ def main(argv=None) -> int:
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / 20)
-        ids, labels = batch([sft[i] for i in torch.randint(0, len(sft), (16,)).tolist()], tok.pad_token_id)
+        items = [sft[i] for i in torch.randint(0, len(sft), (16,)).tolist()]
+        ids, labels = batch(items, tok.pad_token_id, args.prompt_loss)
         loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
