@@ -7,7 +7,8 @@ steps; `--prompt-loss` adds the prompt's tokens to the loss) and every `--every`
 the 7-step criteria format, the share of `val` gold traces (first `--val` records) whose every token on that line
 is the model's argmax given the gold prefix. A line that stays at its majority rate means the model has not
 learned to compute it: line 2 (the coverage) and line 3 (the category match) need the note compared with the
-query, lines 5-7 follow from the lines before them. docs/LOG.md (2026-12-02) has the measurements behind the benchmark v2 entry.
+query, lines 5-7 follow from the lines before them. docs/LOG.md (2026-12-02) has the measurements behind the
+benchmark v2 entry.
 """
 
 import argparse
