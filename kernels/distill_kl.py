@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from kernels._common import INTERPRET, dot_precision, emulate_bf16_rounding, resolve_impl, round_bf16_rtne
-from kernels.logprob import _FLOAT_DTYPES, _chunk_width, _config, _logits_tile, _matmul
+from kernels.logprob import _FLOAT_DTYPES, _chunk_width, _config, _logits_tile, _matmul, dz_dtype
 
 KINDS = ("fkl", "rkl", "jsd")
 _KIND_ID = {"fkl": 0, "rkl": 1, "jsd": 2}
@@ -403,8 +403,9 @@ def _backward(hs, ws, ht, wt, mask, stats, grad, V, kind_id, beta, inv_temp, nee
     if N == 0:
         return (d_hidden_acc.to(hs.dtype) if need_dh else None), d_weight
     cfg = _config(hs.device, hs.dtype)
-    width = _chunk_width(N, V, hs.element_size(), 256)
-    dz = torch.empty(N, width, dtype=hs.dtype, device=hs.device)  # (N, C) chunk buffer
+    dz_type = dz_dtype(hs.dtype)  # fp32 for an fp16 student: g * p would underflow in fp16
+    width = _chunk_width(N, V, dz_type.itemsize, 256)
+    dz = torch.empty(N, width, dtype=dz_type, device=hs.device)  # (N, C) chunk buffer
     grad = grad.contiguous()
     for v0 in range(0, V, width):
         c = min(width, V - v0)
@@ -431,6 +432,8 @@ def _backward(hs, ws, ht, wt, mask, stats, grad, V, kind_id, beta, inv_temp, nee
 class _DistillKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, ht, wt, mask, V, kind_id, beta, inv_temp):
+        # the kernels read mask[row] as mask_ptr + row: a strided view must be made dense first
+        mask = mask.contiguous() if mask is not None else None
         loss, stats = _forward(hs, ws, ht, wt, mask, V, kind_id, beta, inv_temp)
         ctx.save_for_backward(hs, ws, ht, wt, mask, *stats)
         ctx.args = (V, kind_id, beta, inv_temp)

@@ -122,7 +122,8 @@ def _logits_tile(
     """z tile (BLOCK_N, BLOCK_V) fp32 = hidden[rows] @ weight[cols]^T / tau; columns past the vocabulary are -inf."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
+        # int64: ds * stride_hd / stride_wd overflow int32 for a transposed or strided head with D * stride >= 2^31
+        ds = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         d_mask = ds < D
         h = tl.load(
             hidden_ptr + rows[:, None] * stride_hn + ds[None, :] * stride_hd,
@@ -342,6 +343,7 @@ def _matmul_kernel(
     stride_cp,
     # meta-parameters
     ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr,  # operands of different dtypes: multiply both in fp32
     INTERPRET_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROUND_BF16: tl.constexpr,
@@ -360,8 +362,14 @@ def _matmul_kernel(
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = rk < K
-        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :])
-        b = tl.load(b_ptr + rk[:, None] * stride_bk + rp[None, :] * stride_bp, mask=k_mask[:, None] & p_mask[None, :])
+        # other=0.0: masked lanes are undefined without it, and they enter the dot product
+        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0)  # fmt: skip
+        b = tl.load(b_ptr + rk[:, None] * stride_bk + rp[None, :] * stride_bp, mask=k_mask[:, None] & p_mask[None, :],
+                    other=0.0)  # fmt: skip
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
         acc = dot_acc(a, b, acc, INTERPRET_DOT, DOT_PRECISION)
     c_ptrs = c_ptr + rm[:, None] * stride_cm + rp[None, :] * stride_cp
     c_mask = m_mask[:, None] & p_mask[None, :]
@@ -398,13 +406,16 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumulate: 
     M, K = a.shape
     P = b.shape[1]
     cfg = _matmul_config(a.device)
-    precision = dot_precision(a.dtype)
+    # mixed operands (an fp32 dz chunk with an fp16 weight or hidden): both go to fp32 in the kernel, multiplied as
+    # TF32, which holds fp16 values exactly and keeps fp32's exponent range (dz_dtype's reason to be wide)
+    upcast = a.dtype != b.dtype
+    precision = "tf32" if upcast else dot_precision(a.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(P, cfg["BLOCK_P"]))
     _matmul_kernel[grid](
         a, b, out,
         M, P, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        ACCUMULATE=accumulate, INTERPRET_DOT=INTERPRET, DOT_PRECISION=precision,
+        ACCUMULATE=accumulate, UPCAST=upcast, INTERPRET_DOT=INTERPRET, DOT_PRECISION=precision,
         ROUND_BF16=emulate_bf16_rounding(out.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -432,6 +443,16 @@ def _forward(hidden, weight, targets, inv_temp: float, ignore_index: int, with_e
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return logp, row_max, log_sum, entropy
+
+
+def dz_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage of the backward's logits-gradient chunk: the inputs' dtype, except fp32 for fp16 inputs.
+
+    dz = g (onehot - p) / tau: an upstream gradient of a token mean over many tokens (~1e-4) times probabilities
+    ~1/V (~1e-5) is far below fp16's smallest subnormal (6e-8), so in fp16 most of the softmax part would be zero.
+    bf16 has fp32's exponent range and keeps its own dtype (half the buffer).
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _chunk_width(N: int, V: int, elem_bytes: int, block: int) -> int:
@@ -467,8 +488,9 @@ def _backward(
 
     cfg = _config(hidden.device, hidden.dtype)
     precision = dot_precision(hidden.dtype)
-    width = _chunk_width(N, V, hidden.element_size(), 256)
-    dz = torch.empty(N, width, dtype=hidden.dtype, device=hidden.device)  # (N, C) chunk buffer
+    dz_type = dz_dtype(hidden.dtype)
+    width = _chunk_width(N, V, dz_type.itemsize, 256)
+    dz = torch.empty(N, width, dtype=dz_type, device=hidden.device)  # (N, C) chunk buffer
     grad_logp = grad_logp.contiguous()  # a sum()'s backward hands an expanded (stride 0) gradient
     grad_entropy = grad_entropy.contiguous() if with_entropy else grad_logp
     entropy = entropy if with_entropy else log_sum  # placeholder pointer, never read
@@ -499,6 +521,8 @@ def _backward(
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, ignore_index, return_entropy):
+        # the kernels read targets[row] as targets_ptr + row: a strided view must be made dense first
+        targets = targets.contiguous()
         inv_temp = 1.0 / temperature
         logp, row_max, log_sum, entropy = _forward(hidden, weight, targets, inv_temp, ignore_index, return_entropy)
         ctx.save_for_backward(hidden, weight, targets, row_max, log_sum, entropy)

@@ -248,3 +248,14 @@ def test_gpu_memory_stays_linear_in_n():
     extra = torch.cuda.max_memory_allocated() - base
     assert extra < N * 64, f"forward used {extra} extra bytes; one logit matrix would be {N * V * 2}"
     assert torch.equal(distill_kl(hs[100:200].contiguous(), ws, ht[100:200].contiguous(), wt), loss[100:200])
+
+
+def test_strided_mask_matches_contiguous():
+    hs, ws, ht, wt, mask, upstream = make_inputs(*SMALL, seed=12)
+    mask[[1, 4, 9]] = False
+    strided = torch.stack([mask, ~mask], dim=1)[:, 0]
+    assert strided.stride() == (2,)
+    out = run(triton_fn, hs, ws, ht, wt, strided, upstream, kind="fkl")
+    ref = run(triton_fn, hs, ws, ht, wt, mask.clone(), upstream, kind="fkl")
+    for o, r in zip(out, ref):
+        assert torch.equal(o, r)
