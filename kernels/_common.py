@@ -15,6 +15,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 IMPLS = ("auto", "triton", "ref")
 
+# Floating-point contraction (a * b + c as one FMA) is pinned, not left to Triton's default: the default differs
+# between Triton versions, and it changes the bits of every log-prob, so the same code would give different
+# results (and old_logp != logp on the same weights) across an upgrade. On, as Triton <= 3.9 compiled by default.
+FP_FUSION = True
+
 
 def resolve_impl(impl: str, tensor: torch.Tensor, op: str) -> str:
     """Map `impl` to "triton" or "ref"; "auto" picks Triton for CUDA tensors and the reference otherwise."""

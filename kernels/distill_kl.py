@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, dot_precision, emulate_bf16_rounding, resolve_impl, round_bf16_rtne
+from kernels._common import FP_FUSION, INTERPRET, dot_precision, emulate_bf16_rounding, resolve_impl, round_bf16_rtne
 from kernels.logprob import _FLOAT_DTYPES, _chunk_width, _config, _logits_tile, _matmul, dz_dtype
 
 KINDS = ("fkl", "rkl", "jsd")
@@ -144,7 +144,7 @@ def _log_mixture(log_p, log_q, log_beta, log_1m_beta):
     return top + tl.log(tl.exp(a - top) + tl.exp(b - top))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # sizes that vary per call: one binary for all (batch invariance)
 def _distill_fwd_kernel(
     # pointers
     s_hidden_ptr,  # (N, Ds) student
@@ -269,7 +269,7 @@ def _distill_fwd_kernel(
     tl.store(aux_ptr + rows, aux, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C"])  # sizes that vary per call: one binary for all (batch invariance)
 def _distill_bwd_dz_kernel(
     # pointers
     s_hidden_ptr,  # (N, Ds)
@@ -375,6 +375,17 @@ def _beta_args(kind_id: int, beta: float) -> tuple[float, float, float]:
     return beta, math.log(beta), math.log1p(-beta)
 
 
+def _distill_config(hs: torch.Tensor, ht: torch.Tensor) -> dict:
+    """Tiles from both models' dtypes (never from N). Two logit tiles live at once here, so an fp32 operand on either
+    side takes the fp32 tiles with half the rows: with the 16-bit tiles an fp32 teacher ran 64x128x64 on the FMA path
+    and spilled; at 64 rows fp32 spilled 16-280 B (bench.compile_check)."""
+    wide = torch.float32 in (hs.dtype, ht.dtype)
+    cfg = dict(_config(hs.device, torch.float32 if wide else hs.dtype))
+    if wide:
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
+    return cfg
+
+
 def _forward(hs, ws, ht, wt, mask, V: int, kind_id: int, beta: float, inv_temp: float):
     N = hs.shape[0]
     f32 = dict(dtype=torch.float32, device=hs.device)
@@ -382,7 +393,7 @@ def _forward(hs, ws, ht, wt, mask, V: int, kind_id: int, beta: float, inv_temp: 
     stats = (s_max, s_logsum, t_max, t_logsum, aux)
     if N == 0:
         return loss, stats
-    cfg = _config(hs.device, hs.dtype)
+    cfg = _distill_config(hs, ht)
     _distill_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
         hs, ws, ht, wt, mask if mask is not None else loss, loss, *stats,
         N, V, hs.shape[1], ht.shape[1], *_strides(hs, ws, ht, wt),
@@ -390,7 +401,7 @@ def _forward(hs, ws, ht, wt, mask, V: int, kind_id: int, beta: float, inv_temp: 
         KIND=kind_id, HAS_MASK=mask is not None, INTERPRET_DOT=INTERPRET,
         S_PRECISION=dot_precision(hs.dtype), T_PRECISION=dot_precision(ht.dtype),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return loss, stats
 
@@ -402,7 +413,7 @@ def _backward(hs, ws, ht, wt, mask, stats, grad, V, kind_id, beta, inv_temp, nee
     d_weight = torch.zeros_like(ws, memory_format=torch.contiguous_format) if need_dw else None
     if N == 0:
         return (d_hidden_acc.to(hs.dtype) if need_dh else None), d_weight
-    cfg = _config(hs.device, hs.dtype)
+    cfg = _distill_config(hs, ht)
     dz_type = dz_dtype(hs.dtype)  # fp32 for an fp16 student: g * p would underflow in fp16
     width = _chunk_width(N, V, dz_type.itemsize, 256)
     dz = torch.empty(N, width, dtype=dz_type, device=hs.device)  # (N, C) chunk buffer
@@ -420,7 +431,7 @@ def _backward(hs, ws, ht, wt, mask, stats, grad, V, kind_id, beta, inv_temp, nee
             S_PRECISION=dot_precision(hs.dtype), T_PRECISION=dot_precision(ht.dtype),
             ROUND_BF16=emulate_bf16_rounding(dz.dtype),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
         if need_dh:
             _matmul(dz_chunk, ws_chunk, d_hidden_acc, accumulate=True)  # (N, C) @ (C, Ds)

@@ -44,7 +44,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import INTERPRET, dot_acc, dot_precision, emulate_bf16_rounding, resolve_impl, round_bf16_rtne
+from kernels._common import (
+    FP_FUSION,
+    INTERPRET,
+    dot_acc,
+    dot_precision,
+    emulate_bf16_rounding,
+    resolve_impl,
+    round_bf16_rtne,
+)
 
 # Upper bound on the backward's (N, C) dL/dz chunk buffer, in bytes.
 _CHUNK_BYTES = 128 * 2**20
@@ -141,7 +149,7 @@ def _logits_tile(
     return tl.where(col_mask[None, :], z, float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # sizes that vary per call: one binary for all (batch invariance)
 def _logprob_fwd_kernel(
     # pointers
     hidden_ptr,  # (N, D) fp32 / bf16 / fp16
@@ -235,7 +243,7 @@ def _logprob_fwd_kernel(
         tl.store(entropy_ptr + rows, entropy, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "C", "v_start"])  # sizes that vary per call: one binary for all (batch invariance)
 def _logprob_bwd_dz_kernel(
     # pointers
     hidden_ptr,  # (N, D) fp32 / bf16 / fp16
@@ -418,7 +426,7 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumulate: 
         ACCUMULATE=accumulate, UPCAST=upcast, INTERPRET_DOT=INTERPRET, DOT_PRECISION=precision,
         ROUND_BF16=emulate_bf16_rounding(out.dtype),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
 
 
@@ -440,7 +448,7 @@ def _forward(hidden, weight, targets, inv_temp: float, ignore_index: int, with_e
         inv_temp, ignore_index,
         WITH_ENTROPY=with_entropy, INTERPRET_DOT=INTERPRET, DOT_PRECISION=precision,
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return logp, row_max, log_sum, entropy
 
@@ -508,7 +516,7 @@ def _backward(
             WITH_ENTROPY=with_entropy, INTERPRET_DOT=INTERPRET, DOT_PRECISION=precision,
             ROUND_BF16=emulate_bf16_rounding(dz.dtype),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
         if need_dh:
             _matmul(dz_chunk, w_chunk, d_hidden_acc, accumulate=True)  # (N, C) @ (C, D)

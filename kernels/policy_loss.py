@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import resolve_impl
+from kernels._common import FP_FUSION, resolve_impl
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 METRICS = (
@@ -266,7 +266,7 @@ def _token_terms(
     return pg, d_pg, w_pg, kl, d_kl, w_kl, adv, ratio, log_ratio, resp, kept, keep, clipped, dual
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "B"])  # sizes that vary per call: one binary for all (batch invariance)
 def _policy_loss_fwd_kernel(
     # pointers
     logp_ptr,  # (N,) fp32
@@ -326,7 +326,7 @@ def _policy_loss_fwd_kernel(
     tl.store(ratio_max_ptr + pid, tl.max(tl.where(resp, ratio, float("-inf")), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "B"])  # sizes that vary per call: one binary for all (batch invariance)
 def _policy_loss_bwd_kernel(
     # pointers
     logp_ptr,  # (N,) fp32
@@ -406,7 +406,7 @@ class _PolicyLoss(torch.autograd.Function):
                 N, B, S, keep.stride(0), keep.stride(1),
                 opts["clip_low"], opts["clip_high"], opts["dual_clip"], opts["log_ratio_clamp"],
                 HAS_REF=has_ref, HAS_DUAL=opts["has_dual"], HAS_CLAMP=opts["has_clamp"],
-                NUM_PARTIALS=_NUM_PARTIALS, BLOCK=_BLOCK,
+                NUM_PARTIALS=_NUM_PARTIALS, BLOCK=_BLOCK, enable_fp_fusion=FP_FUSION,
             )  # fmt: skip
         sums = partials.sum(dim=0)  # (NUM_PARTIALS,) fixed-order reduction: deterministic
         loss = sums[_PG] + opts["kl_coef"] * sums[_KL]
@@ -431,6 +431,7 @@ class _PolicyLoss(torch.autograd.Function):
                 N, B, S, keep.stride(0), keep.stride(1),
                 opts["clip_low"], opts["clip_high"], opts["dual_clip"], opts["log_ratio_clamp"], opts["kl_coef"],
                 HAS_REF=has_ref, HAS_DUAL=opts["has_dual"], HAS_CLAMP=opts["has_clamp"], BLOCK=_BLOCK,
+                enable_fp_fusion=FP_FUSION,
             )  # fmt: skip
         return grad_logp, None, None, None, None, None, None, None, None, None
 
