@@ -50,3 +50,25 @@ def test_bench_distill_kl_smoke(tmp_path):
     assert [(r["provider"], r["kind"]) for r in rows] == [("matmul", "-"), ("naive", "rkl"), ("ours", "rkl")]
     assert all(r["status"] == "ok" for r in rows)
     assert float(rows[2]["max_err"]) < 1e-5  # fp32 logits on-chip vs the naive bf16 logits
+
+
+def test_compile_check_for_sm90_passes(tmp_path):
+    """Every kernel compiles ahead of time for an H100 (sm_90) without a GPU: no 16-bit spills, shared memory within
+    the limit, one binary for N = 1, 37 and 4096 rows. Run in a subprocess: this one has TRITON_INTERPRET=1, under
+    which kernels are interpreted functions that cannot be compiled."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "cc.csv"
+    cmd = [sys.executable, "-m", "bench.compile_check", "--targets", "90", "--quick", "--csv", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    kernels = {r["kernel"] for r in rows}
+    assert {"_logprob_fwd_kernel", "_logprob_bwd_dz_kernel", "_matmul_kernel", "_distill_fwd_kernel",
+            "_distill_bwd_dz_kernel", "_policy_loss_fwd_kernel", "_policy_loss_bwd_kernel"} <= kernels  # fmt: skip
+    bf16 = [r for r in rows if "bfloat16" in r["case"] and r["kernel"] != "_matmul_kernel"]
+    assert bf16 and all(r["mma"] == "wgmma" for r in bf16 if "float32" not in r["case"])
+    assert all(int(r["local_bytes"]) == 0 for r in bf16)
