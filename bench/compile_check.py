@@ -61,15 +61,15 @@ class Launch:
 @contextlib.contextmanager
 def capture(into: list, label: list):
     """Record kernel launches instead of running them; the launchers see a CUDA device's configuration."""
-    saved = (JITFunction.run, common.INTERPRET, logprob_mod.INTERPRET, distill_mod.INTERPRET,
-             logprob_mod._config, logprob_mod._matmul_config, policy_mod.resolve_impl)  # fmt: skip
+    saved = (JITFunction.run, common.INTERPRET, common.INTERPRET_DOT, logprob_mod.INTERPRET, logprob_mod._config,
+             distill_mod._config, logprob_mod._matmul_config, policy_mod.resolve_impl)  # fmt: skip
     cuda = torch.device("cuda")
 
     def record(self, *args, grid, warmup, **kwargs):
         into.append(Launch(self, args, kwargs, label[0]))
 
     JITFunction.run = record
-    common.INTERPRET = logprob_mod.INTERPRET = distill_mod.INTERPRET = False
+    common.INTERPRET = common.INTERPRET_DOT = logprob_mod.INTERPRET = False
     config, matmul_config = logprob_mod._config, logprob_mod._matmul_config
     logprob_mod._config = lambda device, dtype: config(cuda, dtype)
     distill_mod._config = logprob_mod._config
@@ -78,9 +78,8 @@ def capture(into: list, label: list):
     try:
         yield
     finally:
-        JITFunction.run, common.INTERPRET, logprob_mod.INTERPRET, distill_mod.INTERPRET = saved[:4]
-        logprob_mod._config, logprob_mod._matmul_config, policy_mod.resolve_impl = saved[4:]
-        distill_mod._config = config
+        (JITFunction.run, common.INTERPRET, common.INTERPRET_DOT, logprob_mod.INTERPRET, logprob_mod._config,
+         distill_mod._config, logprob_mod._matmul_config, policy_mod.resolve_impl) = saved  # fmt: skip
 
 
 def meta(*shape, dtype=torch.bfloat16):

@@ -44,6 +44,15 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
+# Whether dot_acc replaces tl.dot by a broadcast multiply (see dot_acc): under the interpreter, unless a test turns it
+# off to run the tl.dot path itself with fp32 inputs, where the interpreter's tl.dot (numpy) is exact enough.
+INTERPRET_DOT = INTERPRET
+
+
+def interpret_dot() -> bool:
+    return INTERPRET_DOT
+
+
 @triton.jit
 def dot_acc(a, b, acc, INTERPRET_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """acc + a @ b with fp32 accumulation; a (M, K), b (K, P), acc (M, P) fp32.

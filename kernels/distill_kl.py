@@ -54,7 +54,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FP_FUSION, INTERPRET, dot_precision, emulate_bf16_rounding, resolve_impl, round_bf16_rtne
+from kernels._common import (
+    FP_FUSION,
+    dot_precision,
+    emulate_bf16_rounding,
+    interpret_dot,
+    resolve_impl,
+    round_bf16_rtne,
+)
 from kernels.logprob import _FLOAT_DTYPES, _chunk_width, _config, _logits_tile, _matmul, dz_dtype
 
 KINDS = ("fkl", "rkl", "jsd")
@@ -400,7 +407,7 @@ def _forward(hs, ws, ht, wt, mask, V: int, kind_id: int, beta: float, inv_temp: 
         hs, ws, ht, wt, mask if mask is not None else loss, loss, *stats,
         N, V, hs.shape[1], ht.shape[1], *_strides(hs, ws, ht, wt),
         inv_temp, *_beta_args(kind_id, beta),
-        KIND=kind_id, HAS_MASK=mask is not None, INTERPRET_DOT=INTERPRET,
+        KIND=kind_id, HAS_MASK=mask is not None, INTERPRET_DOT=interpret_dot(),
         S_PRECISION=dot_precision(hs.dtype), T_PRECISION=dot_precision(ht.dtype),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
@@ -429,7 +436,7 @@ def _backward(hs, ws, ht, wt, mask, stats, grad, V, kind_id, beta, inv_temp, nee
             hs, ws_chunk, ht, wt_chunk, mask if mask is not None else grad, *stats, grad, dz_chunk,
             N, c, Ds, ht.shape[1], *_strides(hs, ws_chunk, ht, wt_chunk), dz_chunk.stride(0), dz_chunk.stride(1),
             inv_temp, *_beta_args(kind_id, beta),
-            KIND=kind_id, HAS_MASK=mask is not None, INTERPRET_DOT=INTERPRET,
+            KIND=kind_id, HAS_MASK=mask is not None, INTERPRET_DOT=interpret_dot(),
             S_PRECISION=dot_precision(hs.dtype), T_PRECISION=dot_precision(ht.dtype),
             ROUND_BF16=emulate_bf16_rounding(dz.dtype),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],

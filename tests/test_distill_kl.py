@@ -259,3 +259,11 @@ def test_strided_mask_matches_contiguous():
     ref = run(triton_fn, hs, ws, ht, wt, mask.clone(), upstream, kind="fkl")
     for o, r in zip(out, ref):
         assert torch.equal(o, r)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "jsd"])
+def test_tl_dot_path_in_fp32(monkeypatch, kind):
+    import kernels._common
+
+    monkeypatch.setattr(kernels._common, "INTERPRET_DOT", False)
+    check_against_gold(*make_inputs(*ODD, seed=15), kind=kind)

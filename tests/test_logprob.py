@@ -287,3 +287,13 @@ def test_fp16_gradients_do_not_underflow_at_a_realistic_vocabulary():
     for name, got, gold, tol in (("d_hidden", h.grad, hg.grad, 2e-3), ("d_weight", w.grad, wg.grad, 1e-2)):
         rel = (got.double() - gold).norm() / gold.norm()
         assert rel < tol, (name, float(rel))
+
+
+@pytest.mark.parametrize("shape", [(48, 128, 640), (37, 72, 1271)], ids=["small", "odd"])
+def test_tl_dot_path_in_fp32(monkeypatch, shape):
+    # the kernels' tl.dot branch (what the GPU runs), not the interpreter's broadcast multiply: the interpreter's
+    # tl.dot is exact enough for fp32 inputs (it is wrong for bf16, kernels/_common.py dot_acc)
+    import kernels._common
+
+    monkeypatch.setattr(kernels._common, "INTERPRET_DOT", False)
+    check_against_gold(*make_inputs(*shape, torch.float32, seed=14))
