@@ -72,3 +72,28 @@ def test_compile_check_for_sm90_passes(tmp_path):
     bf16 = [r for r in rows if "bfloat16" in r["case"] and r["kernel"] != "_matmul_kernel"]
     assert bf16 and all(r["mma"] == "wgmma" for r in bf16 if "float32" not in r["case"])
     assert all(int(r["local_bytes"]) == 0 for r in bf16)
+
+
+def test_gpu_check_script_smoke_mode(tmp_path):
+    """bench/gpu_check.sh in its CPU smoke mode: every stage runs, rows and a summary land under OUT; with no time
+    left every stage is skipped cleanly; a bad option is refused."""
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(out), "--smoke"], capture_output=True, text=True,
+                          env=dict(env, GPU_CHECK_LIMIT_S="400"), timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (out / "summary.md").read_text()
+    for stage in ("tests", "bench_logprob", "bench_policy_loss", "bench_distill_kl"):
+        assert f"| {stage} | ok |" in summary, summary
+    for name in ("bench_logprob", "bench_policy_loss", "bench_distill_kl"):
+        rows = list(csv.DictReader((out / f"{name}.csv").open()))
+        assert rows and all(r["status"] == "ok" for r in rows)
+    late = tmp_path / "late"
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(late), "--smoke"], capture_output=True, text=True,
+                          env=dict(env, GPU_CHECK_LIMIT_S="0"), timeout=120)  # fmt: skip
+    assert proc.returncode == 0 and (late / "summary.md").read_text().count("skipped (time limit)") == 4
+    bad = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "x"), "--fast"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown option" in bad.stderr
