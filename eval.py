@@ -94,7 +94,8 @@ def evaluate_split(model, tokenizer, encoded, *, fmt, temperature=0.0, top_p=1.0
 
 
 def merge_samples(runs: list[tuple[dict, list[dict]]]) -> dict:
-    """One split's metrics from K sampled passes over the same records: numeric metrics averaged over the passes,
+    """One split's metrics from K sampled passes over the same records: top-level numeric metrics averaged over the
+    passes (nested ones: per-class F1, confusion, step agreement, per-type accuracy, come from the first pass),
     and, for K > 1, pass@K (some answer right), informative_frac (some but not every answer right: the records
     whose GRPO group has a learning signal) and unanimous_wrong_frac (no answer right). These are the pre-RL
     gate figures of docs/benchmark.md."""
@@ -155,7 +156,12 @@ class EvalConfig:
             raise ConfigError(f"--instruction must be full or none, got {self.instruction!r}")
         if self.long_prompts not in ("error", "skip"):
             raise ConfigError(f"--long-prompts must be error or skip, got {self.long_prompts!r}")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+        if (
+            not 0 <= self.temperature < float("inf")
+            or not 0 < self.top_p <= 1
+            or self.batch_size < 1
+            or (self.max_new_tokens < 1)
+        ):  # written so that nan fails every comparison
             raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1, --batch-size >= 1, --max-new-tokens >= 1")
         if self.samples < 1 or (self.samples > 1 and self.temperature == 0):
             raise ConfigError("--samples must be >= 1, and > 1 only with --temperature > 0 (greedy answers repeat)")

@@ -206,7 +206,10 @@ class Config:
         need(self.sft_lr > 0 and self.rl_lr > 0, "learning rates must be > 0")
         need(self.temperature > 0, "--temperature must be > 0 (RL samples its rollouts)")
         need(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
-        need(self.eval_temperature >= 0, "--eval-temperature must be >= 0")
+        need(0 <= self.eval_temperature < float("inf"), "--eval-temperature must be a finite number >= 0")
+        need(0 < self.temperature < float("inf"), "--temperature must be a finite number > 0")
+        need(self.policy != "random" or (self.fmt == "criteria" and self.segmenter in ("boxes", "steps")),
+             "--policy random needs --fmt criteria and --segmenter boxes or steps")  # fmt: skip
         need(self.select in ("last", "best"), f"--select must be last or best, got {self.select!r}")
         need(self.eval_samples >= 1, "--eval-samples must be >= 1")
         need(self.eval_samples == 1 or self.eval_temperature > 0, "--eval-samples > 1 needs --eval-temperature > 0 "
@@ -410,8 +413,9 @@ class Run:
 
     def evaluate(self, enc, policy: Policy | None = None, progress=None, with_predictions=False):
         """Metrics of one encoded split (and its per-example predictions when asked); the ranks share the work.
-        With --eval-samples K > 1 every record is answered K times (seeds seed, seed + 1, ...): numeric metrics are
-        the mean over the K passes and each prediction carries its sample index."""
+        With --eval-samples K > 1 every record is answered K times (seeds seed, seed + 1, ...): top-level numeric
+        metrics are the mean over the K passes (nested ones come from the first pass) and each prediction carries
+        its sample index."""
         cfg = self.cfg
         runs = []
         for k in range(cfg.eval_samples):

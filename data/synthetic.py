@@ -3,17 +3,17 @@
     python -m data.synthetic --out data/builtin                   # default sizes, seed 0; a few seconds
     python -m data.synthetic --out DIR --seed 1 --sizes sft=500,rl=2000
 
-It mirrors the paper's setting (PAPER.md) in a closed world: categories with entities and qualifiers, places,
-brands and models, authors and prices. A query has one of nine types (plain, qualifier, comparison, ranking,
-question, numeric, place, product, author). A note covers the query to a controlled degree - the share of its
-sentences about the query subject is large (9-10 of 10), partial (3-7 of 10), mention (1 of 12) or none - and
-carries keyword hits, near misses (a sibling entity of the same category) and the evidence a business rule needs
-(the qualifier kept, dropped or contradicted; one or both sides of a comparison; a list of 1, 2 or 3+ items; a
-direct answer or none; a price or none; the right or another place; product details or a passing use; the exact
-or a partial author name). The rubric (sam/prompt.py RUBRIC) gives the initial score from the coverage, the
-category match and the keyword hits measured on the generated text; the business rule of the query type then
-calibrates it (sam/prompt.py BUSINESS_RULES); the final label is the calibrated score. The label therefore
-depends on reading the note: none of coverage, hits or rule evidence is visible from the query.
+Version 2 (docs/benchmark.md has the design and the rules of a fair experiment on it). A closed world mirrors the
+paper's setting (PAPER.md): categories with entities, qualifiers, places, brands and models, authors, prices. A
+note is drawn first and alone: 8 sentences about three entities of one category (4-5, 2-3 and 1 of them), a title,
+a tag, an author and one detail line (style, comparison, list size, how-to, price, place or model). Then the query:
+its subject is one of the note's entities or one the note never names, which sets the coverage (large, partial,
+mention, none), and its type is one of nine (plain, qualifier, comparison, ranking, question, numeric, place,
+product, author); a business rule's case is decided by whether the query's value equals the note's. The rubric
+(sam/prompt.py RUBRIC) gives the initial score from coverage, category match and keyword hits; the rule calibrates
+it (sam/prompt.py BUSINESS_RULES); the label is the calibrated score, so it needs the query and the note together.
+Records are drawn until their label matches one drawn from LABEL_TARGET, per query type. The sft split's traces
+come from an imperfect teacher (TEACHER) while every label stays true.
 
 Splits (deterministic per seed and split name, independent of the other splits' sizes): sft (with gold reasoning
 traces), rl (label-only), val and test_random (natural distribution: plain queries dominate, business rules rarely
@@ -65,22 +65,28 @@ FIRST_NAMES = ["Mia", "Leo", "Ava", "Max", "Ivy", "Sam", "Zoe", "Ken"]
 LAST_NAMES = ["Chen", "Wang", "Liu", "Zhang", "Zhou", "Lin", "Xu", "Guo"]
 BRANDS = ["Lumi", "Orca", "Nova", "Kiko", "Terra", "Vela"]
 MODELS = ["Pro", "Mini", "Air", "Max", "Lite"]
-PRICES = [20, 30, 50, 80, 100, 200]
+PRICES = [20, 30, 50, 80, 100]
 RANK_SIZES = [3, 5, 10]
 
 QUERY_TYPES = ("plain", "qualifier", "comparison", "ranking", "question", "numeric", "place", "product", "author")
 RARE_TYPES = ("comparison", "ranking", "numeric", "author")
 # outcome names of each business rule; the first is the default (the rule keeps the score)
+# Outcome names of each business rule; the first is the default (the rule keeps the score). Every case is decided
+# by comparing one value of the note (its detail line, or its author) with one value of the query, and the note's
+# value is drawn before and without the query: a reader of the note alone learns nothing about the case.
 CASES = {
-    "qualifier": ("kept", "dropped", "flipped"),
+    "qualifier": ("kept", "dropped"),
     "comparison": ("both", "one side"),
-    "ranking": ("three or more", "two", "one"),
+    "ranking": ("full", "short"),
     "question": ("answered", "not answered"),
-    "numeric": ("within", "over"),
+    "numeric": ("match", "off"),
     "place": ("guide", "other place"),
     "product": ("details", "other model"),
     "author": ("exact", "partial"),
 }
+DETAIL_KINDS = tuple(k for k in CASES if k != "author")  # the author rule reads the note's author field instead
+QUALIFIERS = sorted({x for _, qualifiers in CATEGORIES.values() for x in qualifiers})
+HOWTO = ["choose", "clean", "store", "use"]
 DISTRIBUTIONS = {
     "random": {
         "types": dict(plain=25, qualifier=15, comparison=5, ranking=5, question=12, numeric=5, place=15, product=12,
@@ -105,7 +111,7 @@ LABEL_TARGET = {3: 30, 2: 25, 1: 20, 0: 15, -1: 10}
 SPLITS = {"sft": "random", "rl": "random", "val": "random", "test_random": "random", "test_longtail": "longtail"}
 DEFAULT_SIZES = {"sft": 2000, "rl": 8000, "val": 1000, "test_random": 1000, "test_longtail": 1000}
 VERSION = 2
-# The teacher that wrote the warm-up traces (DESIGN.md, "The built-in benchmark"): it has two blind spots, one per
+# The teacher that wrote the warm-up traces (docs/benchmark.md): it has two blind spots, one per
 # scored step, and errs on them at these rates. Step 5 (title bias): when the note's title names the query's
 # entity and the note only partly covers it (partial or mention), the teacher reads the coverage one level higher.
 # Step 6 (missed special case): on a non-default business-rule case the teacher writes the default case and keeps
@@ -169,12 +175,10 @@ def _calibrate(qtype: str, case: str | None, initial: int) -> int:
     lower = initial - 1 if initial >= 2 else initial
     return {
         ("qualifier", "dropped"): lower,
-        ("qualifier", "flipped"): min(initial, 0),
         ("comparison", "one side"): lower,
-        ("ranking", "two"): lower,
-        ("ranking", "one"): min(initial, 1),
+        ("ranking", "short"): lower,
         ("question", "not answered"): min(initial, 1),
-        ("numeric", "over"): lower,
+        ("numeric", "off"): lower,
         ("place", "other place"): min(initial, 0),
         ("product", "other model"): min(initial, 1),
         ("author", "partial"): min(initial, 1),
@@ -194,99 +198,84 @@ def _make_note(rng: random.Random) -> dict:
     body = [(A, t) for t in rng.sample(TOPIC_TEMPLATES, a)] + [(B, t) for t in rng.sample(TOPIC_TEMPLATES, b)]
     body += [(C, rng.choice(TOPIC_TEMPLATES))] + [(None, f) for f in rng.sample(FILLER, NUM_SENTENCES - a - b - 1)]
     rng.shuffle(body)
-    return dict(category=cat, entities={"A": A, "B": B, "C": C}, counts={A: a, B: b, C: 1},
+    author = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
+    return dict(category=cat, entities={"A": A, "B": B, "C": C}, counts={A: a, B: b, C: 1}, author=author,
                 sentences=[t.format(s=e) if e else t for e, t in body])  # fmt: skip
 
 
-def _make_query(rng: random.Random, qtype: str, note: dict, role: str) -> dict:
-    """The query: its entity plays `role` in the note (A, B, C or absent); text, keywords and rule slots."""
+def _detail_value(rng: random.Random, kind: str, note: dict):
+    """The value on the note's detail line of `kind`, drawn from a fixed set without looking at the query."""
+    if kind == "qualifier":
+        return rng.choice(QUALIFIERS)
+    if kind == "comparison":
+        return rng.choice([x for x in CATEGORIES[note["category"]][0] if x not in note["counts"]])
+    if kind == "ranking":
+        return rng.choice(RANK_SIZES)
+    if kind == "question":
+        return rng.choice(HOWTO)
+    if kind == "numeric":
+        return rng.choice(PRICES)
+    if kind == "place":
+        return rng.choice(PLACES)
+    return rng.choice(BRANDS), rng.choice(MODELS)  # product
+
+
+def _detail_text(kind: str, v) -> str:
+    return {
+        "qualifier": lambda: f"Style: {v}.",
+        "comparison": lambda: f"Also compared: {v}.",
+        "ranking": lambda: f"List: {v} picks.",
+        "question": lambda: f"It explains how to {v} it.",
+        "numeric": lambda: f"Price: {v} dollars.",
+        "place": lambda: f"Place: {v}.",
+        "product": lambda: f"Model: {v[0]} {v[1]}.",
+    }[kind]()
+
+
+def _make_query(rng: random.Random, qtype: str, note: dict, role: str, case: str | None, v) -> dict:
+    """The query: its subject plays `role` in the note (A, B, C or absent); its rule slot equals the note's value
+    `v` (or author) for the default case and differs from it otherwise. Text, keywords and need."""
     if role == "absent":
-        # half from the note's category (a near miss: categories match), half from another one
-        same = rng.random() < 0.5
+        # half from the note's category (a near miss: categories match), half from another one; a comparison's two
+        # sides share a category, so its absent subject stays in the note's (a mixed pair would tell the role)
+        same = qtype == "comparison" or rng.random() < 0.5
         cat = note["category"] if same else rng.choice([c for c in sorted(CATEGORIES) if c != note["category"]])
-        e = rng.choice([x for x in CATEGORIES[cat][0] if x not in note["counts"]])
+        e = rng.choice([x for x in CATEGORIES[cat][0] if x not in note["counts"] and x != v])
     else:
         cat, e = note["category"], note["entities"][role]
+    keep = case == CASES.get(qtype, (None,))[0]
+
+    def pick(pool, value):  # the note's value for the default case, another one otherwise
+        return value if keep else rng.choice([x for x in pool if x != value])
+
     q = dict(type=qtype, category=cat, entity=e, keywords=[e])
-    qualifiers = CATEGORIES[cat][1]
     if qtype == "plain":
         q["text"] = e if rng.random() < 0.5 else f"{e} tips"
     elif qtype == "qualifier":
-        q["qualifier"] = rng.choice(qualifiers)
-        q["text"] = f"{q['qualifier']} {e}"
-        q["keywords"] = [q["qualifier"], e]
+        w = pick(QUALIFIERS, v)
+        q["text"], q["keywords"] = f"{w} {e}", [w, e]
     elif qtype == "comparison":
-        q["other"] = rng.choice([x for x in CATEGORIES[cat][0] if x != e and x not in note["counts"]])
-        q["text"] = f"{e} vs {q['other']}"
-        q["keywords"] = [e, q["other"]]
+        other = pick([x for x in CATEGORIES[cat][0] if x not in note["counts"] and x != e], v)
+        q["text"], q["keywords"] = f"{e} vs {other}", [e, other]
     elif qtype == "ranking":
-        q["size"] = rng.choice(RANK_SIZES)
-        q["text"] = f"top {q['size']} {e}"
+        q["text"] = f"top {pick(RANK_SIZES, v)} {e}"
     elif qtype == "question":
-        q["text"] = f"how to choose {e}"
+        q["text"] = f"how to {pick(HOWTO, v)} {e}"
     elif qtype == "numeric":
-        q["price"] = rng.choice(PRICES[1:-1])  # a limit with prices on both sides
-        q["text"] = f"{e} under {q['price']} dollars"
-        q["keywords"] = [e, f"{q['price']} dollars"]
+        w = pick(PRICES, v)
+        q["text"], q["keywords"] = f"{e} around {w} dollars", [e, f"{w} dollars"]
     elif qtype == "place":
-        q["place"] = rng.choice(PLACES)
-        q["text"] = f"{e} in {q['place']}"
-        q["keywords"] = [e, q["place"]]
+        w = pick(PLACES, v)
+        q["text"], q["keywords"] = f"{e} in {w}", [e, w]
     elif qtype == "product":
-        q["brand"], q["model"] = rng.choice(BRANDS), rng.choice(MODELS)
-        q["text"] = f"{q['brand']} {q['model']} {e}"
-        q["keywords"] = [f"{q['brand']} {q['model']}", e]
+        model = pick(MODELS, v[1])
+        q["text"], q["keywords"] = f"{v[0]} {model} {e}", [f"{v[0]} {model}", e]
     elif qtype == "author":
-        q["first"], q["last"] = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
-        q["text"] = f"{q['first']} {q['last']} {e}"
-        q["keywords"] = [f"{q['first']} {q['last']}", e]
+        first, last = note["author"].split()
+        name = f"{first} {pick(LAST_NAMES, last)}"
+        q["text"], q["keywords"] = f"{name} {e}", [name, e]
     q["need"] = "precise" if qtype in ("question", "product", "numeric") else "broad"
     return q
-
-
-def _detail(rng: random.Random, kind: str, q: dict | None, case: str | None, cat: str) -> tuple[str, str | None]:
-    """(detail sentence, author or None) of `kind`: the evidence of the query's rule when `q` is given (for `case`),
-    else a random detail of that kind (every note has one detail line, so its presence tells nothing)."""
-    entities, qualifiers = CATEGORIES[cat]
-    if kind == "qualifier":
-        qual = q["qualifier"] if q else rng.choice(qualifiers)
-        if case == "dropped" or (q is None and rng.random() < 0.3):
-            return f"Style: {rng.choice([x for x in qualifiers if x != qual])}.", None
-        return (f"Style: not {qual}." if case == "flipped" else f"Style: {qual}."), None
-    if kind == "comparison":
-        other = q["other"] if q and case == "both" else rng.choice(entities)
-        return f"Also compared: {other}.", None
-    if kind == "ranking":
-        k = {"three or more": rng.choice([3, 5, 10]), "two": 2, "one": 1}.get(case) or rng.choice([1, 2, 3, 5, 10])
-        return f"List: {k} pick{'s' if k > 1 else ''}.", None
-    if kind == "question":
-        answered = case == "answered" if q else rng.random() < 0.7
-        return ("It explains how to choose." if answered else "It does not explain how to choose."), None
-    if kind == "numeric":
-        limit = q["price"] if q else rng.choice(PRICES[1:-1])
-        if case == "over":
-            price = rng.choice([p for p in PRICES if p > limit])
-        elif case == "within":
-            price = rng.choice([p for p in PRICES if p <= limit])
-        else:
-            price = rng.choice(PRICES)
-        return f"Price: {price} dollars.", None
-    if kind == "place":
-        place = q["place"] if q and case == "guide" else rng.choice([p for p in PLACES if not q or p != q["place"]])
-        return f"Place: {place}.", None
-    if kind == "product":
-        brand = q["brand"] if q else rng.choice(BRANDS)
-        if q and case == "details":
-            model = q["model"]
-        else:
-            model = rng.choice([m for m in MODELS if not q or m != q["model"]])
-        return f"Model: {brand} {model}.", None
-    # author: the evidence is the note's author field
-    if q and case == "exact":
-        return "", f"{q['first']} {q['last']}"
-    if q:
-        return "", f"{q['first']} {rng.choice([x for x in LAST_NAMES if x != q['last']])}"
-    return "", f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
 
 
 def _teacher(rng: random.Random, gold: dict, title_names_query: bool, teacher: dict) -> dict:
@@ -331,25 +320,28 @@ def make_record(rng: random.Random, split: str, index: int, dist: str, case_prob
 
 def _draw_record(rng, split, index, spec, qtype, case_prob, teacher) -> Record:
     note = _make_note(rng)
+    # the detail line's kind follows the query's rule (a random kind for plain and author queries); its value is
+    # drawn before the query and never from it
+    kind = qtype if qtype in DETAIL_KINDS else rng.choice(DETAIL_KINDS)
+    v = _detail_value(rng, kind, note)
     role = _weighted(rng, ROLES)
-    q = _make_query(rng, qtype, note, role)
     case = None
     if qtype in CASES:
         default, *others = CASES[qtype]
         p = spec["case_prob"] if case_prob is None else case_prob
         case = rng.choice(others) if rng.random() < p else default
+    q = _make_query(rng, qtype, note, role, case, v if qtype in DETAIL_KINDS else None)
     nondefault = case is not None and case != CASES[qtype][0]
     # the title names one of the note's entities (or none), drawn without looking at the query; in the correlated
     # control world the title bias is tied to the rule case instead, so the teacher's two blind spots coincide
     title_entity = rng.choice([note["entities"]["A"], note["entities"]["B"], note["entities"]["C"], None])
     if teacher["errors"] == "correlated" and role in ("B", "C"):
-        title_entity = q["entity"] if nondefault else rng.choice([x for x in note["counts"] if x != q["entity"]])
+        others = [x for x in [*note["counts"], None] if x != q["entity"]]
+        title_entity = q["entity"] if nondefault else rng.choice(others)
     title = rng.choice(TITLES).format(s=title_entity) if title_entity else f"My {note['category']} notes"
     title = title[0].upper() + title[1:]
-    kind = qtype if qtype in CASES else rng.choice(sorted(CASES))
-    detail, author = _detail(rng, kind, q if qtype in CASES else None, case, note["category"])
-    author = author or f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
-    content = " ".join(note["sentences"] + ([detail] if detail else []))
+    detail, author = _detail_text(kind, v), note["author"]
+    content = " ".join(note["sentences"] + [detail])
     note_json = {"title": title, "content": content, "tags": [note["category"]]}
     text = f"{title} {content}"
     hits = [k for k in q["keywords"] if _contains(text, k) or k == author]
@@ -413,6 +405,19 @@ def generate(seed: int = 0, sizes: dict | None = None, case_prob: float | None =
     return out
 
 
+def fingerprint() -> str:
+    """A short hash of the code that decides the benchmark's bytes (this file and the trace format): a folder
+    written by other code is regenerated by runtime.data.ensure_builtin even when the version number is the same."""
+    import hashlib
+
+    import sam.prompt
+
+    h = hashlib.sha256()
+    for path in (__file__, sam.prompt.__file__):
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:12]
+
+
 def check_teacher(teacher: dict | None) -> dict:
     out = dict(TEACHER)
     out.update(teacher or {})
@@ -444,8 +449,11 @@ def _query_text(r: Record) -> str:
 def bow_baseline(train: list[Record], tests: dict[str, list[Record]], view, dims: int = 1024) -> dict[str, float]:
     """Accuracy of a bag-of-words multinomial logistic regression that reads only `view(record)`: unigram and
     bigram counts hashed (crc32) into `dims` buckets, log1p-scaled, fit on `train` by 200 full-batch Adam steps
-    (L2 1e-3, zero init: deterministic) and scored on each split of `tests`. The note-only and query-only views must
-    stay near the majority label: a model that beats them by much has found a one-sided shortcut, not relevance."""
+    (zero init: deterministic), its L2 strength chosen among 1e-3, 1e-2 and 1e-1 on the `val` split of `tests`
+    (on `train` without one), and scored on each split of `tests`. The note-only and query-only views must stay
+    near the majority label: a model that beats them by much has found a one-sided shortcut, not relevance."""
+
+    bucket: dict[str, int] = {}
 
     def features(records) -> np.ndarray:
         rows, cols = [], []
@@ -459,25 +467,33 @@ def bow_baseline(train: list[Record], tests: dict[str, list[Record]], view, dims
         x[:, -1] = 1.0  # bias
         return np.log1p(x)
 
-    bucket: dict[str, int] = {}
+    def fit(x, onehot, l2):
+        w = np.zeros((dims + 1, len(LABELS)), dtype=np.float32)
+        m, v = np.zeros_like(w), np.zeros_like(w)
+        for t in range(1, 201):  # Adam on the mean cross-entropy
+            z = x @ w
+            p = np.exp(z - z.max(1, keepdims=True))
+            p /= p.sum(1, keepdims=True)
+            grad = x.T @ (p - onehot) / len(x) + l2 * w
+            m = 0.9 * m + 0.1 * grad
+            v = 0.999 * v + 0.001 * grad**2
+            w = w - 0.05 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        return w
+
+    def accuracy(w, x, records):
+        return float(np.mean((x @ w).argmax(1) == np.array([LABELS.index(r.label) for r in records])))
 
     x = features(train)
     onehot = np.eye(len(LABELS), dtype=np.float32)[[LABELS.index(r.label) for r in train]]
-    w = np.zeros((dims + 1, len(LABELS)), dtype=np.float32)
-    m, v = np.zeros_like(w), np.zeros_like(w)
-    for t in range(1, 201):  # Adam on the mean cross-entropy
-        z = x @ w
-        p = np.exp(z - z.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        grad = x.T @ (p - onehot) / len(x) + 1e-3 * w
-        m = 0.9 * m + 0.1 * grad
-        v = 0.999 * v + 0.001 * grad**2
-        w = w - 0.05 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
-    out = {}
-    for name, records in tests.items():
-        pred = (features(records) @ w).argmax(1)
-        out[name] = round(float(np.mean(pred == np.array([LABELS.index(r.label) for r in records]))), 4)
-    return out
+    select = tests.get("val") or train
+    x_select = features(select)
+    fits = [fit(x, onehot, l2) for l2 in (1e-3, 1e-2, 1e-1)]
+    w = max(fits, key=lambda w: accuracy(w, x_select, select))  # the first of equals: deterministic
+    return {name: round(accuracy(w, features(records), records), 4) for name, records in tests.items()}
+
+
+def _detail_line(r: Record) -> str:
+    return r.note["content"].rsplit(". ", 1)[-1]
 
 
 def split_stats(records: list[Record], train_majority: int, type_majority: dict) -> dict:
@@ -534,6 +550,7 @@ def compute_stats(splits: dict[str, list[Record]], seed: int, case_prob: float |
     type_majority = {t: c.most_common(1)[0][0] for t, c in by_type.items()}
     stats = {
         "version": VERSION,
+        "generator": fingerprint(),
         "seed": seed,
         "case_prob": {
             "random": DISTRIBUTIONS["random"]["case_prob"] if case_prob is None else case_prob,
@@ -544,7 +561,7 @@ def compute_stats(splits: dict[str, list[Record]], seed: int, case_prob: float |
         "splits": {name: split_stats(recs, majority, type_majority) for name, recs in splits.items()},
     }
     if train:
-        views = {"note_only_bow": _note_text, "query_only_bow": _query_text,
+        views = {"note_only_bow": _note_text, "query_only_bow": _query_text, "detail_line_only_bow": _detail_line,
                  "query_and_note_bow": lambda r: _query_text(r) + " " + _note_text(r)}  # fmt: skip
         for key, view in views.items():
             for name, acc in bow_baseline(train, splits, view).items():

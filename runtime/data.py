@@ -20,18 +20,24 @@ class DataError(ValueError):
 
 
 def ensure_builtin(data_dir: str | Path, seed: int = 0) -> bool:
-    """Generate the built-in benchmark into `data_dir` when it is missing or of another version (stats.json, written
-    last, holds it); True if it was generated."""
-    from data.synthetic import VERSION, write_benchmark
+    """Generate the built-in benchmark into `data_dir` when it is missing, or was written by another version of the
+    generator (stats.json, written last, holds the version and a fingerprint of data/synthetic.py and
+    sam/prompt.py); True if it was generated."""
+    from data.synthetic import VERSION, fingerprint, write_benchmark
 
     data_dir = Path(data_dir)
     try:
-        found = json.loads((data_dir / "stats.json").read_text()).get("version", 1)
+        stats = json.loads((data_dir / "stats.json").read_text())
+        found = (stats.get("version", 1), stats.get("generator")) if isinstance(stats, dict) else None
     except (OSError, ValueError):
         found = None  # missing or unreadable: generate
-    if found == VERSION and (data_dir / "rl.jsonl").exists() and (data_dir / "tokenizer" / "tokenizer.json").exists():
+    if (
+        found == (VERSION, fingerprint())
+        and (data_dir / "rl.jsonl").exists()
+        and (data_dir / "tokenizer" / "tokenizer.json").exists()
+    ):
         return False
-    was = "" if found is None else f" (it held version {found})"
+    was = "" if found is None else f" (it held version {found[0]}, generator {found[1]})"
     print(f"generating the built-in benchmark version {VERSION} into {data_dir}{was}, seed {seed} ...", flush=True)
     write_benchmark(data_dir, seed)
     return True

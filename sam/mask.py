@@ -55,10 +55,14 @@ def _sam_keep(verdicts, outcome, well_formed, known, exception, exception_segmen
     return keep | ~well_formed[:, None]  # malformed: never masked
 
 
-def _random_keep(sam_keep, outcome, well_formed, known, generator):
-    """(B, S) bool: drop eligible segments at random, at sam's masking rate per (outcome, column) on this batch."""
+def _random_keep(sam_keep, outcome, well_formed, known, generator, seq_adv=None):
+    """(B, S) bool: drop eligible segments at random, at sam's masking rate per (outcome, column) on this batch.
+    With seq_adv, rollouts with advantage 0 (zero-variance groups) are not eligible: masking them changes nothing
+    in the loss, so sam's rate is matched over the rollouts the update sees."""
     B, S = sam_keep.shape
     eligible = well_formed[:, None] & known  # (B, S) segments sam could mask ...
+    if seq_adv is not None:
+        eligible = eligible & (seq_adv != 0).to(eligible.device)[:, None]
     eligible[:, -1] = False  # ... never the final answer (sam keeps it, so p = 0 there anyway: stated, not relied on)
     masked = eligible & ~sam_keep  # (B, S)
     # per-stratum counts by a (2, B) x (B, S) product: row 0 negative rollouts, row 1 positive; exact in fp32 up to
@@ -126,7 +130,7 @@ def keep_weights(
             drop = (~keep).any(dim=1, keepdim=True)  # (B, 1)
             weights = (~drop).float().expand(B, S).clone()
         elif policy == "random":
-            weights = _random_keep(keep, outcome, well_formed, known, generator).float()
+            weights = _random_keep(keep, outcome, well_formed, known, generator, seq_adv).float()
         else:  # token: interleave always-kept text segments with the boxes' sam weights
             weights = torch.stack([torch.ones_like(keep), keep], dim=2).reshape(B, 2 * S).float()
     return weights, diagnostics(weights, outcome, segment_tokens, seq_adv, agg=agg)

@@ -56,16 +56,16 @@ GENERIC_STEPS = (
 # the note's detail line (style, comparison, list, answer, price, place, model, author) is the evidence. A case
 # applies whatever the initial score; it changes the score only where the description says so.
 BUSINESS_RULES = {
-    "qualifier": "The query has a qualifier. Style equal to it: kept, keep the score. Another style: dropped, lower "
-    "a score of 2 or more by one. Style `not` the qualifier: flipped, the score is at most 0.",
-    "comparison": "The query compares two things. The note also compares the other one: both, keep the score. "
-    "Something else: one side, lower a score of 2 or more by one.",
-    "ranking": "The query asks for a ranking. A list of three or more picks: keep the score. Two: lower a score of "
-    "2 or more by one. One: the score is at most 1.",
-    "question": "The query is a question. The note explains it: answered, keep the score. It does not: not "
-    "answered, the score is at most 1.",
-    "numeric": "The query has a price limit. A price within it: within, keep the score. Over it: over, lower a "
-    "score of 2 or more by one.",
+    "qualifier": "The query has a qualifier. The note's style equal to it: kept, keep the score. Another style: "
+    "dropped, lower a score of 2 or more by one.",
+    "comparison": "The query compares two things. The note also compares the query's other one: both, keep the "
+    "score. Something else: one side, lower a score of 2 or more by one.",
+    "ranking": "The query asks for a top list. The note's list has that many picks: full, keep the score. Another "
+    "number: short, lower a score of 2 or more by one.",
+    "question": "The query asks how to do something. The note explains that: answered, keep the score. It explains "
+    "something else: not answered, the score is at most 1.",
+    "numeric": "The query names a price. The note's price equal to it: match, keep the score. Another price: off, "
+    "lower a score of 2 or more by one.",
     "place": "The query names a place. The note's place is it: guide, keep the score. Another place: other place, "
     "the score is at most 0.",
     "product": "The query names a product model. The same model: details, keep the score. Another model of the "

@@ -1,5 +1,6 @@
 """runtime/: flat CLI flags from a config dataclass, atomic checkpoint swaps, RNG state round trip."""
 
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -103,7 +104,8 @@ def test_builtin_benchmark_is_regenerated_when_missing_or_of_another_version(tmp
         (out / "tokenizer").mkdir(parents=True, exist_ok=True)
         (out / "tokenizer" / "tokenizer.json").write_text("{}")
         (out / "rl.jsonl").write_text("")
-        (out / "stats.json").write_text(f'{{"version": {data.synthetic.VERSION}}}')
+        stats = {"version": data.synthetic.VERSION, "generator": data.synthetic.fingerprint()}
+        (out / "stats.json").write_text(json.dumps(stats))
 
     monkeypatch.setattr(data.synthetic, "write_benchmark", fake_write)
     assert ensure_builtin(tmp_path) and len(calls) == 1  # missing
@@ -112,3 +114,8 @@ def test_builtin_benchmark_is_regenerated_when_missing_or_of_another_version(tmp
     assert ensure_builtin(tmp_path) and len(calls) == 2
     (tmp_path / "stats.json").write_text("not json")  # an interrupted write: regenerate, never trust
     assert ensure_builtin(tmp_path) and len(calls) == 3
+    stats = {"version": data.synthetic.VERSION, "generator": "older code"}  # same version, other generator code
+    (tmp_path / "stats.json").write_text(json.dumps(stats))
+    assert ensure_builtin(tmp_path) and len(calls) == 4
+    (tmp_path / "stats.json").write_text("[1, 2]")  # valid JSON, not an object
+    assert ensure_builtin(tmp_path) and len(calls) == 5

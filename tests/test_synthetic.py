@@ -177,7 +177,7 @@ def test_case_prob_knob_raises_calibration_changes_in_the_random_splits_only():
     assert [r.to_json() for r in hard["test_longtail"]] == [r.to_json() for r in base["test_longtail"]]
     stats = {n: synthetic.compute_stats(s, 0)["splits"]["rl"]["calibration_changes_frac"] for n, s in
              (("base", base), ("hard", hard))}  # fmt: skip
-    assert 0.04 < stats["base"] < 0.15 and stats["hard"] > stats["base"] + 0.1
+    assert 0.04 < stats["base"] < 0.15 and stats["hard"] > stats["base"] + 0.05
     for r in hard["rl"]:  # gold traces still parse to the gold scores under the knob
         g = r.gold
         p = parse_scores(render_gold_reasoning(r, "criteria"), "criteria")
