@@ -1,7 +1,7 @@
 """data/synthetic.py and data/tokenizer.py: determinism, grounded gold values, stats, tokenizer round trip."""
 
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import pytest
 
@@ -9,7 +9,7 @@ from data import synthetic
 from data.schema import read_jsonl
 from data.tokenizer import load_tokenizer
 from sam.parse import parse_scores
-from sam.prompt import render_gold_reasoning
+from sam.prompt import LABELS, render_gold_reasoning
 
 SMALL = {"sft": 120, "rl": 300, "val": 40, "test_random": 100, "test_longtail": 200}
 
@@ -75,7 +75,7 @@ def test_the_query_alone_and_the_note_alone_predict_no_more_than_the_majority(fu
     stats = synthetic.compute_stats(full, 0)
     for name in ("val", "test_random", "test_longtail"):
         b = stats["splits"][name]["baseline_acc"]
-        for key in ("note_only_bow", "query_only_bow", "query_type_majority"):
+        for key in ("note_only_bow", "query_only_bow", "detail_line_only_bow", "query_type_majority"):
             assert b[key] <= b["majority_label"] + 0.05, (name, key, b)
     # and the note's surface is the same whatever the coverage: title kind, sentence count, detail line
     by_cov = defaultdict(lambda: defaultdict(int))
@@ -84,6 +84,17 @@ def test_the_query_alone_and_the_note_alone_predict_no_more_than_the_majority(fu
         by_cov[r.gold["coverage"]][titled] += 1
     shares = {c: d[True] / (d[True] + d[False]) for c, d in by_cov.items()}
     assert max(shares.values()) - min(shares.values()) < 0.05, shares
+    # no detail line gives the label away: each kind of line comes with (nearly) the overall label mix
+    overall = Counter(r.label for r in full["rl"])
+    by_line = defaultdict(Counter)
+    for r in full["rl"]:
+        by_line[r.note["content"].rsplit(". ", 1)[-1].split(":")[0].split(" how")[0]][r.label] += 1
+    assert len(by_line) == len(synthetic.DETAIL_KINDS)
+    for line, counts in by_line.items():
+        n = sum(counts.values())
+        for label in LABELS:
+            gap = abs(counts[label] / n - overall[label] / len(full["rl"]))
+            assert gap < 0.08, (line, label, gap)
 
 
 def test_steps_5_and_6_are_hard_on_the_same_records(full):
