@@ -216,7 +216,7 @@ def test_long_prompts_can_be_skipped_and_counted(bench, tmp_path):
                 for r in read_jsonl(bench / f"{split}.jsonl")[:n]]  # fmt: skip
 
     val, test = lengths("val", 4), lengths("test_random", 3)
-    limit = max(min(val), min(test), min(lengths("sft", 24)))  # every split keeps at least one prompt
+    limit = max(min(val), min(test), min(lengths("test_longtail", 3)), min(lengths("sft", 24)))  # each keeps one
     argv = fast_args(bench, tmp_path, *GENERIC, "--name", "skip", "--stages", "sft", "--long-prompts", "skip",
                      "--max-prompt-tokens", str(limit), "--sft-epochs", "0.2")  # fmt: skip
     assert sum(n > limit for n in test) > 0, "the chosen limit must skip something in test_random"
