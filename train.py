@@ -30,7 +30,9 @@ Where this departs from the paper or the authors' settings (PAPER.md), and why:
   the instruction, which is the same for every record and would be 80% of each prompt). Real models keep it.
 - With mu = 1 the old log-probs are the current ones detached (the ratio is exactly 1, as it would be after a
   recomputation, since the kernel is batch-invariant); with mu > 1 they are computed once before the updates.
-- Evaluation samples at temperature 0.6 as the authors validate (seeded: repeatable); `--eval-temperature 0` is greedy.
+- Evaluation is greedy on every test record by default, which resolves a few points (the authors validate at
+  T=0.6: `--eval-temperature 0.6 --eval-samples K` averages K seeded passes); the RL model tested is the last step
+  (`--select best` picks it on validation instead).
 - Zero-variance groups stay in the batch with advantage 0 (`--zero-variance drop` leaves them out of the loss).
 """
 
