@@ -13,9 +13,11 @@ wgmma or tcgen05; "none": FMA, as for fp32 dots at IEEE precision, or no dot at 
 pipelined (cp.async or TMA). Exit status 1 on a compile error, a spill in a bf16/fp16 configuration (both models
 16-bit, for distill_kl) or shared memory over the limit.
 
-Batch invariance is checked structurally: the forward kernels are compiled for N = 1, 37 and 4096 (the JIT turns an
-int equal to 1 into a constant and tags multiples of 16, unless the argument is in `do_not_specialize`), and the
-check fails when the cubins differ. Speed is not measured here (no GPU): bench/RESULTS.md keeps the table.
+Batch invariance is checked structurally: the logprob and distill_kl forward kernels are compiled for N = 1, 37 and
+a full batch (the JIT turns an int equal to 1 into a constant and tags multiples of 16, unless the argument is in
+`do_not_specialize`), and the check fails when the cubins differ. Meta tensors report address 0, so every pointer
+is taken as 16-byte aligned (a view at an odd offset would get a variant not compiled here); every launch must pin
+`enable_fp_fusion`. Speed is not measured here (no GPU): bench/RESULTS.md keeps the table.
 """
 
 import argparse
@@ -47,7 +49,7 @@ policy_mod = importlib.import_module("kernels.policy_loss")
 SHARED_LIMIT = {80: 166912, 90: 232448, 100: 232448}
 REGS_PER_SM = 65536
 MAX_BLOCKS_PER_SM = 32
-CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+CUOBJDUMP = os.environ.get("TRITON_CUOBJDUMP_PATH") or Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
 
 
 @dataclass
@@ -107,10 +109,15 @@ def launches(quick: bool = False) -> list[Launch]:
             logprob_mod._backward(h, w, t, s, s, s, s, s, 1.0, -100, True, True)
             for t_dtype in {dtype, torch.float32}:  # a 16-bit student may learn from an fp32 teacher
                 tname = str(t_dtype).removeprefix("torch.")
+                for n in (1, 37):  # the forward at other batch sizes as well (one binary for all)
+                    label[0] = f"distill fwd {name}/{tname} N={n}"
+                    student = meta(n, 896, dtype=dtype), meta(V, 896, dtype=dtype)
+                    teacher = meta(n, D, dtype=t_dtype), meta(V, D, dtype=t_dtype)
+                    distill_mod._forward(*student, *teacher, meta(n, dtype=torch.bool), V, 2, 0.5, 1.0)
                 hs, ws = meta(N, 896, dtype=dtype), meta(V, 896, dtype=dtype)
                 ht, wt = meta(N, D, dtype=t_dtype), meta(V, D, dtype=t_dtype)
                 mask = meta(N, dtype=torch.bool)
-                label[0] = f"distill fwd {name}/{tname}"
+                label[0] = f"distill fwd {name}/{tname} N={N}"
                 _, stats = distill_mod._forward(hs, ws, ht, wt, mask, V, 2, 0.5, 1.0)
                 label[0] = f"distill bwd {name}/{tname}"
                 distill_mod._backward(
@@ -151,6 +158,8 @@ def check(targets: list[int], quick: bool = False) -> tuple[list[dict], list[str
     rows, failures, seen = [], [], {}
     fwd_cubins: dict[tuple, set] = {}
     for launch in launches(quick):
+        if "enable_fp_fusion" not in launch.kwargs:
+            failures.append(f"{launch.label}: {launch.fn.__name__} launched without enable_fp_fusion (kernels._common)")
         for cc in targets:
             target = GPUTarget("cuda", cc, 32)
             signature, constexprs, attrs, options = specialise(launch, target)
@@ -177,7 +186,6 @@ def check(targets: list[int], quick: bool = False) -> tuple[list[dict], list[str
             shared = k.metadata.shared
             by_regs = REGS_PER_SM // max(1, res.get("REG", 1) * 32 * options.num_warps)
             by_shared = SHARED_LIMIT[cc] // shared if shared else MAX_BLOCKS_PER_SM
-            dtype = re.search(r"(bfloat16|float16|float32)(/\w+)?", launch.label)
             row = dict(key=key, kernel=launch.fn.__name__, case=launch.label, target=f"sm_{cc}",
                        num_warps=options.num_warps, num_stages=options.num_stages, registers=res.get("REG"),
                        local_bytes=res.get("LOCAL", 0), stack_bytes=res.get("STACK", 0), shared_bytes=shared,
@@ -185,7 +193,7 @@ def check(targets: list[int], quick: bool = False) -> tuple[list[dict], list[str
                        mma=next((m for m in ("tcgen05", "wgmma", "mma.sync") if m in ptx), "none"),
                        pipelined="cp.async" in ptx or "cp.async.bulk" in ptx)  # fmt: skip
             rows.append(row)
-            sixteen = dtype is not None and "float32" not in dtype.group(1)
+            sixteen = "float32" not in launch.label and "policy_loss" not in launch.label  # every float input 16-bit
             if sixteen and (row["local_bytes"] or row["stack_bytes"]):
                 failures.append(f"{launch.label} sm_{cc}: spills {row['local_bytes']} B local, "
                                 f"{row['stack_bytes']} B stack in a 16-bit configuration")  # fmt: skip

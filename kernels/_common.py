@@ -86,3 +86,13 @@ def round_bf16_rtne(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_tf32_rtne(x):
+    """fp32 tensor -> fp32 tensor holding the nearest TF32 value (10 mantissa bits, ties to even). The tensor cores
+    read fp32 operands of a TF32 dot by truncating the low 13 bits (a bias toward zero, up to twice round-to-nearest's
+    error); rounding first makes the dot exact on them."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)

@@ -61,6 +61,7 @@ from kernels._common import (
     interpret_dot,
     resolve_impl,
     round_bf16_rtne,
+    round_tf32_rtne,
 )
 from kernels.logprob import _FLOAT_DTYPES, _chunk_width, _config, _logits_tile, _matmul, dz_dtype
 
@@ -290,7 +291,7 @@ def _distill_bwd_dz_kernel(
     t_logsum_ptr,
     aux_ptr,
     grad_ptr,  # (N,) fp32 upstream gradient, contiguous
-    dz_ptr,  # (N, C) student dtype, out: dL/d(student logits) / tau
+    dz_ptr,  # (N, C) dz_dtype(student dtype), out: dL/d(student logits) / tau
     # sizes
     N,
     C,
@@ -319,6 +320,7 @@ def _distill_bwd_dz_kernel(
     S_PRECISION: tl.constexpr,
     T_PRECISION: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    ROUND_TF32: tl.constexpr,  # dz feeds a TF32 dot (fp16 inputs): round it to nearest first
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -359,6 +361,8 @@ def _distill_bwd_dz_kernel(
     dz = tl.where(valid[:, None], dz * (g * inv_temp)[:, None], 0.0)
     if ROUND_BF16:
         dz = round_bf16_rtne(dz)
+    if ROUND_TF32:
+        dz = round_tf32_rtne(dz)
     tl.store(
         dz_ptr + rows[:, None] * stride_dzn + cols[None, :] * stride_dzv,
         dz.to(dz_ptr.dtype.element_ty),
@@ -438,7 +442,7 @@ def _backward(hs, ws, ht, wt, mask, stats, grad, V, kind_id, beta, inv_temp, nee
             inv_temp, *_beta_args(kind_id, beta),
             KIND=kind_id, HAS_MASK=mask is not None, INTERPRET_DOT=interpret_dot(),
             S_PRECISION=dot_precision(hs.dtype), T_PRECISION=dot_precision(ht.dtype),
-            ROUND_BF16=emulate_bf16_rounding(dz.dtype),
+            ROUND_BF16=emulate_bf16_rounding(dz.dtype), ROUND_TF32=dz.dtype != hs.dtype,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )  # fmt: skip

@@ -53,6 +53,7 @@ from kernels._common import (
     interpret_dot,
     resolve_impl,
     round_bf16_rtne,
+    round_tf32_rtne,
 )
 
 # Upper bound on the backward's (N, C) dL/dz chunk buffer, in bytes.
@@ -255,7 +256,7 @@ def _logprob_bwd_dz_kernel(
     entropy_ptr,  # (N,) fp32, read only when WITH_ENTROPY
     grad_logp_ptr,  # (N,) fp32, contiguous
     grad_entropy_ptr,  # (N,) fp32, contiguous, read only when WITH_ENTROPY
-    dz_ptr,  # (N, C) in the inputs' dtype, out: dL/d(logits) = dL/dz / tau
+    dz_ptr,  # (N, C) dz_dtype(inputs' dtype), out: dL/d(logits) = dL/dz / tau
     # sizes
     N,
     C,
@@ -276,6 +277,7 @@ def _logprob_bwd_dz_kernel(
     INTERPRET_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    ROUND_TF32: tl.constexpr,  # dz feeds a TF32 dot (fp16 inputs): round it to nearest first
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -326,6 +328,8 @@ def _logprob_bwd_dz_kernel(
     dz = dz * inv_temp
     if ROUND_BF16:
         dz = round_bf16_rtne(dz)
+    if ROUND_TF32:
+        dz = round_tf32_rtne(dz)
     tl.store(
         dz_ptr + rows[:, None] * stride_dzn + cols[None, :] * stride_dzv,
         dz.to(dz_ptr.dtype.element_ty),
@@ -333,7 +337,7 @@ def _logprob_bwd_dz_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "P", "K"])  # M or K is the row count N: no recompile per N class
 def _matmul_kernel(
     # pointers
     a_ptr,  # (M, K)
@@ -517,7 +521,7 @@ def _backward(
             dz_chunk.stride(0), dz_chunk.stride(1),
             inv_temp, ignore_index,
             WITH_ENTROPY=with_entropy, INTERPRET_DOT=interpret_dot(), DOT_PRECISION=precision,
-            ROUND_BF16=emulate_bf16_rounding(dz.dtype),
+            ROUND_BF16=emulate_bf16_rounding(dz.dtype), ROUND_TF32=dz.dtype != hidden.dtype,
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )  # fmt: skip

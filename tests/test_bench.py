@@ -94,6 +94,6 @@ def test_gpu_check_script_smoke_mode(tmp_path):
     late = tmp_path / "late"
     proc = subprocess.run(["bash", "bench/gpu_check.sh", str(late), "--smoke"], capture_output=True, text=True,
                           env=dict(env, GPU_CHECK_LIMIT_S="0"), timeout=120)  # fmt: skip
-    assert proc.returncode == 0 and (late / "summary.md").read_text().count("skipped (time limit)") == 4
+    assert proc.returncode == 3 and (late / "summary.md").read_text().count("skipped (time limit)") == 4
     bad = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "x"), "--fast"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option" in bad.stderr

@@ -227,7 +227,7 @@ def test_bad_input_is_rejected(args, err, match):
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("kind", ["fkl", "rkl", "jsd"])
 @pytest.mark.parametrize("shape", [(1024, 896, 1536, 151936, 152064), (333, 1024, 1024, 32000, 32000)])
 def test_gpu_matches_reference(shape, kind, dtype):

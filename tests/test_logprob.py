@@ -239,7 +239,7 @@ def test_bad_input_is_rejected(hidden, weight, targets, kw, err, match):
 
 
 @requires_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("N,D,V", [(2048, 1024, 32000), (333, 896, 151936), (1, 4096, 151937)])
 def test_gpu_matches_reference(N, D, V, dtype):
     check_against_gold(*make_inputs(N, D, V, dtype, device="cuda"))
