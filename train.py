@@ -51,7 +51,7 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from data.schema import RecordError, write_text_atomic
-from eval import PROMPT_FILE, evaluate_split, format_compact
+from eval import PROMPT_FILE, evaluate_split, format_compact, merge_samples
 from kernels import policy_loss, policy_loss_normalizer
 from kernels.policy_loss import AGG_MODES
 from model.hf import (
@@ -415,9 +415,8 @@ class Run:
 
     def evaluate(self, enc, policy: Policy | None = None, progress=None, with_predictions=False):
         """Metrics of one encoded split (and its per-example predictions when asked); the ranks share the work.
-        With --eval-samples K > 1 every record is answered K times (seeds seed, seed + 1, ...): top-level numeric
-        metrics are the mean over the K passes (nested ones come from the first pass) and each prediction carries
-        its sample index."""
+        With --eval-samples K > 1 every record is answered K times (seeds seed, seed + 1, ...): metrics as
+        eval.merge_samples (means over the passes, pass@K) and each prediction carries its sample index."""
         cfg = self.cfg
         runs = []
         for k in range(cfg.eval_samples):
@@ -425,12 +424,8 @@ class Run:
                                        temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
                                        batch_size=cfg.eval_batch_size, seed=cfg.seed + k, device=self.device,
                                        progress=progress, dist=self.dist))  # fmt: skip
-        metrics, preds = runs[0]
+        metrics, preds = merge_samples(runs), runs[0][1]
         if len(runs) > 1:
-            metrics = dict(metrics, eval_samples=len(runs))
-            for key, value in runs[0][0].items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    metrics[key] = sum(m[key] for m, _ in runs) / len(runs)
             preds = [dict(p, sample=k) for k, (_, ps) in enumerate(runs) for p in ps]
         return (metrics, preds) if with_predictions else metrics
 

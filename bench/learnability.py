@@ -13,6 +13,7 @@ benchmark v2 entry.
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -73,6 +74,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not (args.lr > 0 and args.steps > 0 and args.every > 0 and args.val > 0):  # also refuses nan
         p.error("--lr, --steps, --every and --val must be > 0")
+    for name in ("tokenizer/tokenizer.json", "sft.jsonl", "val.jsonl"):
+        if not (Path(args.data_dir) / name).exists():
+            p.error(
+                f"--data-dir {args.data_dir}: no {name} (write a benchmark with python -m data.synthetic --out DIR)"
+            )
     torch.manual_seed(args.seed)
     tok = load_tokenizer(f"{args.data_dir}/tokenizer")
     sft = [encode(tok, r, r.reasoning or render_gold_reasoning(r)) for r in read_jsonl(f"{args.data_dir}/sft.jsonl")]
