@@ -96,3 +96,33 @@ def round_tf32_rtne(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def grouped_ids(pid, n_blocks, n_cols, GROUP: tl.constexpr):
+    """(block, col) of program `pid` on a (n_blocks x n_cols) grid walked in groups of GROUP row blocks.
+
+    Consecutive programs take the GROUP row blocks of one group for the same column, then the next column: the
+    programs resident at once share a few row blocks (their operand stays in L2) and each column tile is read by
+    GROUP programs at about the same time (one HBM read serves them all). The order changes which program runs
+    when, never what a program computes, so results do not depend on it.
+    """
+    per_group = GROUP * n_cols
+    group = pid // per_group
+    first = group * GROUP
+    size = tl.minimum(n_blocks - first, GROUP)  # the last group may be short
+    local = pid % per_group
+    return first + local % size, local // size
+
+
+def vocab_ranges(V: int, block_v: int, max_ranges: int) -> tuple[int, int]:
+    """(number of ranges, columns per range) splitting a V-column vocabulary for the split forward kernels.
+
+    A function of V and the launch configuration (device, dtype) only, never of the row count: the merge adds the
+    ranges in a fixed order, so a row's result stays the same whatever the batch. Each range is a whole number of
+    BLOCK_V tiles; when the tiles do not divide evenly the last ranges are shorter, or empty (a range past V
+    reports "no columns": max -inf, sum 0), which the merges handle.
+    """
+    tiles = triton.cdiv(V, block_v)
+    n = max(1, min(max_ranges, tiles))
+    return n, triton.cdiv(tiles, n) * block_v

@@ -50,14 +50,18 @@ from kernels._common import (
     dot_acc,
     dot_precision,
     emulate_bf16_rounding,
+    grouped_ids,
     interpret_dot,
     resolve_impl,
     round_bf16_rtne,
     round_tf32_rtne,
+    vocab_ranges,
 )
 
 # Upper bound on the backward's (N, C) dL/dz chunk buffer, in bytes.
 _CHUNK_BYTES = 128 * 2**20
+# rows per program of the merge kernels (a few loads per row and range: memory-bound, tiny)
+_MERGE_BLOCK = 256
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -151,20 +155,19 @@ def _logits_tile(
     return tl.where(col_mask[None, :], z, float("-inf"))
 
 
-@triton.jit(do_not_specialize=["N"])  # sizes that vary per call: one binary for all (batch invariance)
+@triton.jit(do_not_specialize=["N", "n_ranges", "range_cols"])  # one binary for every batch (batch invariance)
 def _logprob_fwd_kernel(
     # pointers
     hidden_ptr,  # (N, D) fp32 / bf16 / fp16
     weight_ptr,  # (V, D) same dtype
     targets_ptr,  # (N,) int64
-    logp_ptr,  # (N,) fp32, out
-    max_ptr,  # (N,) fp32, out: row max of z, saved for backward
-    logsum_ptr,  # (N,) fp32, out: log sum exp(z - max), saved for backward
-    entropy_ptr,  # (N,) fp32, out: written only when WITH_ENTROPY
+    part_ptr,  # (4, R, N) fp32, out: per vocabulary range, row max m, sum exp(z - m), entropy sum t, target logit
     # sizes
     N,
     V,
     D,
+    n_ranges,  # R
+    range_cols,  # columns per range, a multiple of BLOCK_V
     # strides
     stride_hn,
     stride_hd,
@@ -177,14 +180,20 @@ def _logprob_fwd_kernel(
     WITH_ENTROPY: tl.constexpr,
     INTERPRET_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    # one program: BLOCK_N rows x one vocabulary range; a group's row blocks run side by side (grouped_ids)
+    pid_n, pid_r = grouped_ids(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_ranges, GROUP)
+    pid_n = pid_n.to(tl.int64)
+    pid_r = pid_r.to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
     tgt = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)  # (BLOCK_N,) int64
+    v_lo = pid_r * range_cols
+    v_hi = tl.minimum(v_lo + range_cols, V)  # <= v_lo for a range past V: the loop below does not run
 
     # Online statistics per row, relative to the running max m:
     #   s = sum exp(z - m),  t = sum exp(z - m) * (z - m)  =>  lse = m + log s,  H = log s - t / s.
@@ -193,9 +202,9 @@ def _logprob_fwd_kernel(
     s = tl.zeros((BLOCK_N,), dtype=tl.float32)
     t = tl.zeros((BLOCK_N,), dtype=tl.float32)
     z_tgt = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_mask = cols < V
+        col_mask = cols < V  # a tile never crosses a range boundary (range_cols is a multiple of BLOCK_V)
         z = _logits_tile(
             hidden_ptr,
             weight_ptr,
@@ -215,7 +224,7 @@ def _logprob_fwd_kernel(
             BLOCK_V,
             BLOCK_D,
         )  # (BLOCK_N, BLOCK_V) fp32, -inf past V
-        # every vocab tile holds at least one real column, so m_new is finite after the first tile
+        # every tile starts below V, so it holds a real column and m_new is finite after the first tile
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
         e = tl.exp(z - m_new[:, None])  # 0 on masked columns
@@ -227,12 +236,65 @@ def _logprob_fwd_kernel(
             t = alpha * (t + shift) + tl.sum(ez, axis=1)
         s = alpha * s + tl.sum(e, axis=1)
         m = m_new
-        # the target column lies in exactly one tile; elsewhere this adds 0
+        # the target column lies in one tile of one range; elsewhere this adds 0
         z_tgt += tl.sum(tl.where(cols[None, :] == tgt[:, None], z, 0.0), axis=1)
+
+    # int64 offsets: 4 * R * N passes 2^31 at N = 16M / R
+    out = part_ptr + pid_r * N + rows
+    plane = n_ranges.to(tl.int64) * N
+    tl.store(out, m, mask=row_mask)
+    tl.store(out + plane, s, mask=row_mask)
+    tl.store(out + 2 * plane, t, mask=row_mask)
+    tl.store(out + 3 * plane, z_tgt, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["N", "n_ranges"])  # one binary for every batch (batch invariance)
+def _logprob_merge_kernel(
+    # pointers
+    part_ptr,  # (4, R, N) fp32: the forward's per-range statistics
+    targets_ptr,  # (N,) int64
+    logp_ptr,  # (N,) fp32, out
+    max_ptr,  # (N,) fp32, out: row max of z, saved for backward
+    logsum_ptr,  # (N,) fp32, out: log sum exp(z - max), saved for backward
+    entropy_ptr,  # (N,) fp32, out: written only when WITH_ENTROPY
+    # sizes
+    N,
+    V,
+    n_ranges,
+    # scalars
+    ignore_index,
+    # meta-parameters
+    WITH_ENTROPY: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Row statistics from the per-range ones, ranges taken in index order (a fixed order: batch invariance)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    row_mask = rows < N
+    plane = n_ranges.to(tl.int64) * N
+    m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    for r in range(0, n_ranges):
+        m = tl.maximum(m, tl.load(part_ptr + r * N + rows, mask=row_mask, other=float("-inf")))
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    t = tl.zeros((BLOCK,), dtype=tl.float32)
+    z_tgt = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r in range(0, n_ranges):
+        at = part_ptr + r * N + rows
+        m_r = tl.load(at, mask=row_mask, other=float("-inf"))
+        s_r = tl.load(at + plane, mask=row_mask, other=0.0)
+        # an empty range (m_r = -inf, s_r = 0) adds nothing; the where keeps (-inf) * 0 out of the shift
+        shift = tl.where(s_r > 0, m_r - m, 0.0)
+        scale = tl.exp(shift) * s_r
+        s += scale
+        if WITH_ENTROPY:
+            t_r = tl.load(at + 2 * plane, mask=row_mask, other=0.0)
+            # sum_v e^(z - m) (z - m) over the range = e^(m_r - m) (t_r + (m_r - m) s_r)
+            t += tl.exp(shift) * t_r + shift * scale
+        z_tgt += tl.load(at + 3 * plane, mask=row_mask, other=0.0)  # one range holds it, the others hold 0
 
     # lse = m + log s is never formed: (z - m) - log s keeps the precision that rounding lse at the magnitude
     # of the logits would lose (it measurably hurt the gradients of peaked rows)
     log_s = tl.log(s)
+    tgt = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
     valid = tgt != ignore_index
     in_range = (tgt >= 0) & (tgt < V)
     logp = tl.where(in_range, (z_tgt - m) - log_s, float("nan"))
@@ -278,12 +340,16 @@ def _logprob_bwd_dz_kernel(
     DOT_PRECISION: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     ROUND_TF32: tl.constexpr,  # dz feeds a TF32 dot (fp16 inputs): round it to nearest first
+    GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
+    # grouped order: the programs resident at once cover GROUP row blocks (their hidden rows stay in L2) and walk
+    # the chunk's vocabulary tiles, each tile of the head read from HBM once per group
+    pid_n, pid_v = grouped_ids(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(C, BLOCK_V), GROUP)
+    pid_n = pid_n.to(tl.int64)
+    pid_v = pid_v.to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)  # within the chunk
     row_mask = rows < N
@@ -360,13 +426,16 @@ def _matmul_kernel(
     INTERPRET_DOT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ROUND_BF16: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
     """c (+)= a @ b with fp32 accumulation; one program owns one output tile, so the result is deterministic."""
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_p = tl.program_id(1).to(tl.int64)
+    # grouped order: GROUP row blocks of `a` side by side, so each tile of `b` is read from HBM once per group
+    pid_m, pid_p = grouped_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(P, BLOCK_P), GROUP)
+    pid_m = pid_m.to(tl.int64)
+    pid_p = pid_p.to(tl.int64)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
     m_mask = rm < M
@@ -398,22 +467,29 @@ def _matmul_kernel(
 
 
 def _config(device: torch.device, dtype: torch.dtype) -> dict:
-    """Tile sizes. Depends on device and dtype only (never on N): a row's result must not depend on the batch."""
+    """Tiles, vocabulary ranges and program grouping of the LM-head kernels. Depends on device and dtype only (never
+    on N): a row's result must not depend on the batch.
+
+    RANGES: the forward splits the vocabulary into up to RANGES ranges, one program per (row block, range), so even
+    a few row blocks fill the GPU (at N = 4096, 32 row blocks x 32 ranges = 1024 programs for 132 SMs). GROUP: row
+    blocks walked side by side (kernels._common.grouped_ids) so that one read of a head tile serves GROUP programs.
+    """
     if INTERPRET or device.type != "cuda":
-        # small tiles keep the interpreter quick on test shapes and exercise many ragged edges
-        return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, num_warps=4, num_stages=3)
-    # bf16 / fp16; untuned starting point (GPU tuning is a later issue)
-    return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64, num_warps=8, num_stages=3)
+        # small tiles keep the interpreter quick on test shapes and exercise many ragged edges: 3 ranges of unequal
+        # fill at the test vocabularies, groups of 2 row blocks with a short last group
+        return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, RANGES=3, GROUP=2, num_warps=4, num_stages=1)
+    if dtype == torch.float32:  # the FMA path (IEEE products): 64 x 64 tiles, no spills (bench.compile_check)
+        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, RANGES=32, GROUP=8, num_warps=4, num_stages=3)
+    # bf16 / fp16: 128 x 128 logit tiles (64 fp32 accumulator registers per thread over 8 warps)
+    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, RANGES=32, GROUP=8, num_warps=8, num_stages=3)
 
 
 def _matmul_config(device: torch.device, dtype: torch.dtype) -> dict:
     if INTERPRET or device.type != "cuda":
-        return dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=64, num_warps=4, num_stages=1)
+        return dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=64, GROUP=2, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # FMA path: 128x128 tiles spilled 1.3-5.7 KB per thread on sm_80 (compile_check)
-        return dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=32, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_P=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=32, GROUP=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_P=128, BLOCK_K=64, GROUP=8, num_warps=8, num_stages=3)
 
 
 def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumulate: bool) -> None:
@@ -425,13 +501,13 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumulate: 
     # TF32, which holds fp16 values exactly and keeps fp32's exponent range (dz_dtype's reason to be wide)
     upcast = a.dtype != b.dtype
     precision = "tf32" if upcast else dot_precision(a.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(P, cfg["BLOCK_P"]))
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(P, cfg["BLOCK_P"]),)
     _matmul_kernel[grid](
         a, b, out,
         M, P, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         ACCUMULATE=accumulate, UPCAST=upcast, INTERPRET_DOT=interpret_dot(), DOT_PRECISION=precision,
-        ROUND_BF16=emulate_bf16_rounding(out.dtype),
+        ROUND_BF16=emulate_bf16_rounding(out.dtype), GROUP=cfg["GROUP"],
         BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
@@ -447,15 +523,22 @@ def _forward(hidden, weight, targets, inv_temp: float, ignore_index: int, with_e
     if N == 0:
         return logp, row_max, log_sum, entropy
     cfg = _config(hidden.device, hidden.dtype)
-    precision = dot_precision(hidden.dtype)
-    _logprob_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-        hidden, weight, targets, logp, row_max, log_sum, entropy,
-        N, V, D,
+    n_ranges, range_cols = vocab_ranges(V, cfg["BLOCK_V"], cfg["RANGES"])
+    part = torch.empty(4, n_ranges, N, dtype=torch.float32, device=hidden.device)  # O(R N) between the two kernels
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * n_ranges,)
+    _logprob_fwd_kernel[grid](
+        hidden, weight, targets, part,
+        N, V, D, n_ranges, range_cols,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         inv_temp, ignore_index,
-        WITH_ENTROPY=with_entropy, INTERPRET_DOT=interpret_dot(), DOT_PRECISION=precision,
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+        WITH_ENTROPY=with_entropy, INTERPRET_DOT=interpret_dot(), DOT_PRECISION=dot_precision(hidden.dtype),
+        GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
+    _logprob_merge_kernel[(triton.cdiv(N, _MERGE_BLOCK),)](
+        part, targets, logp, row_max, log_sum, entropy if with_entropy else log_sum,
+        N, V, n_ranges, ignore_index,
+        WITH_ENTROPY=with_entropy, BLOCK=_MERGE_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return logp, row_max, log_sum, entropy
 
@@ -470,9 +553,15 @@ def dz_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-def _chunk_width(N: int, V: int, elem_bytes: int, block: int) -> int:
-    """Vocabulary rows per backward chunk: the (N, C) buffer stays under _CHUNK_BYTES, C a multiple of `block`."""
-    width = _CHUNK_BYTES // max(1, N * elem_bytes)
+def _chunk_width(N: int, V: int, elem_bytes: int, block: int, accumulator_bytes: int = 0) -> int:
+    """Vocabulary rows per backward chunk, a multiple of `block`: the (N, C) buffer stays under _CHUNK_BYTES, or
+    under the size of the d_hidden accumulator it feeds when that is larger.
+
+    Each chunk reads and writes the fp32 (N, D) accumulator once, so fewer, wider chunks cut that traffic: with the
+    buffer as large as the accumulator (C = 4 D / elem_bytes columns) the accumulator moves 2 N V elem_bytes bytes
+    in all, as much as writing the whole logits gradient twice, and the backward's extra memory at most doubles.
+    """
+    width = max(_CHUNK_BYTES, accumulator_bytes) // max(1, N * elem_bytes)
     width = max(block, width // block * block)
     return min(width, triton.cdiv(V, block) * block)
 
@@ -504,7 +593,7 @@ def _backward(
     cfg = _config(hidden.device, hidden.dtype)
     precision = dot_precision(hidden.dtype)
     dz_type = dz_dtype(hidden.dtype)
-    width = _chunk_width(N, V, dz_type.itemsize, 256)
+    width = _chunk_width(N, V, dz_type.itemsize, 256, N * D * 4 if need_dh else 0)
     dz = torch.empty(N, width, dtype=dz_type, device=hidden.device)  # (N, C) chunk buffer
     grad_logp = grad_logp.contiguous()  # a sum()'s backward hands an expanded (stride 0) gradient
     grad_entropy = grad_entropy.contiguous() if with_entropy else grad_logp
@@ -513,7 +602,7 @@ def _backward(
         c = min(width, V - v0)
         w_chunk = weight[v0 : v0 + c]  # (C, D) view
         dz_chunk = dz[:, :c]  # (N, C) view
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_V"]))
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(c, cfg["BLOCK_V"]),)
         _logprob_bwd_dz_kernel[grid](
             hidden, w_chunk, targets, row_max, log_sum, entropy, grad_logp, grad_entropy, dz_chunk,
             N, c, D, v0,
@@ -521,7 +610,7 @@ def _backward(
             dz_chunk.stride(0), dz_chunk.stride(1),
             inv_temp, ignore_index,
             WITH_ENTROPY=with_entropy, INTERPRET_DOT=interpret_dot(), DOT_PRECISION=precision,
-            ROUND_BF16=emulate_bf16_rounding(dz.dtype), ROUND_TF32=dz.dtype != hidden.dtype,
+            ROUND_BF16=emulate_bf16_rounding(dz.dtype), ROUND_TF32=dz.dtype != hidden.dtype, GROUP=cfg["GROUP"],
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
