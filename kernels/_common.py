@@ -20,6 +20,9 @@ IMPLS = ("auto", "triton", "ref")
 # results (and old_logp != logp on the same weights) across an upgrade. On, as Triton <= 3.9 compiled by default.
 FP_FUSION = True
 
+# Rows per program of the split forwards' merge kernels (a few loads per row and range: memory-bound and small).
+MERGE_BLOCK = 256
+
 
 def resolve_impl(impl: str, tensor: torch.Tensor, op: str) -> str:
     """Map `impl` to "triton" or "ref"; "auto" picks Triton for CUDA tensors and the reference otherwise."""

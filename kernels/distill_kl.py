@@ -56,12 +56,15 @@ import triton.language as tl
 
 from kernels._common import (
     FP_FUSION,
+    MERGE_BLOCK,
     dot_precision,
     emulate_bf16_rounding,
+    grouped_ids,
     interpret_dot,
     resolve_impl,
     round_bf16_rtne,
     round_tf32_rtne,
+    vocab_ranges,
 )
 from kernels.logprob import _FLOAT_DTYPES, _chunk_width, _config, _logits_tile, _matmul, dz_dtype
 
@@ -152,25 +155,21 @@ def _log_mixture(log_p, log_q, log_beta, log_1m_beta):
     return top + tl.log(tl.exp(a - top) + tl.exp(b - top))
 
 
-@triton.jit(do_not_specialize=["N"])  # sizes that vary per call: one binary for all (batch invariance)
+@triton.jit(do_not_specialize=["N", "n_ranges", "range_cols"])  # one binary for every batch (batch invariance)
 def _distill_fwd_kernel(
     # pointers
     s_hidden_ptr,  # (N, Ds) student
     s_weight_ptr,  # (>= V, Ds)
     t_hidden_ptr,  # (N, Dt) teacher
     t_weight_ptr,  # (>= V, Dt)
-    mask_ptr,  # (N,) bool, read only when HAS_MASK
-    loss_ptr,  # (N,) fp32, out
-    s_max_ptr,  # (N,) fp32, out: row max of zs
-    s_logsum_ptr,  # (N,) fp32, out: log sum exp(zs - max)
-    t_max_ptr,  # (N,) fp32, out
-    t_logsum_ptr,  # (N,) fp32, out
-    aux_ptr,  # (N,) fp32, out: rkl for KIND 1, KL(q || m) for KIND 2 (unmasked; the backward needs them)
+    part_ptr,  # (5, R, N) fp32, out: per vocabulary range, ms, ss, mt, st and acc (KIND 0 / 1) of the range
     # sizes
     N,
     V,
     Ds,
     Dt,
+    n_ranges,  # R
+    range_cols,  # columns per range, a multiple of BLOCK_V
     # strides
     stride_shn,
     stride_shd,
@@ -182,22 +181,24 @@ def _distill_fwd_kernel(
     stride_twd,
     # scalars
     inv_temp,
-    beta,  # jsd only, 0 < beta < 1; with its logs
-    log_beta,
-    log_1m_beta,
     # meta-parameters
-    KIND: tl.constexpr,  # 0 fkl, 1 rkl, 2 jsd (0 < beta < 1)
-    HAS_MASK: tl.constexpr,
+    KIND: tl.constexpr,  # 0 fkl, 1 rkl, 2 jsd (statistics only; the divergence is a second pass)
     INTERPRET_DOT: tl.constexpr,
     S_PRECISION: tl.constexpr,
     T_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    # one program: BLOCK_N rows x one vocabulary range, row blocks grouped as in kernels/logprob.py
+    pid_n, pid_r = grouped_ids(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_ranges, GROUP)
+    pid_n = pid_n.to(tl.int64)
+    pid_r = pid_r.to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     row_mask = rows < N
+    v_lo = pid_r * range_cols
+    v_hi = tl.minimum(v_lo + range_cols, V)  # <= v_lo for a range past V: the loop does not run
 
     # online statistics per row; for fkl (rkl) `acc` = sum_v e_t (e_s) * [(zt - mt) - (zs - ms)] (negated for rkl)
     # relative to the running maxima, so the final expectation never subtracts two large numbers
@@ -206,9 +207,9 @@ def _distill_fwd_kernel(
     ss = tl.zeros((BLOCK_N,), dtype=tl.float32)
     st = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for v0 in range(0, V, BLOCK_V):
+    for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        col_mask = cols < V
+        col_mask = cols < V  # a tile never crosses a range boundary
         zs, zt = _student_teacher_tiles(
             s_hidden_ptr, s_weight_ptr, t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Ds, Dt,
             stride_shn, stride_shd, stride_swv, stride_swd, stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
@@ -237,44 +238,192 @@ def _distill_fwd_kernel(
         ms = ms_new
         mt = mt_new
 
+    # int64 offsets: 5 * R * N passes 2^31 at N = 13M / R
+    out = part_ptr + pid_r * N + rows
+    plane = n_ranges.to(tl.int64) * N
+    tl.store(out, ms, mask=row_mask)
+    tl.store(out + plane, ss, mask=row_mask)
+    tl.store(out + 2 * plane, mt, mask=row_mask)
+    tl.store(out + 3 * plane, st, mask=row_mask)
+    if KIND < 2:
+        tl.store(out + 4 * plane, acc, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["N", "n_ranges"])  # one binary for every batch (batch invariance)
+def _distill_merge_kernel(
+    # pointers
+    part_ptr,  # (5, R, N) fp32: the forward's per-range statistics
+    mask_ptr,  # (N,) bool, read only when HAS_MASK
+    loss_ptr,  # (N,) fp32, out (KIND 0 / 1)
+    s_max_ptr,  # (N,) fp32, out: row max of zs
+    s_logsum_ptr,  # (N,) fp32, out: log sum exp(zs - max)
+    t_max_ptr,  # (N,) fp32, out
+    t_logsum_ptr,  # (N,) fp32, out
+    aux_ptr,  # (N,) fp32, out (KIND 0 / 1): the divergence, unmasked (the backward of rkl needs it)
+    # sizes
+    N,
+    n_ranges,
+    # meta-parameters
+    KIND: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Row statistics (and fkl / rkl) from the per-range ones, ranges in index order (batch invariance)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    row_mask = rows < N
+    plane = n_ranges.to(tl.int64) * N
+    ms = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    mt = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+    for r in range(0, n_ranges):
+        at = part_ptr + r * N + rows
+        ms = tl.maximum(ms, tl.load(at, mask=row_mask, other=float("-inf")))
+        mt = tl.maximum(mt, tl.load(at + 2 * plane, mask=row_mask, other=float("-inf")))
+    ss = tl.zeros((BLOCK,), dtype=tl.float32)
+    st = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r in range(0, n_ranges):
+        at = part_ptr + r * N + rows
+        ss_r = tl.load(at + plane, mask=row_mask, other=0.0)
+        st_r = tl.load(at + 3 * plane, mask=row_mask, other=0.0)
+        # an empty range (maxima -inf, sums 0) adds nothing; the where keeps (-inf) * 0 out of the shifts
+        shift_s = tl.where(ss_r > 0, tl.load(at, mask=row_mask, other=0.0) - ms, 0.0)
+        shift_t = tl.where(st_r > 0, tl.load(at + 2 * plane, mask=row_mask, other=0.0) - mt, 0.0)
+        ss += tl.exp(shift_s) * ss_r
+        st += tl.exp(shift_t) * st_r
+        if KIND < 2:
+            # the range's (zt - mt_r) - (zs - ms_r) is (zt - mt) - (zs - ms) less shift_t - shift_s, and its weights
+            # e^(z - m_r) are the global ones over e^shift (the rescaling of the kernel's own loop)
+            acc_r = tl.load(at + 4 * plane, mask=row_mask, other=0.0)
+            if KIND == 0:
+                acc += tl.exp(shift_t) * (acc_r + (shift_t - shift_s) * st_r)
+            else:
+                acc += tl.exp(shift_s) * (acc_r - (shift_t - shift_s) * ss_r)
+
+    ss = tl.where(row_mask, ss, 1.0)  # rows past N: no log(0) (nothing is stored for them)
+    st = tl.where(row_mask, st, 1.0)
     log_ss = tl.log(ss)
     log_st = tl.log(st)
-    if KIND == 0:
-        loss = acc / st - log_st + log_ss  # E_p[log p - log q]
-        aux = loss
-    elif KIND == 1:
-        loss = acc / ss - log_ss + log_st  # E_q[log q - log p]
-        aux = loss
-    else:
-        kl_pm = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        kl_qm = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-            col_mask = cols < V
-            zs, zt = _student_teacher_tiles(
-                s_hidden_ptr, s_weight_ptr, t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Ds, Dt,
-                stride_shn, stride_shd, stride_swv, stride_swd, stride_thn, stride_thd, stride_twv, stride_twd,
-                inv_temp, INTERPRET_DOT, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-            )  # fmt: skip
-            log_q = tl.where(col_mask[None, :], (zs - ms[:, None]) - log_ss[:, None], 0.0)
-            log_p = tl.where(col_mask[None, :], (zt - mt[:, None]) - log_st[:, None], 0.0)
-            log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
-            q = tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
-            p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
-            kl_pm += tl.sum(p * (log_p - log_m), axis=1)
-            kl_qm += tl.sum(q * (log_q - log_m), axis=1)
-        loss = kl_pm / (1.0 - beta) + kl_qm / beta
-        aux = kl_qm
-
-    valid = row_mask
-    if HAS_MASK:
-        valid = valid & (tl.load(mask_ptr + rows, mask=row_mask, other=0) != 0)
-    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
     tl.store(s_max_ptr + rows, ms, mask=row_mask)
     tl.store(s_logsum_ptr + rows, log_ss, mask=row_mask)
     tl.store(t_max_ptr + rows, mt, mask=row_mask)
     tl.store(t_logsum_ptr + rows, log_st, mask=row_mask)
-    tl.store(aux_ptr + rows, aux, mask=row_mask)
+    if KIND < 2:
+        if KIND == 0:
+            loss = acc / st - log_st + log_ss  # E_p[log p - log q]
+        else:
+            loss = acc / ss - log_ss + log_st  # E_q[log q - log p]
+        valid = row_mask
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_ptr + rows, mask=row_mask, other=0) != 0)
+        tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+        tl.store(aux_ptr + rows, loss, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["N", "n_ranges", "range_cols"])  # one binary for every batch (batch invariance)
+def _distill_jsd_kernel(
+    # pointers
+    s_hidden_ptr,  # (N, Ds) student
+    s_weight_ptr,  # (>= V, Ds)
+    t_hidden_ptr,  # (N, Dt) teacher
+    t_weight_ptr,  # (>= V, Dt)
+    s_max_ptr,  # (N,) fp32: the merged row statistics
+    s_logsum_ptr,
+    t_max_ptr,
+    t_logsum_ptr,
+    part_ptr,  # (2, R, N) fp32, out: KL(p || m) and KL(q || m) over each range
+    # sizes
+    N,
+    V,
+    Ds,
+    Dt,
+    n_ranges,
+    range_cols,
+    # strides
+    stride_shn,
+    stride_shd,
+    stride_swv,
+    stride_swd,
+    stride_thn,
+    stride_thd,
+    stride_twv,
+    stride_twd,
+    # scalars
+    inv_temp,
+    log_beta,
+    log_1m_beta,
+    # meta-parameters
+    INTERPRET_DOT: tl.constexpr,
+    S_PRECISION: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """jsd's second sweep: log m needs the normalised log-probs, so it runs once the statistics are merged."""
+    pid_n, pid_r = grouped_ids(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_ranges, GROUP)
+    pid_n = pid_n.to(tl.int64)
+    pid_r = pid_r.to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    row_mask = rows < N
+    v_lo = pid_r * range_cols
+    v_hi = tl.minimum(v_lo + range_cols, V)
+    ms = tl.load(s_max_ptr + rows, mask=row_mask, other=0.0)
+    mt = tl.load(t_max_ptr + rows, mask=row_mask, other=0.0)
+    log_ss = tl.load(s_logsum_ptr + rows, mask=row_mask, other=0.0)
+    log_st = tl.load(t_logsum_ptr + rows, mask=row_mask, other=0.0)
+    kl_pm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    kl_qm = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < V
+        zs, zt = _student_teacher_tiles(
+            s_hidden_ptr, s_weight_ptr, t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Ds, Dt,
+            stride_shn, stride_shd, stride_swv, stride_swd, stride_thn, stride_thd, stride_twv, stride_twd,
+            inv_temp, INTERPRET_DOT, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
+        log_q = tl.where(col_mask[None, :], (zs - ms[:, None]) - log_ss[:, None], 0.0)
+        log_p = tl.where(col_mask[None, :], (zt - mt[:, None]) - log_st[:, None], 0.0)
+        log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
+        q = tl.where(col_mask[None, :], tl.exp(log_q), 0.0)
+        p = tl.where(col_mask[None, :], tl.exp(log_p), 0.0)
+        kl_pm += tl.sum(p * (log_p - log_m), axis=1)
+        kl_qm += tl.sum(q * (log_q - log_m), axis=1)
+    out = part_ptr + pid_r * N + rows
+    tl.store(out, kl_pm, mask=row_mask)
+    tl.store(out + n_ranges.to(tl.int64) * N, kl_qm, mask=row_mask)
+
+
+@triton.jit(do_not_specialize=["N", "n_ranges"])  # one binary for every batch (batch invariance)
+def _distill_jsd_merge_kernel(
+    # pointers
+    part_ptr,  # (2, R, N) fp32: per-range KL(p || m), KL(q || m)
+    mask_ptr,  # (N,) bool, read only when HAS_MASK
+    loss_ptr,  # (N,) fp32, out
+    aux_ptr,  # (N,) fp32, out: KL(q || m), unmasked (the backward needs it)
+    # sizes
+    N,
+    n_ranges,
+    # scalars
+    beta,
+    # meta-parameters
+    HAS_MASK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    row_mask = rows < N
+    plane = n_ranges.to(tl.int64) * N
+    kl_pm = tl.zeros((BLOCK,), dtype=tl.float32)
+    kl_qm = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r in range(0, n_ranges):  # index order: a fixed order of addition (batch invariance)
+        kl_pm += tl.load(part_ptr + r * N + rows, mask=row_mask, other=0.0)
+        kl_qm += tl.load(part_ptr + plane + r * N + rows, mask=row_mask, other=0.0)
+    loss = kl_pm / (1.0 - beta) + kl_qm / beta
+    valid = row_mask
+    if HAS_MASK:
+        valid = valid & (tl.load(mask_ptr + rows, mask=row_mask, other=0) != 0)
+    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_mask)
+    tl.store(aux_ptr + rows, kl_qm, mask=row_mask)
 
 
 @triton.jit(do_not_specialize=["N", "C"])  # sizes that vary per call: one binary for all (batch invariance)
@@ -321,12 +470,15 @@ def _distill_bwd_dz_kernel(
     T_PRECISION: tl.constexpr,
     ROUND_BF16: tl.constexpr,
     ROUND_TF32: tl.constexpr,  # dz feeds a TF32 dot (fp16 inputs): round it to nearest first
+    GROUP: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_v = tl.program_id(1).to(tl.int64)
+    # grouped order as in kernels/logprob.py's dz kernel: GROUP row blocks side by side over the chunk's tiles
+    pid_n, pid_v = grouped_ids(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(C, BLOCK_V), GROUP)
+    pid_n = pid_n.to(tl.int64)
+    pid_v = pid_v.to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     cols = pid_v * BLOCK_V + tl.arange(0, BLOCK_V).to(tl.int64)
     row_mask = rows < N
@@ -407,15 +559,31 @@ def _forward(hs, ws, ht, wt, mask, V: int, kind_id: int, beta: float, inv_temp: 
     if N == 0:
         return loss, stats
     cfg = _distill_config(hs, ht)
-    _distill_fwd_kernel[(triton.cdiv(N, cfg["BLOCK_N"]),)](
-        hs, ws, ht, wt, mask if mask is not None else loss, loss, *stats,
-        N, V, hs.shape[1], ht.shape[1], *_strides(hs, ws, ht, wt),
-        inv_temp, *_beta_args(kind_id, beta),
-        KIND=kind_id, HAS_MASK=mask is not None, INTERPRET_DOT=interpret_dot(),
-        S_PRECISION=dot_precision(hs.dtype), T_PRECISION=dot_precision(ht.dtype),
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
+    n_ranges, range_cols = vocab_ranges(V, cfg["BLOCK_V"], cfg["RANGES"])
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * n_ranges,)
+    merge_grid = (triton.cdiv(N, MERGE_BLOCK),)
+    mask_arg = mask if mask is not None else loss  # placeholder pointer, never read without HAS_MASK
+    heads = (hs, ws, ht, wt)
+    sizes = (N, V, hs.shape[1], ht.shape[1], n_ranges, range_cols)
+    tiles = dict(INTERPRET_DOT=interpret_dot(), S_PRECISION=dot_precision(hs.dtype),
+                 T_PRECISION=dot_precision(ht.dtype), GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"],
+                 BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
+                 num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)  # fmt: skip
+    part = torch.empty(5 if kind_id < 2 else 4, n_ranges, N, **f32)  # O(R N) between the kernels
+    _distill_fwd_kernel[grid](*heads, part, *sizes, *_strides(*heads), inv_temp, KIND=kind_id, **tiles)
+    _distill_merge_kernel[merge_grid](
+        part, mask_arg, loss, *stats, N, n_ranges,
+        KIND=kind_id, HAS_MASK=mask is not None, BLOCK=MERGE_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
+    if kind_id == _KIND_ID["jsd"]:
+        _, log_beta, log_1m_beta = _beta_args(kind_id, beta)
+        kl_part = torch.empty(2, n_ranges, N, **f32)
+        _distill_jsd_kernel[grid](*heads, *stats[:4], kl_part, *sizes, *_strides(*heads), inv_temp, log_beta,
+                                  log_1m_beta, **tiles)  # fmt: skip
+        _distill_jsd_merge_kernel[merge_grid](
+            kl_part, mask_arg, loss, aux, N, n_ranges, beta,
+            HAS_MASK=mask is not None, BLOCK=MERGE_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
     return loss, stats
 
 
@@ -428,21 +596,21 @@ def _backward(hs, ws, ht, wt, mask, stats, grad, V, kind_id, beta, inv_temp, nee
         return (d_hidden_acc.to(hs.dtype) if need_dh else None), d_weight
     cfg = _distill_config(hs, ht)
     dz_type = dz_dtype(hs.dtype)  # fp32 for an fp16 student: g * p would underflow in fp16
-    width = _chunk_width(N, V, dz_type.itemsize, 256)
+    width = _chunk_width(N, V, dz_type.itemsize, 256, N * Ds * 4 if need_dh else 0)
     dz = torch.empty(N, width, dtype=dz_type, device=hs.device)  # (N, C) chunk buffer
     grad = grad.contiguous()
     for v0 in range(0, V, width):
         c = min(width, V - v0)
         ws_chunk, wt_chunk = ws[v0 : v0 + c], wt[v0 : v0 + c]
         dz_chunk = dz[:, :c]
-        grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(c, cfg["BLOCK_V"]))
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(c, cfg["BLOCK_V"]),)
         _distill_bwd_dz_kernel[grid](
             hs, ws_chunk, ht, wt_chunk, mask if mask is not None else grad, *stats, grad, dz_chunk,
             N, c, Ds, ht.shape[1], *_strides(hs, ws_chunk, ht, wt_chunk), dz_chunk.stride(0), dz_chunk.stride(1),
             inv_temp, *_beta_args(kind_id, beta),
             KIND=kind_id, HAS_MASK=mask is not None, INTERPRET_DOT=interpret_dot(),
             S_PRECISION=dot_precision(hs.dtype), T_PRECISION=dot_precision(ht.dtype),
-            ROUND_BF16=emulate_bf16_rounding(dz.dtype), ROUND_TF32=dz.dtype != hs.dtype,
+            ROUND_BF16=emulate_bf16_rounding(dz.dtype), ROUND_TF32=dz.dtype != hs.dtype, GROUP=cfg["GROUP"],
             BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )  # fmt: skip

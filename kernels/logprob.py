@@ -47,6 +47,7 @@ import triton.language as tl
 from kernels._common import (
     FP_FUSION,
     INTERPRET,
+    MERGE_BLOCK,
     dot_acc,
     dot_precision,
     emulate_bf16_rounding,
@@ -60,8 +61,6 @@ from kernels._common import (
 
 # Upper bound on the backward's (N, C) dL/dz chunk buffer, in bytes.
 _CHUNK_BYTES = 128 * 2**20
-# rows per program of the merge kernels (a few loads per row and range: memory-bound, tiny)
-_MERGE_BLOCK = 256
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -293,6 +292,7 @@ def _logprob_merge_kernel(
 
     # lse = m + log s is never formed: (z - m) - log s keeps the precision that rounding lse at the magnitude
     # of the logits would lose (it measurably hurt the gradients of peaked rows)
+    s = tl.where(row_mask, s, 1.0)  # rows past N: no log(0) (nothing is stored for them)
     log_s = tl.log(s)
     tgt = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)
     valid = tgt != ignore_index
@@ -535,10 +535,10 @@ def _forward(hidden, weight, targets, inv_temp: float, ignore_index: int, with_e
         GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
-    _logprob_merge_kernel[(triton.cdiv(N, _MERGE_BLOCK),)](
+    _logprob_merge_kernel[(triton.cdiv(N, MERGE_BLOCK),)](
         part, targets, logp, row_max, log_sum, entropy if with_entropy else log_sum,
         N, V, n_ranges, ignore_index,
-        WITH_ENTROPY=with_entropy, BLOCK=_MERGE_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION,
+        WITH_ENTROPY=with_entropy, BLOCK=MERGE_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
     return logp, row_max, log_sum, entropy
 
