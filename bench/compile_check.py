@@ -61,38 +61,36 @@ class Launch:
 
 
 @contextlib.contextmanager
-def capture(into: list, label: list):
-    """Record kernel launches instead of running them; the launchers see a CUDA device's configuration."""
-    saved = (JITFunction.run, common.INTERPRET, common.INTERPRET_DOT, logprob_mod.INTERPRET, logprob_mod._config,
-             distill_mod._config, logprob_mod._matmul_config, policy_mod.resolve_impl)  # fmt: skip
-    cuda = torch.device("cuda")
+def capture(into: list, label: list, cc: int):
+    """Record kernel launches instead of running them; the launchers see a CUDA device of compute capability `cc`
+    (the launch configurations are keyed on it: kernels.logprob.capability)."""
+    saved = (JITFunction.run, common.INTERPRET, common.INTERPRET_DOT, logprob_mod.INTERPRET, logprob_mod.capability,
+             policy_mod.resolve_impl)  # fmt: skip
 
     def record(self, *args, grid, warmup, **kwargs):
         into.append(Launch(self, args, kwargs, label[0]))
 
     JITFunction.run = record
     common.INTERPRET = common.INTERPRET_DOT = logprob_mod.INTERPRET = False
-    config, matmul_config = logprob_mod._config, logprob_mod._matmul_config
-    logprob_mod._config = lambda device, dtype: config(cuda, dtype)
-    distill_mod._config = logprob_mod._config
-    logprob_mod._matmul_config = lambda device, dtype: matmul_config(cuda, dtype)
+    logprob_mod.capability = lambda device: cc
     policy_mod.resolve_impl = lambda impl, tensor, op: "triton"
     try:
         yield
     finally:
-        (JITFunction.run, common.INTERPRET, common.INTERPRET_DOT, logprob_mod.INTERPRET, logprob_mod._config,
-         distill_mod._config, logprob_mod._matmul_config, policy_mod.resolve_impl) = saved  # fmt: skip
+        (JITFunction.run, common.INTERPRET, common.INTERPRET_DOT, logprob_mod.INTERPRET, logprob_mod.capability,
+         policy_mod.resolve_impl) = saved  # fmt: skip
 
 
 def meta(*shape, dtype=torch.bfloat16):
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def launches(quick: bool = False) -> list[Launch]:
-    """Every launch of every op at realistic shapes, for each input dtype the ops accept."""
+def launches(cc: int, quick: bool = False) -> list[Launch]:
+    """Every launch of every op at realistic shapes, for each input dtype the ops accept, as a device of compute
+    capability `cc` would launch them."""
     out, label = [], [""]
     N, D, V = (4096, 4096, 151936) if not quick else (256, 896, 4096)
-    with capture(out, label):
+    with capture(out, label, cc):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             name = str(dtype).removeprefix("torch.")
             for n in (1, 37, N):  # the forward at several batch sizes: one binary for all (batch invariance)
@@ -157,10 +155,10 @@ def resources(cubin: bytes) -> dict:
 def check(targets: list[int], quick: bool = False) -> tuple[list[dict], list[str]]:
     rows, failures, seen = [], [], {}
     fwd_cubins: dict[tuple, set] = {}
-    for launch in launches(quick):
-        if "enable_fp_fusion" not in launch.kwargs:
-            failures.append(f"{launch.label}: {launch.fn.__name__} launched without enable_fp_fusion (kernels._common)")
-        for cc in targets:
+    for cc in targets:
+        for launch in launches(cc, quick):
+            if "enable_fp_fusion" not in launch.kwargs:
+                failures.append(f"{launch.label}: {launch.fn.__name__} launched without enable_fp_fusion")
             target = GPUTarget("cuda", cc, 32)
             signature, constexprs, attrs, options = specialise(launch, target)
             key = (launch.fn.__name__, cc, repr(sorted(signature.items())), repr(sorted(constexprs.items())),

@@ -466,6 +466,17 @@ def _matmul_kernel(
 # Host launchers
 
 
+def capability(device: torch.device) -> int | None:
+    """The CUDA device's compute capability as one number (90 for sm_90), None off CUDA or under the interpreter.
+
+    The launch configurations are keyed on it (bench.compile_check substitutes a target's number here).
+    """
+    if INTERPRET or device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def _config(device: torch.device, dtype: torch.dtype) -> dict:
     """Tiles, vocabulary ranges and program grouping of the LM-head kernels. Depends on device and dtype only (never
     on N): a row's result must not depend on the batch.
@@ -474,18 +485,22 @@ def _config(device: torch.device, dtype: torch.dtype) -> dict:
     a few row blocks fill the GPU (at N = 4096, 32 row blocks x 32 ranges = 1024 programs for 132 SMs). GROUP: row
     blocks walked side by side (kernels._common.grouped_ids) so that one read of a head tile serves GROUP programs.
     """
-    if INTERPRET or device.type != "cuda":
+    cc = capability(device)
+    if cc is None:
         # small tiles keep the interpreter quick on test shapes and exercise many ragged edges: 3 ranges of unequal
         # fill at the test vocabularies, groups of 2 row blocks with a short last group
         return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, RANGES=3, GROUP=2, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # the FMA path (IEEE products): 64 x 64 tiles, no spills (bench.compile_check)
         return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, RANGES=32, GROUP=8, num_warps=4, num_stages=3)
-    # bf16 / fp16: 128 x 128 logit tiles (64 fp32 accumulator registers per thread over 8 warps)
-    return dict(BLOCK_N=128, BLOCK_V=128, BLOCK_D=64, RANGES=32, GROUP=8, num_warps=8, num_stages=3)
+    # bf16 / fp16: 128-row tiles over 8 warps. 128 vocabulary columns where they fit (64 fp32 accumulator registers
+    # per thread; 255 registers and no spill with the entropy on sm_80 / sm_90); sm_100's tensor-memory path spilled
+    # 232 B at 128 columns and takes 64 (bench.compile_check, bench/RESULTS.md)
+    block_v = 64 if cc >= 100 else 128
+    return dict(BLOCK_N=128, BLOCK_V=block_v, BLOCK_D=64, RANGES=32, GROUP=8, num_warps=8, num_stages=3)
 
 
 def _matmul_config(device: torch.device, dtype: torch.dtype) -> dict:
-    if INTERPRET or device.type != "cuda":
+    if capability(device) is None:
         return dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=64, GROUP=2, num_warps=4, num_stages=1)
     if dtype == torch.float32:  # FMA path: 128x128 tiles spilled 1.3-5.7 KB per thread on sm_80 (compile_check)
         return dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=32, GROUP=8, num_warps=4, num_stages=3)

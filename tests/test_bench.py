@@ -67,9 +67,13 @@ def test_compile_check_for_sm90_passes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
     kernels = {r["kernel"] for r in rows}
-    assert {"_logprob_fwd_kernel", "_logprob_bwd_dz_kernel", "_matmul_kernel", "_distill_fwd_kernel",
+    assert {"_logprob_fwd_kernel", "_logprob_merge_kernel", "_logprob_bwd_dz_kernel", "_matmul_kernel",
+            "_distill_fwd_kernel", "_distill_merge_kernel", "_distill_jsd_kernel", "_distill_jsd_merge_kernel",
             "_distill_bwd_dz_kernel", "_policy_loss_fwd_kernel", "_policy_loss_bwd_kernel"} <= kernels  # fmt: skip
-    bf16 = [r for r in rows if "bfloat16" in r["case"] and r["kernel"] != "_matmul_kernel"]
+    # the kernels with a dot product (the merges have none)
+    bf16 = [
+        r for r in rows if "bfloat16" in r["case"] and r["kernel"] != "_matmul_kernel" and "merge" not in r["kernel"]
+    ]
     assert bf16 and all(r["mma"] == "wgmma" for r in bf16 if "float32" not in r["case"])
     assert all(int(r["local_bytes"]) == 0 for r in bf16)
 
