@@ -278,6 +278,8 @@ def _distill_merge_kernel(
         at = part_ptr + r * N + rows
         ms = tl.maximum(ms, tl.load(at, mask=row_mask, other=float("-inf")))
         mt = tl.maximum(mt, tl.load(at + 2 * plane, mask=row_mask, other=float("-inf")))
+    ms = tl.where(row_mask, ms, 0.0)  # rows past N: finite, so no -inf - -inf below (nothing is stored for them)
+    mt = tl.where(row_mask, mt, 0.0)
     ss = tl.zeros((BLOCK,), dtype=tl.float32)
     st = tl.zeros((BLOCK,), dtype=tl.float32)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)

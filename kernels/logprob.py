@@ -273,6 +273,7 @@ def _logprob_merge_kernel(
     m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     for r in range(0, n_ranges):
         m = tl.maximum(m, tl.load(part_ptr + r * N + rows, mask=row_mask, other=float("-inf")))
+    m = tl.where(row_mask, m, 0.0)  # rows past N: finite, so no -inf - -inf below (nothing is stored for them)
     s = tl.zeros((BLOCK,), dtype=tl.float32)
     t = tl.zeros((BLOCK,), dtype=tl.float32)
     z_tgt = tl.zeros((BLOCK,), dtype=tl.float32)

@@ -267,3 +267,28 @@ def test_tl_dot_path_in_fp32(monkeypatch, kind):
 
     monkeypatch.setattr(kernels._common, "INTERPRET_DOT", False)
     check_against_gold(*make_inputs(*ODD, seed=15), kind=kind)
+
+
+@pytest.mark.parametrize("kind,beta", KINDS, ids=[f"{k}-{b}" for k, b in KINDS])
+def test_merge_of_unequal_and_empty_ranges(monkeypatch, kind, beta):
+    # V = 331 is 6 tiles of 64; 5 ranges of 2 tiles hold 128, 128 and 75 columns and two lie past V: the merges of
+    # the statistics, of fkl / rkl's expectation and of jsd's second sweep must skip them
+    import importlib
+
+    from kernels._common import vocab_ranges
+
+    distill_mod = importlib.import_module("kernels.distill_kl")  # the package re-exports the function under this name
+    config = logprob_mod._config
+    monkeypatch.setattr(distill_mod, "_config", lambda device, dtype: {**config(device, dtype), "RANGES": 5})
+    assert vocab_ranges(331, 64, 5) == (5, 128)
+    check_against_gold(*make_inputs(*ODD, seed=30, mask_frac=0.2), kind=kind, beta=beta)
+
+
+@pytest.mark.parametrize("kind", ["fkl", "rkl"])
+def test_merge_when_the_maxima_sit_in_different_ranges(kind):
+    # the student's mass in the first range, the teacher's in the last: the merged expectation rescales each range
+    # by both models' shifts, which must not cancel badly
+    hs, ws, ht, wt, mask, upstream = make_inputs(*ODD, seed=31)
+    ws[3] = hs[:6].mean(0) / hs[:6].mean(0).norm() ** 2 * 30.0
+    wt[320] = ht[:6].mean(0) / ht[:6].mean(0).norm() ** 2 * 30.0
+    check_against_gold(hs, ws, ht, wt, mask, upstream, kind=kind)

@@ -4,12 +4,14 @@ import pytest
 import torch
 
 import kernels.logprob as logprob_mod
+from kernels._common import vocab_ranges
 from kernels.logprob import token_logprobs, token_logprobs_ref
 from tests.numerics import assert_2x, requires_cuda
 
 IGNORE = -100
 
-# (N, D, V). The interpreter's tiles are BLOCK_N=16, BLOCK_V=64, BLOCK_D=32 (kernels/logprob.py:_config).
+# (N, D, V). The interpreter's tiles are BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, with up to 3 vocabulary ranges and groups
+# of 2 row blocks (kernels/logprob.py:_config): V = 1271 splits into ranges of 448, 448 and 375 columns.
 SHAPES = [
     pytest.param(48, 128, 640, id="small"),
     pytest.param(37, 72, 1271, id="odd"),  # nothing a power of two; V not a multiple of any block size
@@ -255,7 +257,10 @@ def test_gpu_batch_invariance_and_memory():
     logp = token_logprobs(hidden, weight, targets, return_entropy=False)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra < N * 64, f"forward used {extra} extra bytes; logits would be {N * V * 2}"
+    # O(N) statistics: 4 fp32 per row and vocabulary range between the split kernels, plus the per-row outputs
+    cfg = logprob_mod._config(hidden.device, hidden.dtype)
+    ranges, _ = vocab_ranges(V, cfg["BLOCK_V"], cfg["RANGES"])
+    assert extra < N * (16 * ranges + 64), f"forward used {extra} extra bytes; logits would be {N * V * 2}"
     part = token_logprobs(hidden[1000:1100].contiguous(), weight, targets[1000:1100])
     assert torch.equal(part, logp[1000:1100])
 
@@ -297,3 +302,79 @@ def test_tl_dot_path_in_fp32(monkeypatch, shape):
 
     monkeypatch.setattr(kernels._common, "INTERPRET_DOT", False)
     check_against_gold(*make_inputs(*shape, torch.float32, seed=14))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The split forward: vocabulary ranges and their merge
+
+
+@pytest.mark.parametrize("V,block,max_ranges", [(1, 64, 3), (65, 64, 3), (300, 64, 4), (1271, 64, 3),
+                                                (151936, 128, 32), (151937, 128, 32), (32000, 64, 32)])  # fmt: skip
+def test_vocab_ranges_cover_the_vocabulary_once(V, block, max_ranges):
+    n, per = vocab_ranges(V, block, max_ranges)
+    assert 1 <= n <= max_ranges and per % block == 0
+    widths = [max(0, min((r + 1) * per, V) - r * per) for r in range(n)]  # real columns of each range
+    assert sum(widths) == V and widths[0] > 0
+    # an empty range only ever trails the others: every earlier range is full or the last partial one
+    first_empty = widths.index(0) if 0 in widths else n
+    assert all(w == 0 for w in widths[first_empty:]) and all(w == per for w in widths[: max(0, first_empty - 1)])
+
+
+def with_ranges(monkeypatch, module, ranges):
+    """Make `module`'s launch configuration (interpreter tiles) use up to `ranges` vocabulary ranges."""
+    config = logprob_mod._config
+    monkeypatch.setattr(module, "_config", lambda device, dtype: {**config(device, dtype), "RANGES": ranges})
+
+
+def test_merge_of_unequal_and_empty_ranges(monkeypatch):
+    # V = 300 is 5 tiles of 64: 4 ranges of 2 tiles hold 128, 128 and 44 columns, and the fourth lies past V
+    with_ranges(monkeypatch, logprob_mod, 4)
+    assert vocab_ranges(300, 64, 4) == (4, 128)
+    hidden, weight, targets, g1, g2 = make_inputs(37, 72, 300, torch.float32, seed=20)
+    targets[:4] = torch.tensor([0, 127, 128, 299])  # targets at the edges of the ranges
+    check_against_gold(hidden, weight, targets, g1, g2)
+    check_against_gold(*make_inputs(37, 72, 300, torch.bfloat16, seed=21))
+
+
+@pytest.mark.parametrize("column", [5, 700, 1270], ids=["first-range", "middle-range", "last-range"])
+def test_merge_when_one_range_dominates(column):
+    # a row whose mass sits in one range: the other ranges' sums are ~e^-40 of it after the merge's rescaling, and
+    # the entropy's shift terms (m_r - m) s_r must not swamp it
+    hidden, weight, targets, g1, g2 = make_inputs(37, 72, 1271, torch.float32, seed=22)
+    u = hidden[:8].mean(0)
+    weight[column] = u / u.norm() ** 2 * 40.0  # a logit of about 40 in that column for the first 8 rows
+    targets[:2] = column
+    check_against_gold(hidden, weight, targets, g1, g2)
+
+
+def test_split_batch_invariance_across_ranges_and_groups(monkeypatch):
+    """With several ranges and row groups (short last group), a row's logp and entropy are bitwise the same
+    whatever N and its position, and the one-range kernel agrees with the split one to fp32 rounding."""
+    D, V = 40, 1271
+    g = torch.Generator().manual_seed(23)
+    weight = (torch.randn(V, D, generator=g) / D**0.5).bfloat16()
+    rows = torch.randn(3, D, generator=g).bfloat16()
+    row_targets = torch.randint(0, V, (3,), generator=g)
+    base = token_logprobs(rows, weight, row_targets, return_entropy=True, impl="triton")
+    for n, offset in ((1 + 3, 1), (70, 31), (81, 78)):  # 5 and 6 row blocks of 16: groups of 2, a short last one
+        hidden = torch.randn(n, D, generator=g).bfloat16()
+        targets = torch.randint(0, V, (n,), generator=g)
+        hidden[offset : offset + 3], targets[offset : offset + 3] = rows, row_targets
+        logp, ent = token_logprobs(hidden, weight, targets, return_entropy=True, impl="triton")
+        assert torch.equal(logp[offset : offset + 3], base[0]) and torch.equal(ent[offset : offset + 3], base[1])
+    with_ranges(monkeypatch, logprob_mod, 1)
+    single = token_logprobs(rows, weight, row_targets, return_entropy=True, impl="triton")
+    for a, b in zip(base, single):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("M,P,K", [(150, 130, 70), (37, 72, 1271)])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matmul_grouped_order(M, P, K, accumulate):
+    # 3 row blocks of 64 in groups of 2 (a short last group), ragged edges everywhere
+    g = torch.Generator().manual_seed(24)
+    a, b = torch.randn(M, K, generator=g), torch.randn(K, P, generator=g)
+    out = torch.randn(M, P, generator=g)
+    expected = a.double() @ b.double() + (out.double() if accumulate else 0)
+    logprob_mod._matmul(a, b, out, accumulate=accumulate)
+    assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-4)
