@@ -63,7 +63,7 @@ from model.hf import (
     prepare,
     save_pretrained,
 )
-from model.sampling import generate, pad_left, pad_right, response_hidden, response_logprobs
+from model.sampling import generate, pad_left, pad_right, response_hidden, response_logprobs, response_rows
 from runtime.checkpoint import STATE_FILE, atomic_folder, rank_rng_states, set_rank_rng_states
 from runtime.config import ConfigError, parse_config, to_json
 from runtime.data import BUILTIN_DIR, DataError, Encoded, encode_prompts, ensure_builtin, load_split
@@ -381,10 +381,11 @@ def student_loss(model, rows, teacher_hidden, teacher_weight, mask, *, cfg, voca
     if cfg.loss == "seq":
         return -(response_logprobs(model, *rows, impl=cfg.impl) * mask).sum()
     hs = response_hidden(model, *rows)  # (b, T, Ds)
-    per_token = distill_kl(hs.reshape(-1, hs.shape[-1]), head_weight(model),
-                           teacher_hidden.reshape(-1, teacher_hidden.shape[-1]), teacher_weight, kind=cfg.loss,
-                           beta=cfg.beta, temperature=cfg.kl_temperature, mask=mask.reshape(-1),
-                           vocab_size=vocab_size, impl=cfg.impl)  # fmt: skip
+    # only the rows that carry loss reach the kernel (the mask is the target mask, or all False for a rank's
+    # zero-weighted micro-batch: then no rows, a zero loss and zero gradients)
+    per_token = distill_kl(response_rows(hs, mask), head_weight(model), teacher_hidden[mask], teacher_weight,
+                           kind=cfg.loss, beta=cfg.beta, temperature=cfg.kl_temperature, vocab_size=vocab_size,
+                           impl=cfg.impl)  # fmt: skip
     return per_token.sum()
 
 

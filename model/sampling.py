@@ -129,6 +129,21 @@ def response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mas
     return hidden.last_hidden_state[:, P - 1 : -1]  # (B, T, D)
 
 
+def response_rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The rows of `hidden` (B, T, D) where `mask` (B, T) is True, in row-major order: (N, D) with N = mask.sum().
+
+    The LM-head kernels take only these rows: the positions after EOS (and the completion padding of shorter rows)
+    would be rows the kernel computes in full and the loss then drops. `scatter_rows` puts per-row results back.
+    """
+    return hidden[mask]  # host sync: the number of response tokens sizes the kernels' inputs
+
+
+def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) tensor holding `values` (N,) at the True positions of `mask` (B, T), in row-major order, 0 elsewhere;
+    differentiable w.r.t. `values`."""
+    return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+
 def response_logprobs(
     model,
     prompt_ids: torch.Tensor,
@@ -140,11 +155,11 @@ def response_logprobs(
     impl: str = "auto",
 ) -> torch.Tensor:
     """Log-probs (B, T) fp32 of the completion tokens under `model` (0 outside the response), through
-    `kernels.token_logprobs`: the (B, T, V) logits are never formed."""
-    hidden = response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask)
-    B, T, D = hidden.shape
-    targets = completion_ids.masked_fill(~response_mask, -100)  # (B, T)
+    `kernels.token_logprobs` on the response rows only: the (B, T, V) logits are never formed, and the positions
+    outside the response never reach the kernel."""
+    hidden = response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask)  # (B, T, D)
     logp = token_logprobs(
-        hidden.reshape(B * T, D), head_weight(model), targets.reshape(-1), temperature=temperature, impl=impl
-    )
-    return logp.view(B, T)
+        response_rows(hidden, response_mask), head_weight(model), completion_ids[response_mask],
+        temperature=temperature, impl=impl,
+    )  # (N,)  # fmt: skip
+    return scatter_rows(logp, response_mask)

@@ -75,11 +75,22 @@ def test_end_to_end_report(bench, teacher, tmp_path, capsys):
     assert "student nano" in out and "label student" in out and "lat ms" in out
 
 
-def test_a_few_steps_lower_the_kl(bench, teacher, tmp_path):
+def test_a_few_steps_lower_the_kl(bench, teacher, tmp_path, monkeypatch):
+    # the divergence kernel gets the response rows only (no mask, so no row it computes and then drops)
+    calls = []
+
+    def recording(hs, ws, ht, wt, **kw):
+        assert kw.get("mask") is None and hs.shape[0] == ht.shape[0]
+        calls.append(hs.shape[0])
+        return real(hs, ws, ht, wt, **kw)
+
+    real = distill.distill_kl
+    monkeypatch.setattr(distill, "distill_kl", recording)
     argv = args(bench, teacher, tmp_path, "--name", "kl", "--loss", "fkl", "--students", "reasoning", "--steps", "8",
                 "--prompts-per-step", "16", "--micro-batch", "16", "--lr", "1e-2", "--warmup", "0",
                 "--lr-schedule", "constant", "--eval-every", "100", "--test-splits", "")  # fmt: skip
     assert distill.main(argv) == 0
+    assert len(calls) >= 8 and all(n > 0 for n in calls)
     losses = [r["reasoning/loss"] for r in rows_of(tmp_path / "kl")]
     assert losses[0] > 1.0, losses  # the peaked teacher is far from a fresh student
     assert sum(losses[-2:]) / 2 < 0.7 * losses[0], losses

@@ -92,6 +92,38 @@ def test_response_logprobs_match_model_logits_with_left_padding(tok):
         assert (logp[b, len(c) :] == 0).all()
 
 
+def test_response_logprobs_send_only_response_rows(tok, monkeypatch):
+    """The kernel gets exactly the response tokens (no post-EOS or completion padding rows), and the result and
+    the gradients equal those of the full (B * T)-row call with the other rows ignored."""
+    import model.sampling as sampling
+    from kernels import token_logprobs_ref
+    from model.hf import head_weight
+
+    model = micro_model(tok)
+    p_ids, p_mask = pad_left([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], tok.pad_token_id, "cpu")
+    c_ids, c_mask = pad_right([[20, 21, 22], [23, 24, 25, 26, 27, 28], [29]], tok.pad_token_id, "cpu")
+    sent = []
+
+    def recording(hidden, weight, targets, **kw):
+        sent.append(tuple(hidden.shape))
+        return token_logprobs_ref(hidden, weight, targets, temperature=kw["temperature"])
+
+    monkeypatch.setattr(sampling, "token_logprobs", recording)
+    logp = response_logprobs(model, p_ids, p_mask, c_ids, c_mask, impl="ref")
+    assert sent == [(10, model.config.hidden_size)] and int(c_mask.sum()) == 10  # of 3 x 6 = 18 positions
+    (logp * torch.arange(1.0, 19.0).view(3, 6)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    hidden = sampling.response_hidden(model, p_ids, p_mask, c_ids, c_mask)
+    full = token_logprobs_ref(hidden.reshape(18, -1), head_weight(model), c_ids.masked_fill(~c_mask, -100).view(-1))
+    torch.testing.assert_close(logp, full.view(3, 6), atol=1e-6, rtol=1e-6)
+    assert (logp[~c_mask] == 0).all()
+    (full * torch.arange(1.0, 19.0)).sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)  # fp32 matmuls of 10 vs 18 rows
+
+
 def test_head_gradient_reaches_tied_embedding(tok):
     model = micro_model(tok).train()
     p_ids, p_mask = pad_left([[5, 6, 7]], tok.pad_token_id, "cpu")

@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import eval as eval_script
+import model.sampling
 import runtime.loop
 import train
 from data import synthetic
@@ -47,8 +48,20 @@ def metric_rows(run_dir):
     return [{k: v for k, v in r.items() if not k.endswith(drop)} for r in rows]
 
 
-def test_tiny_end_to_end_run_and_eval(bench, tmp_path, capsys):
+def test_tiny_end_to_end_run_and_eval(bench, tmp_path, capsys, monkeypatch):
+    # every row the loop sends to the LM-head kernel is a response token it uses (model.sampling.response_rows):
+    # none is an ignored (padding or post-EOS) row, in SFT, the rollouts' old log-probs and the RL update
+    sent = []
+
+    def recording(hidden, weight, targets, **kw):
+        assert not (targets == -100).any(), "a row outside the response reached token_logprobs"
+        sent.append(targets.shape[0])
+        return real(hidden, weight, targets, **kw)
+
+    real = model.sampling.token_logprobs
+    monkeypatch.setattr(model.sampling, "token_logprobs", recording)
     assert train.main(fast_args(bench, tmp_path, "--name", "e2e", "--max-new-tokens", "136")) == 0
+    assert len(sent) >= 4 and all(n > 0 for n in sent)
     run = tmp_path / "e2e"
     for name in ("config.json", "metrics.jsonl", "eval_sft.json", "eval_rl.json", "results.json",
                  "ckpt/trainer_state.pt", "ckpt/model.safetensors", "ckpt/tokenizer.json", "sft/prompt.json",
