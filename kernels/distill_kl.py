@@ -28,16 +28,20 @@ Qwen2.5 7B vs 0.5B). Both softmaxes then run over the first V = min(Vs, Vt) rows
 given (pass the tokenizer's length to leave the padding rows out as well); a different Vs and Vt without
 `vocab_size` is announced with a warning.
 
-Forward (one kernel, `_distill_fwd_kernel`): a program owns BLOCK_N rows and sweeps the vocabulary in BLOCK_V tiles;
-each step computes the student and the teacher logit tile with the `_logits_tile` helper of kernels/logprob.py and
-folds them into online statistics (max and sum-exp of both rows). fkl and rkl need one sweep: the expectation
+Forward (split over the vocabulary as in kernels/logprob.py): `_distill_fwd_kernel` runs one program per (row block,
+vocabulary range); each sweeps its range, computing the student and the teacher logit tile with `_logits_tile` and
+folding them into online statistics (max and sum-exp of both rows). fkl and rkl need one sweep: the expectation
 E_p[(zt - mt) - (zs - ms)] is carried along relative to the running maxima, rescaled when they move (as the entropy
-in logprob.py). jsd needs the normalised log-probs for log m, so it sweeps a second time. Only O(N) statistics leave
-the kernel: both maxima and log-sum-exps and one auxiliary value per row (rkl itself, or KL(q || m) for jsd).
+in logprob.py). `_distill_merge_kernel` combines the ranges in index order (rescaling each range's expectation by
+both models' shifts). jsd needs the normalised log-probs for log m, so once the statistics are merged
+`_distill_jsd_kernel` sweeps the ranges a second time and `_distill_jsd_merge_kernel` adds their KL(p || m) and
+KL(q || m). Only O(N) statistics leave the forward: both maxima and log-sum-exps and one auxiliary value per row
+(the divergence itself for fkl / rkl, KL(q || m) for jsd).
 
 Backward, per chunk of C vocabulary rows as in logprob.py: `_distill_bwd_dz_kernel` recomputes both logit tiles and
 writes dL/dzs (N, C) in the student's dtype; logprob.py's `_matmul_kernel` then accumulates d_hidden and writes the
-chunk of d_weight. Deterministic (no atomics) and batch-invariant (launch configuration independent of N).
+chunk of d_weight. Deterministic (no atomics) and batch-invariant (launch configuration and ranges independent of
+N, merges in a fixed order).
 
 mask (N,) bool: rows with mask False get loss 0 and zero gradient (their hidden states must still be finite: they
 enter d_weight's matmul with a zero coefficient).

@@ -15,29 +15,38 @@ upstream gradient is per token, never a single scalar):
 
 Shapes: N tokens, D hidden size, V vocab size (any V: the ragged last vocab block is masked to -inf).
 
-Forward (one kernel): a program owns BLOCK_N rows and sweeps the vocabulary in BLOCK_V tiles; each logit tile is a
-`tl.dot` over D with fp32 accumulation, folded into an online max / sum-exp (and, for the entropy, an online
-sum of p * (z - max)); the target logit is picked up in the same pass. Only per-row statistics leave the kernel:
-logp, the row max m and log sum exp(z - m) (saved for backward) and the entropy: O(N) memory between forward and
-backward.
+Forward (two kernels). `_logprob_fwd_kernel`: one program per (block of BLOCK_N rows, vocabulary range); the
+vocabulary is cut into up to RANGES ranges of whole BLOCK_V tiles (`kernels._common.vocab_ranges`, a function of V
+and the device only), so a few row blocks still fill the GPU. A program sweeps its range tile by tile; each logit
+tile is a `tl.dot` over D with fp32 accumulation, folded into an online max / sum-exp (and, for the entropy, an
+online sum of p * (z - max)); the target logit is picked up in the same pass. It writes its range's partial
+statistics (max, sum-exp, entropy sum, target logit): 4 floats per row and range. Programs run in grouped order
+(`grouped_ids`): GROUP row blocks side by side per range, so one read of a head tile from HBM serves GROUP
+programs and the group's hidden rows stay in L2. `_logprob_merge_kernel` then combines the ranges of each row in
+index order (the merge of Cut Cross-Entropy's split-V forward) into logp, the row max m and log sum exp(z - m)
+(saved for backward) and the entropy: O(N) memory between forward and backward (O(R N) between the two kernels).
 
-Backward, per chunk of C vocabulary rows (C chosen so the chunk buffer stays under `_CHUNK_BYTES`):
-1. `_logprob_bwd_dz_kernel` recomputes the logit tiles of the chunk and writes dL/dz (N, C) in the input dtype;
+Backward, per chunk of C vocabulary rows (C chosen so the chunk buffer stays under `_CHUNK_BYTES`, or under the
+size of the d_hidden accumulator when that is larger: fewer chunks, less accumulator traffic):
+1. `_logprob_bwd_dz_kernel` recomputes the logit tiles of the chunk and writes dL/dz (N, C) in the input dtype
+   (fp32 for fp16 inputs), programs grouped as in the forward;
 2. `_matmul_kernel` accumulates d_hidden (N, D) += dz @ W[chunk] in an fp32 buffer;
 3. `_matmul_kernel` writes d_weight[chunk] = dz^T @ hidden, complete in one pass over all N rows.
 No atomics: every output tile has one owner and a fixed reduction order, so the gradients are deterministic.
 Never an (N, V) tensor: the largest temporary is the (N, C) chunk plus the (N, D) fp32 accumulator.
+Rooflines at a realistic shape (estimates until a GPU measures them): docs/kernels.md.
 
-Batch invariance: the launch configuration depends on the device and dtype only, never on N, and rows do not
-interact inside a tile, so a row's logp is bitwise the same whatever N is and wherever the row sits.
+Batch invariance: the launch configuration and the vocabulary ranges depend on the device, dtype and V only, never
+on N; rows do not interact inside a tile and the merge adds the ranges in a fixed order, so a row's logp is bitwise
+the same whatever N is and wherever the row sits.
 
 Targets: int64; `ignore_index` rows give logp 0, entropy 0 and exactly zero gradient. A target outside [0, V)
 that is not `ignore_index` gives logp NaN in both implementations (raising would need a host sync on every call;
 the NaN poisons the loss, which a training loop must check for).
 
 References: the online softmax of Milakov & Gimelshein (arXiv 1805.02867); Cut Cross-Entropy (Wijmans et al.,
-arXiv 2411.09009) for logits that never leave on-chip memory; Liger-Kernel's fused linear cross-entropy for the
-vocabulary-chunked backward.
+arXiv 2411.09009) for logits that never leave on-chip memory and the split-vocabulary forward with a merge;
+Liger-Kernel's fused linear cross-entropy for the vocabulary-chunked backward.
 """
 
 import torch
