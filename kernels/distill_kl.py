@@ -432,7 +432,7 @@ def _distill_jsd_merge_kernel(
     tl.store(aux_ptr + rows, kl_qm, mask=row_mask)
 
 
-@triton.jit(do_not_specialize=["N", "C"])  # sizes that vary per call: one binary for all (batch invariance)
+@triton.jit(do_not_specialize=["N"])  # C stays specialised, as in logprob.py's dz kernel (vectorised stores)
 def _distill_bwd_dz_kernel(
     # pointers
     s_hidden_ptr,  # (N, Ds)

@@ -317,7 +317,9 @@ def _logprob_merge_kernel(
         tl.store(entropy_ptr + rows, entropy, mask=row_mask)
 
 
-@triton.jit(do_not_specialize=["N", "C", "v_start"])  # sizes that vary per call: one binary for all (batch invariance)
+# N and v_start vary per call; C (a multiple of 256, or V's remainder) stays specialised: its divisibility lets the dz
+# stores vectorise (gradients need determinism, not batch invariance)
+@triton.jit(do_not_specialize=["N", "v_start"])
 def _logprob_bwd_dz_kernel(
     # pointers
     hidden_ptr,  # (N, D) fp32 / bf16 / fp16
@@ -413,7 +415,12 @@ def _logprob_bwd_dz_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["M", "P", "K"])  # M or K is the row count N: no recompile per N class
+# Sizes specialised (no do_not_specialize): the contiguous dimension of every operand is D or the chunk width, and their
+# known divisibility (by 16) lets the masked loads vectorise, which cp.async and the software pipeline need (with the
+# sizes unspecialised the 16-bit loads were 2-byte scalars and the K loop was not pipelined). The row count N only
+# ever gives a non-contiguous dimension; a new N class (1, multiple of 16, other) costs one compile, and the
+# backward needs determinism, not batch invariance.
+@triton.jit
 def _matmul_kernel(
     # pointers
     a_ptr,  # (M, K)
