@@ -63,7 +63,7 @@ from model.hf import (
     prepare,
     save_pretrained,
 )
-from model.sampling import generate, pad_left, pad_right, response_hidden, response_logprobs, response_rows
+from model.sampling import generate, pad_left, pad_right, response_hidden, response_logprobs, response_rows, take_rows
 from runtime.checkpoint import STATE_FILE, atomic_folder, rank_rng_states, set_rank_rng_states
 from runtime.config import ConfigError, parse_config, to_json
 from runtime.data import BUILTIN_DIR, DataError, Encoded, encode_prompts, ensure_builtin, load_split
@@ -383,7 +383,8 @@ def student_loss(model, rows, teacher_hidden, teacher_weight, mask, *, cfg, voca
     hs = response_hidden(model, *rows)  # (b, T, Ds)
     # only the rows that carry loss reach the kernel (the mask is the target mask, or all False for a rank's
     # zero-weighted micro-batch: then no rows, a zero loss and zero gradients)
-    per_token = distill_kl(response_rows(hs, mask), head_weight(model), teacher_hidden[mask], teacher_weight,
+    index = response_rows(mask)
+    per_token = distill_kl(take_rows(hs, index), head_weight(model), take_rows(teacher_hidden, index), teacher_weight,
                            kind=cfg.loss, beta=cfg.beta, temperature=cfg.kl_temperature, vocab_size=vocab_size,
                            impl=cfg.impl)  # fmt: skip
     return per_token.sum()

@@ -93,10 +93,11 @@ def launches(cc: int, quick: bool = False) -> list[Launch]:
     with capture(out, label, cc):
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
             name = str(dtype).removeprefix("torch.")
-            for n in (1, 37, N):  # the forward at several batch sizes: one binary for all (batch invariance)
-                label[0] = f"logprob fwd {name} N={n}"
-                h, w, t = meta(n, D, dtype=dtype), meta(V, D, dtype=dtype), meta(n, dtype=torch.int64)
-                logprob_mod._forward(h, w, t, 1.0, -100, True)
+            for entropy in (True, False):  # with the entropy, and without (what the RL loss uses)
+                for n in (1, 37, N):  # the forward at several batch sizes: one binary for all (batch invariance)
+                    label[0] = f"logprob fwd {name}{'' if entropy else ' no-entropy'} N={n}"
+                    h, w, t = meta(n, D, dtype=dtype), meta(V, D, dtype=dtype), meta(n, dtype=torch.int64)
+                    logprob_mod._forward(h, w, t, 1.0, -100, entropy)
             label[0] = f"logprob bwd {name}"
             h, w, t, s = (
                 meta(N, D, dtype=dtype),
@@ -107,16 +108,17 @@ def launches(cc: int, quick: bool = False) -> list[Launch]:
             logprob_mod._backward(h, w, t, s, s, s, s, s, 1.0, -100, True, True)
             for t_dtype in {dtype, torch.float32}:  # a 16-bit student may learn from an fp32 teacher
                 tname = str(t_dtype).removeprefix("torch.")
-                for n in (1, 37):  # the forward at other batch sizes as well (one binary for all)
-                    label[0] = f"distill fwd {name}/{tname} N={n}"
-                    student = meta(n, 896, dtype=dtype), meta(V, 896, dtype=dtype)
-                    teacher = meta(n, D, dtype=t_dtype), meta(V, D, dtype=t_dtype)
-                    distill_mod._forward(*student, *teacher, meta(n, dtype=torch.bool), V, 2, 0.5, 1.0)
+                for kind_id, kind in ((0, "fkl"), (2, "jsd")):  # fkl / rkl's merge, and jsd's two passes
+                    for n in (1, 37, N):  # the forward at several batch sizes: one binary for all
+                        label[0] = f"distill fwd {name}/{tname} {kind} N={n}"
+                        student = meta(n, 896, dtype=dtype), meta(V, 896, dtype=dtype)
+                        teacher = meta(n, D, dtype=t_dtype), meta(V, D, dtype=t_dtype)
+                        out_stats = distill_mod._forward(*student, *teacher, meta(n, dtype=torch.bool), V, kind_id,
+                                                         0.5, 1.0)  # fmt: skip
                 hs, ws = meta(N, 896, dtype=dtype), meta(V, 896, dtype=dtype)
                 ht, wt = meta(N, D, dtype=t_dtype), meta(V, D, dtype=t_dtype)
                 mask = meta(N, dtype=torch.bool)
-                label[0] = f"distill fwd {name}/{tname} N={N}"
-                _, stats = distill_mod._forward(hs, ws, ht, wt, mask, V, 2, 0.5, 1.0)
+                _, stats = out_stats  # of the last forward: jsd at N
                 label[0] = f"distill bwd {name}/{tname}"
                 distill_mod._backward(
                     hs, ws, ht, wt, mask, stats, meta(N, dtype=torch.float32), V, 2, 0.5, 1.0, True, True

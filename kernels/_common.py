@@ -123,9 +123,9 @@ def vocab_ranges(V: int, block_v: int, max_ranges: int) -> tuple[int, int]:
 
     A function of V and the launch configuration (device, dtype) only, never of the row count: the merge adds the
     ranges in a fixed order, so a row's result stays the same whatever the batch. Each range is a whole number of
-    BLOCK_V tiles; when the tiles do not divide evenly the last ranges are shorter, or empty (a range past V
-    reports "no columns": max -inf, sum 0), which the merges handle.
+    BLOCK_V tiles and holds at least one column; when the tiles do not divide evenly the last range is shorter.
+    (The kernels would also accept a range past V, which reports "no columns": max -inf, sum 0.)
     """
     tiles = triton.cdiv(V, block_v)
-    n = max(1, min(max_ranges, tiles))
-    return n, triton.cdiv(tiles, n) * block_v
+    per = triton.cdiv(tiles, max(1, min(max_ranges, tiles)))  # tiles per range
+    return triton.cdiv(tiles, per), per * block_v

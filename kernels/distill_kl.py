@@ -242,7 +242,7 @@ def _distill_fwd_kernel(
         ms = ms_new
         mt = mt_new
 
-    # int64 offsets: 5 * R * N passes 2^31 at N = 13M / R
+    # int64 offsets (pid_r is int64): 5 * R * N passes 2^31 at N = 429M / R
     out = part_ptr + pid_r * N + rows
     plane = n_ranges.to(tl.int64) * N
     tl.store(out, ms, mask=row_mask)
@@ -275,11 +275,12 @@ def _distill_merge_kernel(
     """Row statistics (and fkl / rkl) from the per-range ones, ranges in index order (batch invariance)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     row_mask = rows < N
+    n64 = N.to(tl.int64)  # r * N in int64 (it passes 2^31 at N = 2^31 / R)
     plane = n_ranges.to(tl.int64) * N
     ms = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     mt = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     for r in range(0, n_ranges):
-        at = part_ptr + r * N + rows
+        at = part_ptr + r * n64 + rows
         ms = tl.maximum(ms, tl.load(at, mask=row_mask, other=float("-inf")))
         mt = tl.maximum(mt, tl.load(at + 2 * plane, mask=row_mask, other=float("-inf")))
     ms = tl.where(row_mask, ms, 0.0)  # rows past N: finite, so no -inf - -inf below (nothing is stored for them)
@@ -288,7 +289,7 @@ def _distill_merge_kernel(
     st = tl.zeros((BLOCK,), dtype=tl.float32)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for r in range(0, n_ranges):
-        at = part_ptr + r * N + rows
+        at = part_ptr + r * n64 + rows
         ss_r = tl.load(at + plane, mask=row_mask, other=0.0)
         st_r = tl.load(at + 3 * plane, mask=row_mask, other=0.0)
         # an empty range (maxima -inf, sums 0) adds nothing; the where keeps (-inf) * 0 out of the shifts
@@ -418,12 +419,13 @@ def _distill_jsd_merge_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     row_mask = rows < N
+    n64 = N.to(tl.int64)  # r * N in int64 (it passes 2^31 at N = 2^31 / R)
     plane = n_ranges.to(tl.int64) * N
     kl_pm = tl.zeros((BLOCK,), dtype=tl.float32)
     kl_qm = tl.zeros((BLOCK,), dtype=tl.float32)
     for r in range(0, n_ranges):  # index order: a fixed order of addition (batch invariance)
-        kl_pm += tl.load(part_ptr + r * N + rows, mask=row_mask, other=0.0)
-        kl_qm += tl.load(part_ptr + plane + r * N + rows, mask=row_mask, other=0.0)
+        kl_pm += tl.load(part_ptr + r * n64 + rows, mask=row_mask, other=0.0)
+        kl_qm += tl.load(part_ptr + plane + r * n64 + rows, mask=row_mask, other=0.0)
     loss = kl_pm / (1.0 - beta) + kl_qm / beta
     valid = row_mask
     if HAS_MASK:

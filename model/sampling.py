@@ -129,13 +129,16 @@ def response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mas
     return hidden.last_hidden_state[:, P - 1 : -1]  # (B, T, D)
 
 
-def response_rows(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The rows of `hidden` (B, T, D) where `mask` (B, T) is True, in row-major order: (N, D) with N = mask.sum().
+def response_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices (N,) int64 of the True positions of `mask` (B, T), in row-major order: the rows of a (B * T, ...)
+    view that the LM-head kernels take. The positions after EOS (and the completion padding of shorter rows) would
+    be rows the kernel computes in full and the loss then drops. `scatter_rows` puts per-row results back."""
+    return mask.reshape(-1).nonzero().squeeze(1)  # host sync: the number of response tokens sizes the kernels' inputs
 
-    The LM-head kernels take only these rows: the positions after EOS (and the completion padding of shorter rows)
-    would be rows the kernel computes in full and the loss then drops. `scatter_rows` puts per-row results back.
-    """
-    return hidden[mask]  # host sync: the number of response tokens sizes the kernels' inputs
+
+def take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of `x` (B, T, ...) seen as (B * T, ...); differentiable w.r.t. `x`."""
+    return x.flatten(0, 1).index_select(0, index)
 
 
 def scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -158,8 +161,7 @@ def response_logprobs(
     `kernels.token_logprobs` on the response rows only: the (B, T, V) logits are never formed, and the positions
     outside the response never reach the kernel."""
     hidden = response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask)  # (B, T, D)
-    logp = token_logprobs(
-        response_rows(hidden, response_mask), head_weight(model), completion_ids[response_mask],
-        temperature=temperature, impl=impl,
-    )  # (N,)  # fmt: skip
+    rows = response_rows(response_mask)  # (N,)
+    logp = token_logprobs(take_rows(hidden, rows), head_weight(model), take_rows(completion_ids, rows),
+                          temperature=temperature, impl=impl)  # fmt: skip
     return scatter_rows(logp, response_mask)

@@ -8,6 +8,7 @@ the new checkpoint complete, and `recover` puts back `<name>.old` when the swap 
 """
 
 import os
+import pickle
 import random
 import shutil
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from model.hf import save_pretrained
+from runtime.config import ConfigError
 
 STATE_FILE = "trainer_state.pt"
 
@@ -61,17 +63,34 @@ def save_checkpoint(path: Path, model, tokenizer, trainer_state: dict | None = N
 
 
 def load_trainer_state(path: Path) -> dict:
+    """The trainer state of a resumable checkpoint, loaded with `weights_only=True`: tensors, numbers, strings and
+    containers only, so a crafted state file cannot run code. Anything else (a pickled object, a truncated or
+    corrupt file) is a ConfigError naming the file."""
     file = Path(path) / STATE_FILE
     if not file.exists():
-        raise FileNotFoundError(f"{path}: no {STATE_FILE}; not a resumable checkpoint")
-    return torch.load(file, map_location="cpu", weights_only=False)
+        raise ConfigError(f"{path}: no {STATE_FILE}; not a resumable checkpoint")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"{file}: refused: it holds objects other than tensors, numbers, strings and containers, and "
+                          "loading them could run code (or it was written by an older version that stored numpy "
+                          "objects)") from None  # fmt: skip
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise ConfigError(
+            f"{file}: not a readable trainer state (truncated or corrupt: {type(exc).__name__})"
+        ) from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{file}: the trainer state must be a dict, got {type(state).__name__}")
+    return state
 
 
 def rng_states(generator: torch.Generator | None = None) -> dict:
-    """Every random state a training step draws from."""
+    """Every random state a training step draws from, as tensors, numbers and tuples only (numpy's key array is
+    stored as a tensor), so the trainer state loads with `weights_only=True`."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
@@ -81,8 +100,10 @@ def rng_states(generator: torch.Generator | None = None) -> dict:
 
 
 def set_rng_states(state: dict, generator: torch.Generator | None = None) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))  # weights_only loads may hand back lists
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

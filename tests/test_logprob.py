@@ -99,6 +99,7 @@ def test_multi_chunk_backward(monkeypatch):
     inputs = make_inputs(37, 72, 1271, torch.float32, seed=5)
     one_chunk = check_against_gold(*inputs)
     # 37 rows x 4 bytes x 256 columns: chunks of 256 vocabulary rows, the last one 247 wide
+    monkeypatch.setattr(logprob_mod, "_SCRATCH_BYTES", 0)  # the chunk buffer at its floor, _CHUNK_BYTES
     monkeypatch.setattr(logprob_mod, "_CHUNK_BYTES", 37 * 4 * 256)
     assert logprob_mod._chunk_width(37, 1271, 4, 256) == 256
     chunked = check_against_gold(*inputs)
@@ -314,10 +315,8 @@ def test_vocab_ranges_cover_the_vocabulary_once(V, block, max_ranges):
     n, per = vocab_ranges(V, block, max_ranges)
     assert 1 <= n <= max_ranges and per % block == 0
     widths = [max(0, min((r + 1) * per, V) - r * per) for r in range(n)]  # real columns of each range
-    assert sum(widths) == V and widths[0] > 0
-    # an empty range only ever trails the others: every earlier range is full or the last partial one
-    first_empty = widths.index(0) if 0 in widths else n
-    assert all(w == 0 for w in widths[first_empty:]) and all(w == per for w in widths[: max(0, first_empty - 1)])
+    # the ranges tile [0, V) in order: every one full except a shorter last one, none empty
+    assert sum(widths) == V and all(w == per for w in widths[:-1]) and 0 < widths[-1] <= per
 
 
 def with_ranges(monkeypatch, module, ranges):
@@ -327,9 +326,11 @@ def with_ranges(monkeypatch, module, ranges):
 
 
 def test_merge_of_unequal_and_empty_ranges(monkeypatch):
-    # V = 300 is 5 tiles of 64: 4 ranges of 2 tiles hold 128, 128 and 44 columns, and the fourth lies past V
+    # V = 300 is 5 tiles of 64: 3 ranges of 2 tiles hold 128, 128 and 44 columns; a fourth range past V (all
+    # padding: the kernels accept one, though vocab_ranges never makes it) must add nothing in the merge
     with_ranges(monkeypatch, logprob_mod, 4)
-    assert vocab_ranges(300, 64, 4) == (4, 128)
+    assert vocab_ranges(300, 64, 4) == (3, 128)
+    monkeypatch.setattr(logprob_mod, "vocab_ranges", lambda V, block, most: (4, 128))
     hidden, weight, targets, g1, g2 = make_inputs(37, 72, 300, torch.float32, seed=20)
     targets[:4] = torch.tensor([0, 127, 128, 299])  # targets at the edges of the ranges
     check_against_gold(hidden, weight, targets, g1, g2)
@@ -378,3 +379,13 @@ def test_matmul_grouped_order(M, P, K, accumulate):
     expected = a.double() @ b.double() + (out.double() if accumulate else 0)
     logprob_mod._matmul(a, b, out, accumulate=accumulate)
     assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_chunk_width_keeps_the_scratch_budget():
+    # shape A (N = 16384, D = 4096, bf16): a 256 MiB accumulator leaves 192 MiB of buffer, 6144 columns, 25 chunks
+    acc = 16384 * 4096 * 4
+    width = logprob_mod._chunk_width(16384, 151936, 2, 256, acc)
+    assert width == 6144 and acc + 16384 * width * 2 <= logprob_mod._SCRATCH_BYTES
+    # a small batch gets wide chunks (a whole vocabulary at most); a huge accumulator keeps the floor
+    assert logprob_mod._chunk_width(64, 151936, 2, 256, 64 * 4096 * 4) == 151936 // 256 * 256 + 256
+    assert 65536 * logprob_mod._chunk_width(65536, 151936, 2, 256, 65536 * 8192 * 4) * 2 <= logprob_mod._CHUNK_BYTES

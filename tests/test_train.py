@@ -151,6 +151,28 @@ def test_resume_is_exact(bench, tmp_path):
     # a resumed run keeps its settings
     assert train.main([*common, "--name", "cut", "--resume", "--rl-lr", "1"]) == 2
 
+    # a crafted trainer state cannot run code on --resume, and a truncated one is one line and exit 2
+    import shutil
+
+    shutil.copytree(tmp_path / "cut", tmp_path / "evil")
+    marker = tmp_path / "ran"
+    state_file = tmp_path / "evil" / "ckpt" / "trainer_state.pt"
+    torch.save({"step": 1, "payload": _Payload(marker)}, state_file)
+    assert train.main([*common, "--name", "evil", "--resume"]) == 2
+    assert not marker.exists()
+    state_file.write_bytes((tmp_path / "cut" / "ckpt" / "trainer_state.pt").read_bytes()[:100])
+    assert train.main([*common, "--name", "evil", "--resume"]) == 2
+
+
+class _Payload:
+    """Pickles as a call that creates a file: what a crafted checkpoint would do with a full unpickler."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
 
 def _write(path, lines):
     path.write_text("".join(line + "\n" for line in lines))
