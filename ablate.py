@@ -43,7 +43,7 @@ import numpy as np
 
 import train
 from data.schema import write_text_atomic
-from runtime.config import ConfigError, parse_config, parse_flags
+from runtime.config import ConfigError, check_run_name, parse_config, parse_flags
 from runtime.data import BUILTIN_DIR, DataError, ensure_builtin
 from sam.metrics import paired_bootstrap
 
@@ -127,8 +127,7 @@ class AblateConfig:
             raise ConfigError(f"--seeds must be a comma list of integers, got {self.seeds!r}") from None
         if not seeds or len(set(seeds)) != len(seeds):
             raise ConfigError(f"--seeds must list distinct integers, got {self.seeds!r}")
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ConfigError(f"--name must be a plain folder name, got {self.name!r}")
+        check_run_name(self.name)
 
     @property
     def seed_list(self) -> list[int]:

@@ -65,7 +65,7 @@ from model.hf import (
 )
 from model.sampling import generate, pad_left, pad_right, response_hidden, response_logprobs, response_rows, take_rows
 from runtime.checkpoint import STATE_FILE, atomic_folder, rank_rng_states, set_rank_rng_states
-from runtime.config import ConfigError, parse_config, to_json
+from runtime.config import ConfigError, check_run_name, parse_config, to_json
 from runtime.data import BUILTIN_DIR, DataError, Encoded, encode_prompts, ensure_builtin, load_split
 from runtime.loop import (
     Logger,
@@ -142,6 +142,8 @@ class Config:
         def need(cond, message):
             if not cond:
                 raise ConfigError(message)
+
+        check_run_name(self.name)
 
         need(self.student_list and all(s in STUDENTS for s in self.student_list),
              f"--students: a comma list of {STUDENTS}, got {self.students!r}")  # fmt: skip

@@ -67,7 +67,7 @@ from model.hf import (
 )
 from model.sampling import generate, pad_left, pad_right, response_logprobs
 from runtime.checkpoint import rank_rng_states, save_checkpoint, set_rank_rng_states
-from runtime.config import ConfigError, parse_config, to_json
+from runtime.config import ConfigError, check_run_name, parse_config, to_json
 from runtime.data import BUILTIN_DIR, DataError, encode_prompts, ensure_builtin, load_split, sft_target
 from runtime.loop import (
     Logger,
@@ -173,6 +173,8 @@ class Config:
         def need(cond, message):
             if not cond:
                 raise ConfigError(message)
+
+        check_run_name(self.name)
 
         stages = self.stage_list
         need(stages and all(s in STAGES for s in stages), f"--stages: choose from {STAGES}, got {self.stages!r}")

@@ -549,8 +549,9 @@ def _beta_args(kind_id: int, beta: float) -> tuple[float, float, float]:
 def _distill_config(hs: torch.Tensor, ht: torch.Tensor) -> dict:
     """Tiles from both models' dtypes (never from N). Two logit tiles live at once here, so the tiles are smaller than
     logprob's: an fp32 operand on either side takes the fp32 tiles with half the rows (an fp32 teacher on 16-bit
-    tiles ran the FMA path and spilled; at 64 rows fp32 spilled 16-280 B); 16-bit pairs take 64 x 128 tiles (128
-    rows spilled 8-32 B in jsd's second sweep on sm_90 / sm_100; bench.compile_check)."""
+    tiles ran the FMA path and spilled; at 64 rows fp32 spilled 16-280 B); 16-bit pairs take 64 rows and up to 128
+    vocabulary columns: 64 x 128 on sm_80 / sm_90, 64 x 64 on sm_100 (logprob's columns there); 128 rows spilled
+    8-32 B in jsd's second sweep on sm_90 / sm_100 (bench.compile_check)."""
     wide = torch.float32 in (hs.dtype, ht.dtype)
     cfg = dict(_config(hs.device, torch.float32 if wide else hs.dtype))
     if wide:

@@ -84,3 +84,13 @@ def from_dict(cls, data: dict, *, where: str):
     if unknown:
         raise ConfigError(f"{where}: unknown option(s) {unknown}; was it written by another version of this code?")
     return cls(**data)
+
+
+def check_run_name(name: str, flag: str = "--name") -> None:
+    """A run (or sweep) name is one plain folder name under the output folder: not empty, no path separator, no
+    leading dot (so neither '.', '..', nor a hidden folder), no NUL, at most 255 bytes. Anything else could write
+    outside the runs folder (`../../elsewhere`, an absolute path) or into it (an empty name)."""
+    bad = (not name or "/" in name or "\\" in name or "\0" in name or name.startswith(".")
+           or len(name.encode("utf-8", "surrogatepass")) > 255)  # fmt: skip
+    if bad:
+        raise ConfigError(f"{flag} must be a plain folder name (no '/', no leading '.', not empty), got {name!r}")

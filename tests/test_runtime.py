@@ -119,3 +119,19 @@ def test_builtin_benchmark_is_regenerated_when_missing_or_of_another_version(tmp
     assert ensure_builtin(tmp_path) and len(calls) == 4
     (tmp_path / "stats.json").write_text("[1, 2]")  # valid JSON, not an object
     assert ensure_builtin(tmp_path) and len(calls) == 5
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "../../elsewhere/x", "/tmp/absolute", "a/b", ".hidden", "a\\b", "x" * 256]
+)
+def test_run_names_stay_inside_the_runs_folder(name, tmp_path, capsys):
+    import ablate
+    import distill
+    import train
+
+    for script in (train, distill, ablate):
+        with pytest.raises(SystemExit) as exc:
+            script.main(["--name", name, "--out-dir", str(tmp_path / "runs")])
+        assert exc.value.code == 2 and "--name must be a plain folder name" in capsys.readouterr().err, script
+    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "elsewhere").exists()
