@@ -75,6 +75,7 @@ from runtime.loop import (
     device_settings,
     make_optimizer,
     micro_slices,
+    release_run_dir,
     scalars,
     setup_run_dir,
     shard_check,
@@ -673,7 +674,10 @@ def main(argv=None) -> int:
     cfg, given = parse_config(Config, argv, __doc__)
     try:
         with process_group(cfg.device) as dist:
-            return run_distill(cfg, given, dist, started)
+            try:
+                return run_distill(cfg, given, dist, started)
+            finally:
+                release_run_dir(Path(cfg.out_dir) / cfg.name)  # the folder lock setup_run_dir took
     except ConfigError as exc:  # joining the ranks failed; run_distill() reports its own errors
         print(f"error: {exc}", file=sys.stderr)
         return 2

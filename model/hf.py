@@ -122,15 +122,25 @@ def load_model(
     dtype = dtype or default_dtype(device)
     attention = attention or default_attention(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             str(path),
             local_files_only=True,
             dtype=dtype,
             attn_implementation=attention,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except Exception as exc:  # unknown architecture, missing weights, remote code refused, ...
         raise ModelLoadError(f"{path}: cannot load a causal LM: {type(exc).__name__}: {exc}") from None
+    # transformers fills a tensor missing from the checkpoint with a fresh random initialisation (and only logs it):
+    # a half-random model must not train or score as if it were the checkpoint. Weights the model ties (a head tied
+    # to the embeddings) are not reported missing.
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+            raise ModelLoadError(f"{path}: the checkpoint does not match the model's config: {len(keys)} "
+                                 f"{kind.replace('_keys', '').replace('_', ' ')} tensor(s): {shown}")  # fmt: skip
     check_model(model, where=str(path))
     return model.to(device)
 

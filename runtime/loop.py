@@ -2,6 +2,7 @@
 device settings, learning-rate schedule and optimizer, a data order that is a pure function of the step (so
 resuming needs no saved iterator), micro-batching, the non-finite loss guard, and the metrics log."""
 
+import fcntl
 import json
 import math
 from collections.abc import Callable
@@ -19,6 +20,39 @@ from runtime.parallel import Dist
 
 # flags a resumed run may change: they do not alter what it computes
 RESUME_FREE = {"resume", "halt_after", "progress", "name", "out_dir"}
+# the run folder's lock file (an OS lock on it is held while a process works in the folder)
+LOCK_FILE = ".lock"
+_HELD: dict[str, object] = {}  # run folder -> open lock file of this process
+# what a run leaves besides its checkpoints: a folder holding one of these has results worth keeping
+RESULT_FILES = ("results.json", "report.json")
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Take an exclusive OS lock on `run_dir` (created if needed) for this process, or raise ConfigError when another
+    process holds it. The lock lives as long as the open lock file: `release_run_dir`, process exit or a crash
+    release it, so a killed run never leaves the folder locked."""
+    key = str(Path(run_dir).resolve())
+    if key in _HELD:
+        return
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        handle = open(Path(run_dir) / LOCK_FILE, "a")  # noqa: SIM115 (held open on purpose: the lock is the handle)
+    except OSError as exc:
+        raise ConfigError(f"{run_dir}: cannot create the run folder or its lock file: {exc.strerror}") from None
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(f"{run_dir} is in use by another running process (it holds {LOCK_FILE}); wait for it to end "
+                          "or choose another --name") from None  # fmt: skip
+    _HELD[key] = handle
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Give up this process's lock on `run_dir` (a no-op when it holds none)."""
+    handle = _HELD.pop(str(Path(run_dir).resolve()), None)
+    if handle is not None:
+        handle.close()
 
 
 def setup_run_dir(cfg, given: set[str], folders: tuple[str, ...], dist: Dist | None = None):
@@ -30,15 +64,27 @@ def setup_run_dir(cfg, given: set[str], folders: tuple[str, ...], dist: Dist | N
     run_dir = Path(cfg.out_dir) / cfg.name
     ckpt = run_dir / "ckpt"
     if dist.main:
+        lock_run_dir(run_dir)  # before anything in the folder is touched: a second invocation stops here
         for name in folders:
             recover(run_dir / name)
     dist.barrier()
     if not cfg.resume:
-        if (run_dir / "metrics.jsonl").exists() or ckpt.exists():
-            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume or choose another --name")
+        kept = [name for name in folders if (run_dir / name).exists()]
+        kept += [f.name for f in sorted(run_dir.glob("eval_*.json"))]
+        kept += [name for name in RESULT_FILES if (run_dir / name).exists()]
+        if kept:
+            raise ConfigError(f"{run_dir} already holds a run ({', '.join(kept)}); continue it with --resume or choose "
+                              "another --name")  # fmt: skip
+        stale = (run_dir / "metrics.jsonl").exists()
+        dist.barrier()  # every rank has looked before rank 0 removes anything
+        if stale and dist.main:
+            # interrupted before its first checkpoint: nothing to resume, nothing to lose but the log of those steps
+            print(f"{run_dir} holds a run interrupted before its first checkpoint; starting it afresh", flush=True)
+            (run_dir / "metrics.jsonl").unlink()
         return cfg, None
     if not (run_dir / "config.json").exists() or not ckpt.exists():
-        raise ConfigError(f"--resume: no resumable checkpoint in {ckpt}")
+        raise ConfigError(f"--resume: no resumable checkpoint in {ckpt} (a run interrupted before its first checkpoint "
+                          "starts afresh without --resume)")  # fmt: skip
     saved = from_dict(type(cfg), json.loads((run_dir / "config.json").read_text()), where=str(run_dir / "config.json"))
     differ = sorted(f for f in given - RESUME_FREE if getattr(cfg, f) != getattr(saved, f))
     if differ:

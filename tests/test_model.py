@@ -67,6 +67,27 @@ def test_load_errors(tmp_path, tok):
         check_model(model, where="x")
 
 
+@pytest.mark.parametrize("damage", ["missing", "unexpected", "mismatched"])
+def test_a_checkpoint_that_does_not_match_its_config_is_refused(tmp_path, tok, damage):
+    # transformers would fill a missing tensor with a fresh random one and go on: a load error instead
+    from safetensors.torch import load_file, save_file
+
+    micro_model(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    load_model(tmp_path)  # intact (tied head not stored): loads
+    weights = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.0.mlp.up_proj.weight"
+    if damage == "missing":
+        del weights[key]
+    elif damage == "unexpected":
+        weights["model.layers.0.extra.weight"] = torch.zeros(3)
+    else:
+        weights[key] = torch.zeros(weights[key].shape[0] + 1, weights[key].shape[1])
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="does not match|cannot load"):
+        load_model(tmp_path)
+
+
 def test_save_load_round_trip(tmp_path, tok):
     model = micro_model(tok)
     model.save_pretrained(tmp_path)

@@ -174,6 +174,41 @@ class _Payload:
         return (open, (str(self.path), "w"))
 
 
+def test_run_folder_lock_and_a_run_interrupted_before_its_first_checkpoint(bench, tmp_path, capsys):
+    import fcntl
+
+    # another process holds the folder: refused (exit 2) before anything in it is touched (a live run's ckpt.tmp)
+    busy = tmp_path / "busy"
+    (busy / "ckpt.tmp").mkdir(parents=True)
+    with open(busy / runtime.loop.LOCK_FILE, "a") as held:
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert train.main(fast_args(bench, tmp_path, "--name", "busy")) == 2
+        assert "in use by another running process" in capsys.readouterr().err
+        assert (busy / "ckpt.tmp").exists() and not (busy / "metrics.jsonl").exists()
+    # killed before its first checkpoint (a log, no checkpoint, no results): a fresh start proceeds and says so;
+    # --resume says there is nothing to resume and how to start
+    stuck = tmp_path / "stuck"
+    stuck.mkdir()
+    (stuck / "metrics.jsonl").write_text(json.dumps({"stage": "sft", "step": 1, "loss": 9.0}) + "\n")
+    assert train.main(fast_args(bench, tmp_path, "--name", "stuck", "--resume")) == 2
+    assert "starts afresh without --resume" in capsys.readouterr().err
+    assert train.main(fast_args(bench, tmp_path, "--name", "stuck", "--stages", "sft", "--halt-after", "1")) == 0
+    assert "interrupted before its first checkpoint; starting it afresh" in capsys.readouterr().out
+    rows = metric_rows(stuck)
+    assert [r["step"] for r in rows] == [1] and rows[0]["loss"] != 9.0
+    # with a checkpoint the folder holds a run again: a fresh start is refused, naming what it holds
+    assert train.main(fast_args(bench, tmp_path, "--name", "stuck")) == 2
+    assert "already holds a run (ckpt)" in capsys.readouterr().err
+
+
+def test_an_out_dir_that_is_a_file_is_one_line(bench, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    assert train.main(fast_args(bench, blocker, "--name", "r")) == 2
+    err = capsys.readouterr().err
+    assert "cannot create the run folder" in err and "Traceback" not in err
+
+
 def _write(path, lines):
     path.write_text("".join(line + "\n" for line in lines))
     return path
