@@ -415,7 +415,7 @@ def accumulate(run: Run, student: Policy, rows, teacher_hidden, mask, where: str
                 student.backward(loss)
             total = total + loss.detach()
     total = dist.sum(total)
-    check_finite(total, where, str(run.ckpt))
+    check_finite(total, where, str(run.ckpt), init_flag="")  # distill.py starts students fresh: no --init
     return float(total)
 
 

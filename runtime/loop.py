@@ -168,11 +168,21 @@ def shard_check(dist: Dist, **batches: int) -> None:
                               "each rank takes an equal share")  # fmt: skip
 
 
-def check_finite(loss: torch.Tensor, where: str, last_ckpt: str) -> None:
+def check_finite(loss: torch.Tensor, where: str, last_ckpt: str, *, init_flag: str = "--init") -> None:
+    """Raise NonFiniteLoss for a NaN / inf loss, with advice a user can follow: --resume keeps a run's settings, so a
+    lower learning rate means a new run started from the last checkpoint (`init_flag`, empty when the script has
+    none)."""
     if not bool(torch.isfinite(loss)):  # host sync: once per micro-batch, to stop before a bad update
+        if Path(last_ckpt).exists():
+            saved = f"the last good checkpoint is {last_ckpt}"
+            restart = (f"start a new run from it with {init_flag} {last_ckpt} --name <new name> and a lower learning "
+                       "rate" if init_flag else "start a new run with a lower learning rate")  # fmt: skip
+        else:
+            saved = "no checkpoint had been written yet"
+            restart = "start a new run (another --name) with a lower learning rate"
         raise NonFiniteLoss(
-            f"non-finite loss ({loss.item()}) at {where}: the update was not applied; the last good checkpoint is "
-            f"{last_ckpt}. Lower the learning rate or check the data, then continue with --resume."
+            f"non-finite loss ({loss.item()}) at {where}: the update was not applied; {saved}. Check the data, or "
+            f"{restart} (--resume keeps the run's settings)."
         )
 
 

@@ -309,10 +309,17 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(bench, tmp_path, monkeyp
 
     monkeypatch.setattr(train, "response_logprobs", poisoned)
     assert train.main([*argv, "--resume"]) == 3
-    assert "non-finite loss" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err
     assert load_trainer_state(tmp_path / "nan" / "ckpt")["step"] == 1
     after = load_file(tmp_path / "nan" / "ckpt" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
+    # the advice can be followed: a new run from the named checkpoint, with a lower learning rate
+    ckpt = str(tmp_path / "nan" / "ckpt")
+    assert f"--init {ckpt} --name <new name>" in err
+    monkeypatch.undo()
+    assert train.main([*fast_args(bench, tmp_path, *GENERIC, "--name", "nan2", "--init", ckpt, "--sft-lr", "1e-4"),
+                       "--halt-after", "1"]) == 0  # fmt: skip
 
 
 def _bpe_tokenizer(texts):
