@@ -118,6 +118,18 @@ def grouped_ids(pid, n_blocks, n_cols, GROUP: tl.constexpr):
     return first + local % size, local // size
 
 
+@triton.jit
+def range_program(N, V, n_ranges, range_cols, GROUP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What this program of a split forward owns: (rows (BLOCK_N,) int64, their mask, range index (int64), first
+    column, end column) on the (row block x range) grid in grouped order. The end is at most V, and not above the
+    first column for a range past V (its loop then does not run)."""
+    pid_n, pid_r = grouped_ids(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_ranges, GROUP)
+    pid_r = pid_r.to(tl.int64)
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    v_lo = pid_r * range_cols
+    return rows, rows < N, pid_r, v_lo, tl.minimum(v_lo + range_cols, V)
+
+
 def vocab_ranges(V: int, block_v: int, max_ranges: int) -> tuple[int, int]:
     """(number of ranges, columns per range) splitting a V-column vocabulary for the split forward kernels.
 

@@ -65,6 +65,7 @@ from kernels._common import (
     emulate_bf16_rounding,
     grouped_ids,
     interpret_dot,
+    range_program,
     resolve_impl,
     round_bf16_rtne,
     round_tf32_rtne,
@@ -195,14 +196,8 @@ def _distill_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # one program: BLOCK_N rows x one vocabulary range, row blocks grouped as in kernels/logprob.py
-    pid_n, pid_r = grouped_ids(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_ranges, GROUP)
-    pid_n = pid_n.to(tl.int64)
-    pid_r = pid_r.to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_mask = rows < N
-    v_lo = pid_r * range_cols
-    v_hi = tl.minimum(v_lo + range_cols, V)  # <= v_lo for a range past V: the loop does not run
+    # one program: BLOCK_N rows x one vocabulary range [v_lo, v_hi), row blocks grouped as in kernels/logprob.py
+    rows, row_mask, pid_r, v_lo, v_hi = range_program(N, V, n_ranges, range_cols, GROUP, BLOCK_N)
 
     # online statistics per row; for fkl (rkl) `acc` = sum_v e_t (e_s) * [(zt - mt) - (zs - ms)] (negated for rkl)
     # relative to the running maxima, so the final expectation never subtracts two large numbers
@@ -368,13 +363,7 @@ def _distill_jsd_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """jsd's second sweep: log m needs the normalised log-probs, so it runs once the statistics are merged."""
-    pid_n, pid_r = grouped_ids(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_ranges, GROUP)
-    pid_n = pid_n.to(tl.int64)
-    pid_r = pid_r.to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_mask = rows < N
-    v_lo = pid_r * range_cols
-    v_hi = tl.minimum(v_lo + range_cols, V)
+    rows, row_mask, pid_r, v_lo, v_hi = range_program(N, V, n_ranges, range_cols, GROUP, BLOCK_N)
     ms = tl.load(s_max_ptr + rows, mask=row_mask, other=0.0)
     mt = tl.load(t_max_ptr + rows, mask=row_mask, other=0.0)
     log_ss = tl.load(s_logsum_ptr + rows, mask=row_mask, other=0.0)

@@ -62,6 +62,7 @@ from kernels._common import (
     emulate_bf16_rounding,
     grouped_ids,
     interpret_dot,
+    range_program,
     resolve_impl,
     round_bf16_rtne,
     round_tf32_rtne,
@@ -196,15 +197,9 @@ def _logprob_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # one program: BLOCK_N rows x one vocabulary range; a group's row blocks run side by side (grouped_ids)
-    pid_n, pid_r = grouped_ids(tl.program_id(0), tl.cdiv(N, BLOCK_N), n_ranges, GROUP)
-    pid_n = pid_n.to(tl.int64)
-    pid_r = pid_r.to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    row_mask = rows < N
+    # one program: BLOCK_N rows x one vocabulary range [v_lo, v_hi); a group's row blocks run side by side
+    rows, row_mask, pid_r, v_lo, v_hi = range_program(N, V, n_ranges, range_cols, GROUP, BLOCK_N)
     tgt = tl.load(targets_ptr + rows, mask=row_mask, other=ignore_index)  # (BLOCK_N,) int64
-    v_lo = pid_r * range_cols
-    v_hi = tl.minimum(v_lo + range_cols, V)  # <= v_lo for a range past V: the loop below does not run
 
     # Online statistics per row, relative to the running max m:
     #   s = sum exp(z - m),  t = sum exp(z - m) * (z - m)  =>  lse = m + log s,  H = log s - t / s.
