@@ -72,6 +72,7 @@ from runtime.loop import (
     NonFiniteLoss,
     batch_indices,
     check_finite,
+    check_update,
     device_settings,
     make_optimizer,
     micro_slices,
@@ -555,6 +556,8 @@ def distill(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
             opt, sched = opts[kind]
             row[f"{kind}/grad_norm"] = model.clip_grad_norm(cfg.grad_clip)
             opt.step()
+            check_update(model.module.parameters(), row[f"{kind}/grad_norm"], where, str(run.ckpt), dist,
+                         init_flag="")  # fmt: skip
             sched.step()
             opt.zero_grad(set_to_none=True)
             row[f"{kind}/loss"] = loss

@@ -74,6 +74,7 @@ from runtime.loop import (
     NonFiniteLoss,
     batch_indices,
     check_finite,
+    check_update,
     device_settings,
     make_optimizer,
     micro_slices,
@@ -295,6 +296,7 @@ def rl_update(policy: Policy, opt, sched, batch: Rollouts, cfg, *, dist: Dist, r
         loss_sum = loss_sum + epoch_loss / cfg.mu
         grad_norms.append(policy.clip_grad_norm(cfg.grad_clip))
         opt.step()
+        check_update(policy.module.parameters(), grad_norms[-1], f"{where} (epoch {epoch})", last_ckpt, dist)
         sched.step()
         opt.zero_grad(set_to_none=True)
     return float(loss_sum), dist.mean(metric_sums, maxima=("ratio_max",)), grad_norms
@@ -490,6 +492,7 @@ def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         total_loss = float(total_loss)
         grad_norm = policy.clip_grad_norm(cfg.grad_clip)
         opt.step()
+        check_update(policy.module.parameters(), grad_norm, f"sft step {step}", str(run.ckpt), dist)
         sched.step()
         opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0

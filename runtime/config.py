@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import re
 import sys
 
@@ -40,8 +41,18 @@ def build_parser(cls, description: str = "", parser_class=argparse.ArgumentParse
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)  # fmt: skip
         else:
-            parser.add_argument(flag, dest=f.name, type=type(default), default=default, help=help_text)
+            kind = finite_float if isinstance(default, float) else type(default)
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
     return parser
+
+
+def finite_float(text: str) -> float:
+    """A float flag's value: any finite number; 'inf', 'nan' and the like are refused where they are typed (a learning
+    rate of inf would make every weight inf while the loss still looked finite)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 class _RaisingParser(argparse.ArgumentParser):

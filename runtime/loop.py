@@ -168,22 +168,43 @@ def shard_check(dist: Dist, **batches: int) -> None:
                               "each rank takes an equal share")  # fmt: skip
 
 
-def check_finite(loss: torch.Tensor, where: str, last_ckpt: str, *, init_flag: str = "--init") -> None:
-    """Raise NonFiniteLoss for a NaN / inf loss, with advice a user can follow: --resume keeps a run's settings, so a
-    lower learning rate means a new run started from the last checkpoint (`init_flag`, empty when the script has
-    none)."""
-    if not bool(torch.isfinite(loss)):  # host sync: once per micro-batch, to stop before a bad update
-        if Path(last_ckpt).exists():
-            saved = f"the last good checkpoint is {last_ckpt}"
-            restart = (f"start a new run from it with {init_flag} {last_ckpt} --name <new name> and a lower learning "
-                       "rate" if init_flag else "start a new run with a lower learning rate")  # fmt: skip
-        else:
-            saved = "no checkpoint had been written yet"
-            restart = "start a new run (another --name) with a lower learning rate"
-        raise NonFiniteLoss(
-            f"non-finite loss ({loss.item()}) at {where}: the update was not applied; {saved}. Check the data, or "
-            f"{restart} (--resume keeps the run's settings)."
+def _restart_advice(last_ckpt: str, init_flag: str) -> str:
+    """What to do after a non-finite stop. --resume keeps a run's settings, so a lower learning rate means a new run
+    started from the last checkpoint (`init_flag`, empty when the script has none)."""
+    if not Path(last_ckpt).exists():
+        return (
+            "no checkpoint had been written yet. Check the data, or start a new run (another --name) with a "
+            "lower learning rate (--resume keeps the run's settings)."
         )
+    restart = (f"start a new run from it with {init_flag} {last_ckpt} --name <new name> and a lower learning rate"
+               if init_flag else "start a new run with a lower learning rate")  # fmt: skip
+    return f"the last good checkpoint is {last_ckpt}. Check the data, or {restart} (--resume keeps the run's settings)."
+
+
+def check_finite(loss: torch.Tensor, where: str, last_ckpt: str, *, init_flag: str = "--init") -> None:
+    """Raise NonFiniteLoss for a NaN / inf loss, before the update is applied."""
+    if not bool(torch.isfinite(loss)):  # host sync: once per micro-batch, to stop before a bad update
+        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at {where}: the update was not applied; "
+                            f"{_restart_advice(last_ckpt, init_flag)}")  # fmt: skip
+
+
+def check_update(params, grad_norm: float | torch.Tensor, where: str, last_ckpt: str, dist: Dist | None = None, *,
+                 init_flag: str = "--init") -> None:  # fmt: skip
+    """Raise NonFiniteLoss when an optimizer step left a non-finite gradient norm or parameter: a finite loss does not
+    make a finite update (a huge learning rate with weight decay sends weights to inf). Call it after each step and
+    before anything is saved; one host sync, and every rank stops together (sharded parameters are checked where
+    they live and the verdict summed over ranks)."""
+    with torch.no_grad():
+        # each rank's own shard of an FSDP2 parameter (DTensor); inf / nan anywhere makes the sum non-finite
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        total = torch.stack([p.detach().float().sum() for p in local]).sum()
+        norm = float(grad_norm)  # the wrappers' clip_grad_norm returns a number (its host sync is theirs)
+        bad = (~torch.isfinite(total)).float() + float(not math.isfinite(norm))
+        bad = (dist or Dist()).sum(bad)
+    if bool(bad > 0):  # host sync: once per optimizer step
+        raise NonFiniteLoss(f"non-finite update at {where} (gradient norm {norm:.4g}, or a parameter became inf / "
+                            f"nan): stopped before it reached a checkpoint; "
+                            f"{_restart_advice(last_ckpt, init_flag)}")  # fmt: skip
 
 
 class Logger:

@@ -135,3 +135,21 @@ def test_run_names_stay_inside_the_runs_folder(name, tmp_path, capsys):
         assert exc.value.code == 2 and "--name must be a plain folder name" in capsys.readouterr().err, script
     assert not (tmp_path / "runs").exists()
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400"])
+def test_non_finite_numeric_flags_are_refused_at_parse_time(value, tmp_path, capsys):
+    import ablate
+    import distill
+    import eval as eval_script
+    import train
+
+    calls = ((train, [f"--rl-lr={value}"]), (distill, [f"--lr={value}"]), (eval_script, [f"--temperature={value}"]),
+             (ablate, [f"--base=--rl-lr={value}", "--out-dir", str(tmp_path)]))  # fmt: skip
+    for script, argv in calls:
+        try:
+            code = script.main(argv)
+        except SystemExit as exc:
+            code = exc.code
+        assert code == 2 and "must be a finite number" in capsys.readouterr().err, (script, argv)
+    assert not any(tmp_path.iterdir())  # nothing written

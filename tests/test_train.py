@@ -209,6 +209,16 @@ def test_an_out_dir_that_is_a_file_is_one_line(bench, tmp_path, capsys):
     assert "cannot create the run folder" in err and "Traceback" not in err
 
 
+def test_a_non_finite_update_stops_before_a_checkpoint(bench, tmp_path, capsys):
+    # a finite loss, but the step sends weights to inf (a huge learning rate with weight decay): exit 3 at that step,
+    # no checkpoint written from it
+    argv = fast_args(bench, tmp_path, *GENERIC, "--name", "huge", "--sft-lr", "1e38", "--weight-decay", "0.1")
+    assert train.main(argv) == 3
+    err = capsys.readouterr().err
+    assert "non-finite update at sft step 0" in err and "no checkpoint had been written yet" in err
+    assert not list((tmp_path / "huge").glob("**/model.safetensors"))
+
+
 def _write(path, lines):
     path.write_text("".join(line + "\n" for line in lines))
     return path
