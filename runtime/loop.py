@@ -31,12 +31,14 @@ def lock_run_dir(run_dir: Path) -> None:
     """Take an exclusive OS lock on `run_dir` (created if needed) for this process, or raise ConfigError when another
     process holds it. The lock lives as long as the open lock file: `release_run_dir`, process exit or a crash
     release it, so a killed run never leaves the folder locked."""
-    key = str(Path(run_dir).resolve())
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
     if key in _HELD:
         return
+    created = not run_dir.exists()
     try:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        handle = open(Path(run_dir) / LOCK_FILE, "a")  # noqa: SIM115 (held open on purpose: the lock is the handle)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK_FILE, "a")  # noqa: SIM115 (held open on purpose: the lock is the handle)
     except OSError as exc:
         raise ConfigError(f"{run_dir}: cannot create the run folder or its lock file: {exc.strerror}") from None
     try:
@@ -45,13 +47,24 @@ def lock_run_dir(run_dir: Path) -> None:
         handle.close()
         raise ConfigError(f"{run_dir} is in use by another running process (it holds {LOCK_FILE}); wait for it to end "
                           "or choose another --name") from None  # fmt: skip
-    _HELD[key] = handle
+    _HELD[key] = (handle, run_dir, created)
 
 
 def release_run_dir(run_dir: Path) -> None:
-    """Give up this process's lock on `run_dir` (a no-op when it holds none)."""
-    handle = _HELD.pop(str(Path(run_dir).resolve()), None)
-    if handle is not None:
+    """Give up this process's lock on `run_dir` (a no-op when it holds none). A folder this process created and left
+    holding nothing but the lock file (an invocation refused before it wrote anything) is removed, still under the
+    lock, so a refused run leaves nothing behind."""
+    held = _HELD.pop(str(Path(run_dir).resolve()), None)
+    if held is None:
+        return
+    handle, folder, created = held
+    try:
+        if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            (folder / LOCK_FILE).unlink()
+            folder.rmdir()
+    except OSError:
+        pass  # best effort: an empty run folder left behind is harmless
+    finally:
         handle.close()
 
 
