@@ -184,7 +184,7 @@ def shard_check(dist: Dist, **batches: int) -> None:
 def _restart_advice(last_ckpt: str, init_flag: str) -> str:
     """What to do after a non-finite stop. --resume keeps a run's settings, so a lower learning rate means a new run
     started from the last checkpoint (`init_flag`, empty when the script has none)."""
-    if not Path(last_ckpt).exists():
+    if not last_ckpt or not Path(last_ckpt).exists():
         return (
             "no checkpoint had been written yet. Check the data, or start a new run (another --name) with a "
             "lower learning rate (--resume keeps the run's settings)."
