@@ -130,6 +130,15 @@ def range_program(N, V, n_ranges, range_cols, GROUP: tl.constexpr, BLOCK_N: tl.c
     return rows, rows < N, pid_r, v_lo, tl.minimum(v_lo + range_cols, V)
 
 
+@triton.jit
+def merge_rows(N, n_ranges, BLOCK: tl.constexpr):
+    """What this program of a merge kernel owns in the (planes, R, N) partials: (rows (BLOCK,) int64, their mask,
+    N as int64 (range r's rows start at r * N, past 2^31 at N = 2^31 / R), elements per plane R * N)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    n64 = N.to(tl.int64)
+    return rows, rows < N, n64, n_ranges.to(tl.int64) * n64
+
+
 def vocab_ranges(V: int, block_v: int, max_ranges: int) -> tuple[int, int]:
     """(number of ranges, columns per range) splitting a V-column vocabulary for the split forward kernels.
 

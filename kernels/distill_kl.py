@@ -65,6 +65,7 @@ from kernels._common import (
     emulate_bf16_rounding,
     grouped_ids,
     interpret_dot,
+    merge_rows,
     range_program,
     resolve_impl,
     round_bf16_rtne,
@@ -268,10 +269,7 @@ def _distill_merge_kernel(
     BLOCK: tl.constexpr,
 ):
     """Row statistics (and fkl / rkl) from the per-range ones, ranges in index order (batch invariance)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    row_mask = rows < N
-    n64 = N.to(tl.int64)  # r * N in int64 (it passes 2^31 at N = 2^31 / R)
-    plane = n_ranges.to(tl.int64) * N
+    rows, row_mask, n64, plane = merge_rows(N, n_ranges, BLOCK)
     ms = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     mt = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     for r in range(0, n_ranges):
@@ -406,10 +404,7 @@ def _distill_jsd_merge_kernel(
     HAS_MASK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    row_mask = rows < N
-    n64 = N.to(tl.int64)  # r * N in int64 (it passes 2^31 at N = 2^31 / R)
-    plane = n_ranges.to(tl.int64) * N
+    rows, row_mask, n64, plane = merge_rows(N, n_ranges, BLOCK)
     kl_pm = tl.zeros((BLOCK,), dtype=tl.float32)
     kl_qm = tl.zeros((BLOCK,), dtype=tl.float32)
     for r in range(0, n_ranges):  # index order: a fixed order of addition (batch invariance)
@@ -546,7 +541,7 @@ def _distill_config(hs: torch.Tensor, ht: torch.Tensor) -> dict:
     if wide:
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
     else:
-        cfg["BLOCK_N"], cfg["BLOCK_V"] = min(cfg["BLOCK_N"], 64), min(cfg["BLOCK_V"], 128)
+        cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 64)  # logprob's columns: 128, or 64 on sm_100
     return cfg
 
 

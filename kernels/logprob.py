@@ -62,6 +62,7 @@ from kernels._common import (
     emulate_bf16_rounding,
     grouped_ids,
     interpret_dot,
+    merge_rows,
     range_program,
     resolve_impl,
     round_bf16_rtne,
@@ -274,10 +275,7 @@ def _logprob_merge_kernel(
     BLOCK: tl.constexpr,
 ):
     """Row statistics from the per-range ones, ranges taken in index order (a fixed order: batch invariance)."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    row_mask = rows < N
-    n64 = N.to(tl.int64)  # r * N in int64 (it passes 2^31 at N = 2^31 / R)
-    plane = n_ranges.to(tl.int64) * N
+    rows, row_mask, n64, plane = merge_rows(N, n_ranges, BLOCK)
     m = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
     for r in range(0, n_ranges):
         m = tl.maximum(m, tl.load(part_ptr + r * n64 + rows, mask=row_mask, other=float("-inf")))
