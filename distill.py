@@ -17,7 +17,7 @@ Two students learn from the same teacher samples (PAPER.md, "Distillation for se
 
 Losses (`--loss`):
 - `seq`: sequence-level distillation: the student's NLL of the teacher's sampled tokens (through token_logprobs);
-- `fkl` / `rkl` / `jsd`: token-level distillation over the whole vocabulary with kernels.distill_kl, at every
+- `fkl` / `rkl` / `jsd`: token-level distillation over the whole vocabulary with grm_kernels.distill_kl, at every
   response position: forward KL(teacher || student), reverse KL, or the generalised JSD with `--beta`.
   The reasoning student's traces are teacher samples, or its own samples for the `--on-policy` fraction of each
   batch (on-policy distillation, GKD). The label student's rows are the last tokens of each teacher trace (its
@@ -49,8 +49,8 @@ from transformers.utils import logging as hf_logging
 
 from data.schema import RecordError, write_text_atomic
 from eval import PROMPT_FILE, evaluate_split
-from kernels import distill_kl
-from kernels.distill_kl import KINDS
+from grm_kernels import distill_kl
+from grm_kernels.distill_kl import KINDS
 from model.hf import (
     PRESETS,
     ModelLoadError,

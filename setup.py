@@ -17,7 +17,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["kernels", "sam", "model", "data", "runtime", "bench"],
+    packages=["grm_kernels", "sam", "model", "data", "runtime", "bench"],
     py_modules=SCRIPTS,
     install_requires=[
         "torch>=2.4",

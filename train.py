@@ -20,7 +20,7 @@ results.json, curves.png.
 One RL step (DESIGN.md, "One GRPO step, as data"): P prompts x G samples -> parse, segment, reward, verdicts ->
 group advantages -> SAM keep weights -> `policy_loss(token_logprobs(...))` over micro-batches with one
 normaliser for the whole rollout batch -> `mu` AdamW steps with gradient clipping. The model's own (B, T, V)
-logits are never formed: hidden states and the head weight go to `kernels.token_logprobs`.
+logits are never formed: hidden states and the head weight go to `grm_kernels.token_logprobs`.
 
 Where this departs from the paper or the authors' settings (PAPER.md), and why:
 - The reward for a correct label is 1.0 (authors: 2.0). GRPO normalises by the group's std, so the scale cancels.
@@ -52,8 +52,8 @@ from transformers.utils import logging as hf_logging
 
 from data.schema import RecordError, write_text_atomic
 from eval import PROMPT_FILE, evaluate_split, format_compact, merge_samples
-from kernels import policy_loss, policy_loss_normalizer
-from kernels.policy_loss import AGG_MODES
+from grm_kernels import policy_loss, policy_loss_normalizer
+from grm_kernels.policy_loss import AGG_MODES
 from model.hf import (
     PRESETS,
     ModelLoadError,

@@ -1,4 +1,4 @@
-"""Benchmark of distill_kl (kernels/distill_kl.py) against naive PyTorch, torch.compile and Liger-Kernel.
+"""Benchmark of distill_kl (grm_kernels/distill_kl.py) against naive PyTorch, torch.compile and Liger-Kernel.
 
     python -m bench.bench_distill_kl                  # GPU: Qwen2.5-like shapes, bf16, fkl / rkl / jsd
     python -m bench.bench_distill_kl --smoke          # CPU: tiny shapes, Triton in the interpreter (CI)
@@ -15,7 +15,7 @@ Providers:
 - liger: Liger-Kernel's fused linear JSD (LigerFusedLinearJSD) with beta 0 (fkl), 1 (rkl) or beta (jsd), when
   installed. It returns a scalar loss averaged over tokens and computes its gradients inside the forward; its
   error column compares that scalar with the mean of the fp64 reference, rescaled by beta (1 - beta) for jsd
-  (kernels/distill_kl.py normalises jsd by it).
+  (grm_kernels/distill_kl.py normalises jsd by it).
 
 Modes: fwd (under no_grad) and fwd+bwd (random per-token upstream gradient; a scalar sum for liger; gradients
 w.r.t. the student's hidden states and head). FLOP counts used for TFLOP/s, the same for every provider:
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 if not torch.cuda.is_available():
-    # Triton reads this when kernels are defined: it must be set before kernels.distill_kl is imported
+    # Triton reads this when kernels are defined: it must be set before grm_kernels.distill_kl is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.common import (  # noqa: E402
@@ -48,7 +48,7 @@ from bench.common import (  # noqa: E402
     print_table,
     time_ms,
 )
-from kernels.distill_kl import KINDS, distill_kl, distill_kl_ref  # noqa: E402
+from grm_kernels.distill_kl import KINDS, distill_kl, distill_kl_ref  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROVIDERS = ("matmul", "naive", "compiled", "ours", "liger")

@@ -1,4 +1,4 @@
-"""Benchmark of token_logprobs (kernels/logprob.py) against naive PyTorch, torch.compile and Liger-Kernel.
+"""Benchmark of token_logprobs (grm_kernels/logprob.py) against naive PyTorch, torch.compile and Liger-Kernel.
 
     python -m bench.bench_logprob                    # GPU: full Qwen2.5-like shapes, bf16
     python -m bench.bench_logprob --smoke            # CPU: tiny shapes, Triton in the interpreter (CI)
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 if not torch.cuda.is_available():
-    # Triton reads this when kernels are defined: it must be set before kernels.logprob is imported
+    # Triton reads this when kernels are defined: it must be set before grm_kernels.logprob is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.common import (  # noqa: E402
@@ -42,7 +42,7 @@ from bench.common import (  # noqa: E402
     print_table,
     time_ms,
 )
-from kernels.logprob import token_logprobs, token_logprobs_ref  # noqa: E402
+from grm_kernels.logprob import token_logprobs, token_logprobs_ref  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROVIDERS = ("naive", "compiled", "ours", "liger")

@@ -1,4 +1,4 @@
-"""Benchmark of policy_loss (kernels/policy_loss.py) against its eager and torch.compile'd PyTorch reference.
+"""Benchmark of policy_loss (grm_kernels/policy_loss.py) against its eager and torch.compile'd PyTorch reference.
 
     python -m bench.bench_policy_loss                 # GPU: N in {327680, 655360} tokens (40 prompts x 8 x 1-2k)
     python -m bench.bench_policy_loss --smoke         # CPU: tiny batch, Triton in the interpreter (CI)
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 if not torch.cuda.is_available():
-    # Triton reads this when kernels are defined: it must be set before kernels.policy_loss is imported
+    # Triton reads this when kernels are defined: it must be set before grm_kernels.policy_loss is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.common import (  # noqa: E402
@@ -33,7 +33,7 @@ from bench.common import (  # noqa: E402
     print_table,
     time_ms,
 )
-from kernels.policy_loss import policy_loss, policy_loss_ref  # noqa: E402
+from grm_kernels.policy_loss import policy_loss, policy_loss_ref  # noqa: E402
 
 PROVIDERS = ("ref", "compiled", "ours")
 MODES = ("fwd", "fwd+bwd")

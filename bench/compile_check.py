@@ -3,7 +3,7 @@
     python -m bench.compile_check                      # sm_80, sm_90, sm_100; a minute or two on 2 CPU cores
     python -m bench.compile_check --targets 90 --csv bench/results/compile_check.csv
 
-The real launchers (kernels/*.py `_forward` / `_backward`) run on tensors of the `meta` device at realistic shapes
+The real launchers (grm_kernels/*.py `_forward` / `_backward`) run on tensors of the `meta` device at realistic shapes
 with the launch configurations a CUDA device would get; each kernel launch is captured instead of run, specialised
 exactly as Triton's JIT would (Triton's own binder: constexprs, integer and pointer-alignment attributes, launch
 options) and compiled for each target with `triton.compile`. One row per distinct kernel x specialisation x
@@ -38,12 +38,12 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-import kernels._common as common
+import grm_kernels._common as common
 
-# the modules (kernels/__init__.py re-exports functions under the same names)
-logprob_mod = importlib.import_module("kernels.logprob")
-distill_mod = importlib.import_module("kernels.distill_kl")
-policy_mod = importlib.import_module("kernels.policy_loss")
+# the modules (grm_kernels/__init__.py re-exports functions under the same names)
+logprob_mod = importlib.import_module("grm_kernels.logprob")
+distill_mod = importlib.import_module("grm_kernels.distill_kl")
+policy_mod = importlib.import_module("grm_kernels.policy_loss")
 
 # shared memory a block may opt into, and registers per SM (CUDA occupancy tables)
 SHARED_LIMIT = {80: 166912, 90: 232448, 100: 232448}
@@ -63,7 +63,7 @@ class Launch:
 @contextlib.contextmanager
 def capture(into: list, label: list, cc: int):
     """Record kernel launches instead of running them; the launchers see a CUDA device of compute capability `cc`
-    (the launch configurations are keyed on it: kernels.logprob.capability)."""
+    (the launch configurations are keyed on it: grm_kernels.logprob.capability)."""
     saved = (JITFunction.run, common.INTERPRET, common.INTERPRET_DOT, logprob_mod.INTERPRET, logprob_mod.capability,
              policy_mod.resolve_impl)  # fmt: skip
 

@@ -2,7 +2,7 @@
 
 The training code never asks a model for its `(B, T, V)` logits. It takes the final hidden states (after the final
 norm) from `model.base_model` and the LM-head weight from `model.get_output_embeddings()`, and feeds both to
-`kernels.token_logprobs`. With tied embeddings the head weight *is* the input embedding matrix, so its gradient
+`grm_kernels.token_logprobs`. With tied embeddings the head weight *is* the input embedding matrix, so its gradient
 flows to the one shared parameter. Models whose head is more than a bias-free linear map (logit soft-capping, a
 logit scale) are refused: the fused kernels would compute different numbers than the model.
 

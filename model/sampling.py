@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from kernels import token_logprobs
+from grm_kernels import token_logprobs
 from model.hf import head_weight
 
 
@@ -158,7 +158,7 @@ def response_logprobs(
     impl: str = "auto",
 ) -> torch.Tensor:
     """Log-probs (B, T) fp32 of the completion tokens under `model` (0 outside the response), through
-    `kernels.token_logprobs` on the response rows only: the (B, T, V) logits are never formed, and the positions
+    `grm_kernels.token_logprobs` on the response rows only: the (B, T, V) logits are never formed, and the positions
     outside the response never reach the kernel."""
     hidden = response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask)  # (B, T, D)
     rows = response_rows(response_mask)  # (N,)

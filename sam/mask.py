@@ -27,7 +27,7 @@ Policies:
 Everything is tensor code on the verdicts' device, without host syncs.
 
 Diagnostics (`diagnostics`): masked fractions, and how masking changes each token's weight in the loss. The loss
-(kernels/policy_loss.py) aggregates over *kept* tokens (keep > 0), so masking also renormalises: under
+(grm_kernels/policy_loss.py) aggregates over *kept* tokens (keep > 0), so masking also renormalises: under
 "seq-mean-token-mean" each rollout's mean runs over its kept tokens, and masking 65% of a rollout multiplies the
 weight of its other tokens by 1 / 0.35 = 2.9; under "token-mean" the denominator is the batch's kept tokens, so
 every kept token of the batch gains the same factor; under "seq-mean-token-sum" only a fully masked rollout
@@ -36,7 +36,7 @@ changes the denominator (the count of rollouts with a kept token).
 
 import torch
 
-from kernels.policy_loss import AGG_MODES
+from grm_kernels.policy_loss import AGG_MODES
 
 POLICIES = ("none", "sam", "soft", "sequence", "token", "random")
 
@@ -138,7 +138,7 @@ def keep_weights(
 
 def token_loss_weights(weights: torch.Tensor, segment_tokens: torch.Tensor, agg: str) -> torch.Tensor:
     """(B, S) fp32: the weight one token of segment s of rollout b carries in the policy term of `policy_loss`
-    under `agg`, i.e. its keep weight times the aggregation's normaliser (kernels/policy_loss.py
+    under `agg`, i.e. its keep weight times the aggregation's normaliser (grm_kernels/policy_loss.py
     `policy_loss_normalizer` and `_sequence_weights`, at segment granularity). At ratio 1 this is
     |dloss / dlogp_t| / |A_b|.
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import distill
 import runtime.loop
 from data import synthetic
-from kernels import distill_kl_ref
+from grm_kernels import distill_kl_ref
 from model.hf import build_preset, load_tokenizer
 from model.sampling import response_hidden
 from runtime.checkpoint import save_checkpoint

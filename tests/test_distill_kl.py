@@ -1,4 +1,4 @@
-"""kernels/distill_kl.py: the Triton kernels (interpreter on CPU, compiled on GPU) against the PyTorch reference."""
+"""grm_kernels/distill_kl.py: the Triton kernels (interpreter on CPU, compiled on GPU) against the PyTorch reference."""
 
 import warnings
 from functools import partial
@@ -6,11 +6,11 @@ from functools import partial
 import pytest
 import torch
 
-import kernels.logprob as logprob_mod
-from kernels.distill_kl import distill_kl, distill_kl_ref
+import grm_kernels.logprob as logprob_mod
+from grm_kernels.distill_kl import distill_kl, distill_kl_ref
 from tests.numerics import assert_2x, requires_cuda
 
-# (N, Ds, Dt, Vs, Vt). The interpreter's tiles are BLOCK_N=16, BLOCK_V=64, BLOCK_D=32 (kernels/logprob.py:_config).
+# (N, Ds, Dt, Vs, Vt). The interpreter's tiles are BLOCK_N=16, BLOCK_V=64, BLOCK_D=32 (grm_kernels/logprob.py:_config).
 SMALL = (20, 40, 24, 200, 200)
 ODD = (37, 72, 40, 331, 331)  # nothing a power of two; V not a multiple of the block
 STUDENT_WIDER = (21, 40, 24, 203, 190)  # padded heads of different sizes: the loss uses the first 190 rows
@@ -250,9 +250,9 @@ def test_gpu_memory_stays_linear_in_n():
     # O(N): 5 fp32 statistics per row and vocabulary range between the split kernels, plus the per-row outputs
     import importlib
 
-    from kernels._common import vocab_ranges
+    from grm_kernels._common import vocab_ranges
 
-    cfg = importlib.import_module("kernels.distill_kl")._distill_config(hs, ht)
+    cfg = importlib.import_module("grm_kernels.distill_kl")._distill_config(hs, ht)
     ranges, _ = vocab_ranges(V, cfg["BLOCK_V"], cfg["RANGES"])
     assert extra < N * (20 * ranges + 64), f"forward used {extra} extra bytes; one logit matrix would be {N * V * 2}"
     assert torch.equal(distill_kl(hs[100:200].contiguous(), ws, ht[100:200].contiguous(), wt), loss[100:200])
@@ -271,9 +271,9 @@ def test_strided_mask_matches_contiguous():
 
 @pytest.mark.parametrize("kind", ["fkl", "jsd"])
 def test_tl_dot_path_in_fp32(monkeypatch, kind):
-    import kernels._common
+    import grm_kernels._common
 
-    monkeypatch.setattr(kernels._common, "INTERPRET_DOT", False)
+    monkeypatch.setattr(grm_kernels._common, "INTERPRET_DOT", False)
     check_against_gold(*make_inputs(*ODD, seed=15), kind=kind)
 
 
@@ -284,9 +284,9 @@ def test_merge_of_unequal_and_empty_ranges(monkeypatch, kind, beta):
     # of fkl / rkl's expectation and of jsd's second sweep
     import importlib
 
-    from kernels._common import vocab_ranges
+    from grm_kernels._common import vocab_ranges
 
-    distill_mod = importlib.import_module("kernels.distill_kl")  # the package re-exports the function under this name
+    distill_mod = importlib.import_module("grm_kernels.distill_kl")
     config = logprob_mod._config
     monkeypatch.setattr(distill_mod, "_config", lambda device, dtype: {**config(device, dtype), "RANGES": 5})
     assert vocab_ranges(331, 64, 5) == (3, 128)

@@ -1,17 +1,17 @@
-"""kernels/logprob.py: the Triton kernel (interpreter on CPU, compiled on GPU) against its PyTorch reference."""
+"""grm_kernels/logprob.py: the Triton kernel (interpreter on CPU, compiled on GPU) against its PyTorch reference."""
 
 import pytest
 import torch
 
-import kernels.logprob as logprob_mod
-from kernels._common import vocab_ranges
-from kernels.logprob import token_logprobs, token_logprobs_ref
+import grm_kernels.logprob as logprob_mod
+from grm_kernels._common import vocab_ranges
+from grm_kernels.logprob import token_logprobs, token_logprobs_ref
 from tests.numerics import assert_2x, requires_cuda
 
 IGNORE = -100
 
 # (N, D, V). The interpreter's tiles are BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, with up to 3 vocabulary ranges and groups
-# of 2 row blocks (kernels/logprob.py:_config): V = 1271 splits into ranges of 448, 448 and 375 columns.
+# of 2 row blocks (grm_kernels/logprob.py:_config): V = 1271 splits into ranges of 448, 448 and 375 columns.
 SHAPES = [
     pytest.param(48, 128, 640, id="small"),
     pytest.param(37, 72, 1271, id="odd"),  # nothing a power of two; V not a multiple of any block size
@@ -298,10 +298,10 @@ def test_fp16_gradients_do_not_underflow_at_a_realistic_vocabulary():
 @pytest.mark.parametrize("shape", [(48, 128, 640), (37, 72, 1271)], ids=["small", "odd"])
 def test_tl_dot_path_in_fp32(monkeypatch, shape):
     # the kernels' tl.dot branch (what the GPU runs), not the interpreter's broadcast multiply: the interpreter's
-    # tl.dot is exact enough for fp32 inputs (it is wrong for bf16, kernels/_common.py dot_acc)
-    import kernels._common
+    # tl.dot is exact enough for fp32 inputs (it is wrong for bf16, grm_kernels/_common.py dot_acc)
+    import grm_kernels._common
 
-    monkeypatch.setattr(kernels._common, "INTERPRET_DOT", False)
+    monkeypatch.setattr(grm_kernels._common, "INTERPRET_DOT", False)
     check_against_gold(*make_inputs(*shape, torch.float32, seed=14))
 
 

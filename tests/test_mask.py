@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from kernels.policy_loss import AGG_MODES, policy_loss_ref
+from grm_kernels.policy_loss import AGG_MODES, policy_loss_ref
 from sam.mask import diagnostics, keep_weights, token_loss_weights
 
 

@@ -117,7 +117,7 @@ def test_response_logprobs_send_only_response_rows(tok, monkeypatch):
     """The kernel gets exactly the response tokens (no post-EOS or completion padding rows), and the result and
     the gradients equal those of the full (B * T)-row call with the other rows ignored."""
     import model.sampling as sampling
-    from kernels import token_logprobs_ref
+    from grm_kernels import token_logprobs_ref
     from model.hf import head_weight
 
     model = micro_model(tok)

@@ -1,12 +1,12 @@
-"""kernels/policy_loss.py: the Triton kernel (interpreter on CPU) against its reference and hand-computed values."""
+"""grm_kernels/policy_loss.py: the Triton kernel (interpreter on CPU) against its reference and hand-computed values."""
 
 import math
 
 import pytest
 import torch
 
-from kernels.logprob import token_logprobs
-from kernels.policy_loss import (
+from grm_kernels.logprob import token_logprobs
+from grm_kernels.policy_loss import (
     AGG_MODES,
     METRICS,
     policy_loss,

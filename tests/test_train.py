@@ -18,7 +18,7 @@ import train
 from data import synthetic
 from data.schema import read_jsonl
 from data.tokenizer import load_tokenizer as load_builtin_tokenizer
-from kernels import policy_loss, policy_loss_normalizer
+from grm_kernels import policy_loss, policy_loss_normalizer
 from model.sampling import pad_left, pad_right, response_logprobs
 from runtime.checkpoint import load_trainer_state
 from sam.prompt import render_gold_reasoning, render_prompt

@@ -28,7 +28,7 @@ Qwen2.5 7B vs 0.5B). Both softmaxes then run over the first V = min(Vs, Vt) rows
 given (pass the tokenizer's length to leave the padding rows out as well); a different Vs and Vt without
 `vocab_size` is announced with a warning.
 
-Forward (split over the vocabulary as in kernels/logprob.py): `_distill_fwd_kernel` runs one program per (row block,
+Forward (split over the vocabulary as in grm_kernels/logprob.py): `_distill_fwd_kernel` runs one program per (row block,
 vocabulary range); each sweeps its range, computing the student and the teacher logit tile with `_logits_tile` and
 folding them into online statistics (max and sum-exp of both rows). fkl and rkl need one sweep: the expectation
 E_p[(zt - mt) - (zs - ms)] is carried along relative to the running maxima, rescaled when they move (as the entropy
@@ -58,7 +58,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (
+from grm_kernels._common import (
     FP_FUSION,
     MERGE_BLOCK,
     dot_precision,
@@ -72,7 +72,7 @@ from kernels._common import (
     round_tf32_rtne,
     vocab_ranges,
 )
-from kernels.logprob import _FLOAT_DTYPES, _chunk_width, _config, _logits_tile, _matmul, dz_dtype
+from grm_kernels.logprob import _FLOAT_DTYPES, _chunk_width, _config, _logits_tile, _matmul, dz_dtype
 
 KINDS = ("fkl", "rkl", "jsd")
 _KIND_ID = {"fkl": 0, "rkl": 1, "jsd": 2}
@@ -197,7 +197,7 @@ def _distill_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # one program: BLOCK_N rows x one vocabulary range [v_lo, v_hi), row blocks grouped as in kernels/logprob.py
+    # one program: BLOCK_N rows x one vocabulary range [v_lo, v_hi), row blocks grouped as in grm_kernels/logprob.py
     rows, row_mask, pid_r, v_lo, v_hi = range_program(N, V, n_ranges, range_cols, GROUP, BLOCK_N)
 
     # online statistics per row; for fkl (rkl) `acc` = sum_v e_t (e_s) * [(zt - mt) - (zs - ms)] (negated for rkl)
@@ -467,7 +467,7 @@ def _distill_bwd_dz_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # grouped order as in kernels/logprob.py's dz kernel: GROUP row blocks side by side over the chunk's tiles
+    # grouped order as in grm_kernels/logprob.py's dz kernel: GROUP row blocks side by side over the chunk's tiles
     pid_n, pid_v = grouped_ids(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(C, BLOCK_V), GROUP)
     pid_n = pid_n.to(tl.int64)
     pid_v = pid_v.to(tl.int64)

@@ -16,7 +16,7 @@ upstream gradient is per token, never a single scalar):
 Shapes: N tokens, D hidden size, V vocab size (any V: the ragged last vocab block is masked to -inf).
 
 Forward (two kernels). `_logprob_fwd_kernel`: one program per (block of BLOCK_N rows, vocabulary range); the
-vocabulary is cut into up to RANGES ranges of whole BLOCK_V tiles (`kernels._common.vocab_ranges`, a function of V
+vocabulary is cut into up to RANGES ranges of whole BLOCK_V tiles (`grm_kernels._common.vocab_ranges`, a function of V
 and the device only), so a few row blocks still fill the GPU. A program sweeps its range tile by tile; each logit
 tile is a `tl.dot` over D with fp32 accumulation, folded into an online max / sum-exp (and, for the entropy, an
 online sum of p * (z - max)); the target logit is picked up in the same pass. It writes its range's partial
@@ -53,7 +53,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import (
+from grm_kernels._common import (
     FP_FUSION,
     INTERPRET,
     MERGE_BLOCK,
@@ -497,7 +497,7 @@ def _config(device: torch.device, dtype: torch.dtype) -> dict:
 
     RANGES: the forward splits the vocabulary into up to RANGES ranges, one program per (row block, range), so even
     a few row blocks fill the GPU (at N = 4096, 32 row blocks x 32 ranges = 1024 programs for 132 SMs). GROUP: row
-    blocks walked side by side (kernels._common.grouped_ids) so that one read of a head tile serves GROUP programs.
+    blocks walked side by side (grm_kernels._common.grouped_ids) so that one read of a head tile serves GROUP programs.
     """
     cc = capability(device)
     if cc is None:

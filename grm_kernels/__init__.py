@@ -1,8 +1,8 @@
 """Fused Triton ops; each module also holds its PyTorch reference (`<op>_ref`)."""
 
-from kernels.distill_kl import distill_kl, distill_kl_ref
-from kernels.logprob import token_logprobs, token_logprobs_ref
-from kernels.policy_loss import LossNormalizer, policy_loss, policy_loss_normalizer, policy_loss_ref
+from grm_kernels.distill_kl import distill_kl, distill_kl_ref
+from grm_kernels.logprob import token_logprobs, token_logprobs_ref
+from grm_kernels.policy_loss import LossNormalizer, policy_loss, policy_loss_normalizer, policy_loss_ref
 
 __all__ = [
     "LossNormalizer",

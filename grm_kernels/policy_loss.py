@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FP_FUSION, resolve_impl
+from grm_kernels._common import FP_FUSION, resolve_impl
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 METRICS = (
