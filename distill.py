@@ -66,7 +66,17 @@ from model.hf import (
 from model.sampling import generate, pad_left, pad_right, response_hidden, response_logprobs, response_rows, take_rows
 from runtime.checkpoint import STATE_FILE, atomic_folder, rank_rng_states, set_rank_rng_states
 from runtime.config import ConfigError, check_run_name, parse_config, to_json
-from runtime.data import BUILTIN_DIR, DataError, Encoded, encode_prompts, ensure_builtin, load_split
+from runtime.data import (
+    BUILTIN_DIR,
+    DataError,
+    Encoded,
+    check_same_data,
+    encode_prompts,
+    ensure_builtin,
+    file_fingerprint,
+    load_split,
+    split_path,
+)
 from runtime.loop import (
     Logger,
     NonFiniteLoss,
@@ -252,12 +262,15 @@ class Run:
             if dist.main:
                 ensure_builtin(cfg.data_dir)
             dist.barrier()  # the others read what rank 0 wrote
+        self.data: dict[str, dict] = {}  # split -> fingerprint of the file read (saved with every checkpoint)
         self.train = same_records({fmt: self.encode(cfg.split, fmt) for fmt in self.fmts()})
         if len(self.train[self.fmt].records) < cfg.prompts_per_step:
             raise DataError(f"split {cfg.split!r} has fewer prompts than --prompts-per-step {cfg.prompts_per_step}")
         self.val = {fmt: self.encode(cfg.val_split, fmt, cfg.val_limit) for fmt in self.fmts()}
         self.tests = {s.strip(): {fmt: self.encode(s.strip(), fmt, cfg.test_limit) for fmt in self.fmts()}
                       for s in cfg.test_splits.split(",") if s.strip()}  # fmt: skip
+        if state is not None:
+            check_same_data(state.get("data"), self.data, str(self.ckpt))
 
         self.students = {}
         for i, kind in enumerate(cfg.student_list):
@@ -301,6 +314,7 @@ class Run:
 
     def encode(self, split: str, fmt: str, limit: int = 0):
         records = load_split(self.cfg.data_dir, split)
+        self.data[split] = file_fingerprint(split_path(self.cfg.data_dir, split))  # checked on --resume
         records = records[:limit] if limit else records
         enc = encode_prompts(records, self.tokenizer, fmt=fmt, with_instruction=self.with_instruction,
                              rules=self.rules, max_prompt_tokens=self.cfg.max_prompt_tokens,
@@ -324,7 +338,7 @@ class Run:
 
     def save_resumable(self, state: dict, opts: dict, generator) -> None:
         optimizers = {k: (self.students[k].optimizer_state(o), s.state_dict()) for k, (o, s) in opts.items()}
-        state = dict(state, optimizers=optimizers, **rank_rng_states(self.dist, generator))
+        state = dict(state, optimizers=optimizers, data=self.data, **rank_rng_states(self.dist, generator))
         full = {kind: student.full_state_dict() for kind, student in self.students.items()}
         if self.dist.main:
             with atomic_folder(self.ckpt) as tmp:
@@ -709,7 +723,11 @@ def run_distill(cfg: Config, given: set[str], dist: Dist, started: float) -> int
     state = state or {"step": 0}
     logger = Logger(run.dir, cfg.tensorboard, enabled=dist.main)
     done_steps = state["step"]
-    logger.truncate(lambda row: row["step"] <= done_steps)
+    try:
+        logger.resume(lambda row: row["step"] <= done_steps, dist)
+    except ConfigError as exc:
+        print(f"error{rank}: {exc}", file=sys.stderr)
+        return 2
     budget = [cfg.halt_after or -1]
     try:
         if not distill(run, state, logger, budget):

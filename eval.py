@@ -14,6 +14,7 @@ table. A malformed completion counts as a wrong answer (sam/metrics.py).
 
 import json
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,27 @@ class EvalConfig:
             raise ConfigError("need --temperature >= 0, 0 < --top-p <= 1, --batch-size >= 1, --max-new-tokens >= 1")
         if self.samples < 1 or (self.samples > 1 and self.temperature == 0):
             raise ConfigError("--samples must be >= 1, and > 1 only with --temperature > 0 (greedy answers repeat)")
+        if self.limit < 0 or self.max_prompt_tokens < 1:
+            raise ConfigError("need --limit >= 0 (0 = every record) and --max-prompt-tokens >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but CUDA is not available on this machine")
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, not after the whole evaluation, when `path` cannot be written (a folder, no permission)."""
+    if path.is_dir():
+        raise ConfigError(f"--out {path} is a folder; give a file name")
+    folder = path.parent.absolute()
+    while not folder.exists():  # the folders write_text_atomic will create: their first existing ancestor decides
+        folder = folder.parent
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "a file is in the way")
+        tempfile.TemporaryFile(dir=folder).close()  # the one sure test of permission; leaves nothing behind
+    except OSError as exc:
+        raise ConfigError(f"--out {path}: cannot write there ({exc.strerror or exc})") from None
 
 
 def main(argv=None) -> int:
@@ -176,9 +198,11 @@ def main(argv=None) -> int:
         fmt = cfg.fmt or saved.get("fmt", "criteria")
         with_instruction = (cfg.instruction or ("full" if saved.get("with_instruction", True) else "none")) == "full"
         rules = load_rules(cfg.rules) if cfg.rules else saved.get("rules")
+        out = Path(cfg.out) if cfg.out else ckpt / "eval.json"
         device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        model = load_model(ckpt, device=device)  # before the tokenizer: a folder that is not a model says so
+        check_writable(out)
         tokenizer = load_tokenizer(ckpt)
-        model = load_model(ckpt, device=device)
         results = {}
         for split in [s.strip() for s in cfg.splits.split(",") if s.strip()]:
             records = load_split(cfg.data_dir, split)
@@ -195,10 +219,13 @@ def main(argv=None) -> int:
     except (ModelLoadError, RecordError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = Path(cfg.out) if cfg.out else ckpt / "eval.json"
     payload = {"checkpoint": str(ckpt), "fmt": fmt, "with_instruction": with_instruction,
                "temperature": cfg.temperature, "results": results}  # fmt: skip
-    write_text_atomic(out, json.dumps(payload, indent=2) + "\n")
+    try:
+        write_text_atomic(out, json.dumps(payload, indent=2) + "\n")
+    except OSError as exc:  # checked before the evaluation; something changed since
+        print(f"error: --out {out}: cannot write the results ({exc.strerror or exc})", file=sys.stderr)
+        return 2
     print(format_compact({ckpt.name: results}))
     for split, m in results.items():
         print(f"{split} confusion (rows gold, columns predicted): {m['confusion']}")

@@ -68,7 +68,17 @@ from model.hf import (
 from model.sampling import generate, pad_left, pad_right, response_logprobs
 from runtime.checkpoint import rank_rng_states, save_checkpoint, set_rank_rng_states
 from runtime.config import ConfigError, check_run_name, parse_config, to_json
-from runtime.data import BUILTIN_DIR, DataError, encode_prompts, ensure_builtin, load_split, sft_target
+from runtime.data import (
+    BUILTIN_DIR,
+    DataError,
+    check_same_data,
+    encode_prompts,
+    ensure_builtin,
+    file_fingerprint,
+    load_split,
+    sft_target,
+    split_path,
+)
 from runtime.loop import (
     Logger,
     NonFiniteLoss,
@@ -335,7 +345,10 @@ class Run:
         else:
             self.with_instruction = cfg.instruction == "full" or (cfg.instruction == "auto" and not self.preset)
         self.rules = load_rules(cfg.rules) if cfg.rules else None
+        self.data: dict[str, dict] = {}  # split -> fingerprint of the file read (saved with every checkpoint)
         self.load_data()
+        if state is not None:
+            check_same_data(state.get("data"), self.data, str(self.ckpt))
         if self.model is None:
             self.model = self.load_start_model() if state is None else self.load(self.ckpt)
         if head_weight(self.model).shape[0] < len(self.tokenizer):
@@ -350,6 +363,7 @@ class Run:
 
     def encode(self, split: str, limit: int = 0):
         records = load_split(self.cfg.data_dir, split)
+        self.data[split] = file_fingerprint(split_path(self.cfg.data_dir, split))  # checked on --resume
         records = records[:limit] if limit else records
         enc = encode_prompts(records, self.tokenizer, fmt=self.cfg.fmt, with_instruction=self.with_instruction,
                              rules=self.rules, max_prompt_tokens=self.cfg.max_prompt_tokens,
@@ -408,7 +422,7 @@ class Run:
         self.dist.barrier()
 
     def save_resumable(self, state: dict, opt, sched, generator=None) -> None:
-        state = dict(state, optimizer=self.policy.optimizer_state(opt), scheduler=sched.state_dict(),
+        state = dict(state, optimizer=self.policy.optimizer_state(opt), scheduler=sched.state_dict(), data=self.data,
                      **rank_rng_states(self.dist, generator))  # fmt: skip
         self.save_model(self.ckpt, trainer_state=state)
 
@@ -741,7 +755,11 @@ def train(cfg: Config, given: set[str], dist: Dist, started: float) -> int:
     state = state or {"stage": stages[0], "step": 0, "best_val": -1.0, "best_step": -1}
     logger = Logger(run.dir, cfg.tensorboard, enabled=dist.main)
     order, step = STAGES.index(state["stage"]), state["step"]
-    logger.truncate(lambda row: (STAGES.index(row["stage"]), row["step"]) <= (order, step))
+    try:
+        logger.resume(lambda row: (STAGES.index(row["stage"]), row["step"]) <= (order, step), dist)
+    except ConfigError as exc:
+        print(f"error{f' (rank {dist.rank})' if dist.world > 1 else ''}: {exc}", file=sys.stderr)
+        return 2
     budget = [cfg.halt_after or -1]  # steps left in this invocation (-1: unlimited)
     say = print if dist.main else lambda *a, **k: None
     try:

@@ -1,13 +1,17 @@
 """Records (DESIGN.md, "Records") and their JSONL reading and writing, with validation.
 
 One JSON object per line:
-    {"id": str, "query": str, "note": {"title": str, "content": str, "tags": [str], <other str fields>},
+    {"id": str, "query": str, "note": {"title": str, "content": str, "tags": [str]?, <other str fields>},
      "label": int in -1..3, "query_extra": {...}?, "note_extra": {...}?, "gold": {...}?, "reasoning": str?}
 Gold's score keys (initial, calibrated, final), when present, are ints in -1..3; other gold keys are free.
 
-Reading reports every bad line with file, line number and reason (up to 20, then a count) and raises; nothing
-is silently dropped or coerced (an int label written as 2.0 or "2" is an error, as is a bool). Writing is atomic:
-a temporary file in the same folder, then a rename, so a crash never leaves a truncated file.
+Reading checks every line and raises one RecordError whose message is one line: how many lines are bad, the first
+one's file, line number and reason, and the numbers of the others. Nothing is silently dropped or coerced (an int
+label written as 2.0 or "2" is an error, as is a bool, a duplicate key in an object, or bytes that are not UTF-8).
+Lines are read one at a time and refused past MAX_LINE_BYTES, so a huge line costs neither the memory nor the time
+of parsing it. `note.tags` may be left out (it reads as an empty list). Writing is atomic: a temporary file in the
+same folder, then a rename, so a crash never leaves a truncated file; the file gets the permissions a plain `open`
+would give it (the process umask), so results on a shared file system stay readable to the team.
 """
 
 import json
@@ -19,6 +23,7 @@ from pathlib import Path
 LABELS = (-1, 0, 1, 2, 3)
 _TOP_KEYS = {"id", "query", "note", "label", "query_extra", "note_extra", "gold", "reasoning"}
 _GOLD_SCORES = ("initial", "calibrated", "final")
+MAX_LINE_BYTES = 8 << 20  # one record; a note is text, 8 MiB is far beyond any real one
 
 
 class RecordError(ValueError):
@@ -29,7 +34,7 @@ class RecordError(ValueError):
 class Record:
     id: str
     query: str
-    note: dict  # title, content, tags, and optional extra string fields
+    note: dict  # title, content, tags (optional in the file, [] when absent), and optional extra string fields
     label: int
     query_extra: dict = field(default_factory=dict)
     note_extra: dict = field(default_factory=dict)
@@ -65,8 +70,8 @@ def validate(obj) -> Record:
     for key in ("title", "content"):
         if not isinstance(note.get(key), str):
             raise ValueError(f"'note.{key}' must be a string")
-    if not isinstance(note.get("tags"), list) or not all(isinstance(t, str) for t in note["tags"]):
-        raise ValueError("'note.tags' must be a list of strings")
+    if "tags" in note and (not isinstance(note["tags"], list) or not all(isinstance(t, str) for t in note["tags"])):
+        raise ValueError("'note.tags', when present, must be a list of strings")
     for key, value in note.items():
         if key not in ("title", "content", "tags") and not isinstance(value, str):
             raise ValueError(f"'note.{key}' must be a string (extra note fields are strings)")
@@ -87,7 +92,7 @@ def validate(obj) -> Record:
     return Record(
         id=obj["id"],
         query=obj["query"],
-        note=note,
+        note=note if "tags" in note else {**note, "tags": []},
         label=obj["label"],
         query_extra=obj.get("query_extra", {}),
         note_extra=obj.get("note_extra", {}),
@@ -96,35 +101,76 @@ def validate(obj) -> Record:
     )
 
 
-def read_jsonl(path: str | Path) -> list[Record]:
-    """All records of a JSONL file; RecordError listing every bad line (file:line: reason) if any is bad."""
-    path = Path(path)
+def _unique_keys(pairs: list) -> dict:
+    """json's object hook: a key given twice in one object is an error (json itself keeps the last value)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r} in one object")
+        out[key] = value
+    return out
+
+
+def _lines(f, limit: int):
+    """(line number, bytes without the newline, or None when the line is longer than `limit` bytes) of a binary
+    file, reading at most `limit` + 1 bytes at a time: an over-long line is skipped without being held in memory."""
+    lineno = 0
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        lineno += 1
+        if len(raw) > limit and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # the rest of the line, one bounded piece at a time
+                raw = f.readline(limit + 1)
+            yield lineno, None
+            continue
+        yield lineno, raw[:-1] if raw.endswith(b"\n") else raw
+
+
+def _decode(raw: bytes | None) -> str:
+    if raw is None:
+        raise ValueError(f"line longer than {MAX_LINE_BYTES >> 20} MiB (MAX_LINE_BYTES); not read")
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecordError(f"{path}: cannot read: {exc}") from None
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"not valid UTF-8 (byte {exc.start + 1} of the line: {raw[exc.start : exc.start + 1]!r})"
+        ) from None
+
+
+def read_jsonl(path: str | Path) -> list[Record]:
+    """All records of a JSONL file; RecordError (one line: the count, the first bad line's file:line: reason, the
+    other bad line numbers) if any line is bad."""
+    path = Path(path)
     records, errors, seen = [], [], {}
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline ends the last line; it is not an empty record
-    for lineno, line in enumerate(lines, 1):
-        try:
-            if not line.strip():
-                raise ValueError("empty line")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-            record = validate(obj)
-            if record.id in seen:
-                raise ValueError(f"duplicate id {record.id!r} (first on line {seen[record.id]})")
-            seen[record.id] = lineno
-            records.append(record)
-        except ValueError as exc:
-            errors.append(f"{path}:{lineno}: {exc}")
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in _lines(f, MAX_LINE_BYTES):
+                try:
+                    line = _decode(raw)
+                    if not line.strip():
+                        raise ValueError("empty line")
+                    try:
+                        obj = json.loads(line, object_pairs_hook=_unique_keys)
+                    except json.JSONDecodeError as exc:
+                        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+                    record = validate(obj)
+                    if record.id in seen:
+                        raise ValueError(f"duplicate id {record.id!r} (first on line {seen[record.id]})")
+                    seen[record.id] = lineno
+                    records.append(record)
+                except ValueError as exc:
+                    errors.append((lineno, str(exc)))
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if errors:
-        shown = errors[:20] + ([f"... and {len(errors) - 20} more bad lines"] if len(errors) > 20 else [])
-        raise RecordError("\n".join(shown))
+        (lineno, reason), rest = errors[0], [n for n, _ in errors[1:]]
+        others = ""
+        if rest:
+            shown = ", ".join(map(str, rest[:10])) + (f" and {len(rest) - 10} more" if len(rest) > 10 else "")
+            others = f"; other bad lines: {shown}"
+        raise RecordError(f"{path}: {len(errors)} bad line(s); the first: {path}:{lineno}: {reason}{others}")
     return records
 
 
@@ -134,6 +180,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private (0600); give it what open() would
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -142,6 +189,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
+    os.umask(mask)
+    return mask
 
 
 def write_jsonl(path: str | Path, records: list[Record]) -> None:

@@ -30,13 +30,22 @@ def _help_texts(cls) -> dict[str, str]:
     return out
 
 
-def build_parser(cls, description: str = "", parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit code 2 (argparse's own prints the whole usage
+    block first, which buries the line that matters)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(cls, description: str = "", parser_class=OneLineParser) -> argparse.ArgumentParser:
     parser = parser_class(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     helps = _help_texts(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
-        help_text = f"{helps.get(f.name, '')} (default: {default!r})"
+        # argparse expands %-formats in help texts: a literal % must be doubled
+        help_text = f"{helps.get(f.name, '')} (default: {default!r})".replace("%", "%%")
         if isinstance(default, bool):
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)  # fmt: skip

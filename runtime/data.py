@@ -5,6 +5,7 @@ policy "skip" leaves them out, prints how many per split and records the count i
 truncates a prompt (a truncated note would be judged on text the label was not given for).
 """
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +44,43 @@ def ensure_builtin(data_dir: str | Path, seed: int = 0) -> bool:
     return True
 
 
+def split_path(data_dir: str | Path, name: str) -> Path:
+    """`data_dir/name.jsonl`, or `name` itself when it is a path to a .jsonl file."""
+    return Path(name) if name.endswith(".jsonl") else Path(data_dir) / f"{name}.jsonl"
+
+
+def file_fingerprint(path: str | Path) -> dict:
+    """What identifies a data file's contents: size in bytes, line count and SHA-256 (read in 1 MiB pieces)."""
+    digest, size, lines = hashlib.sha256(), 0, 0
+    with Path(path).open("rb") as f:
+        while piece := f.read(1 << 20):
+            digest.update(piece)
+            size += len(piece)
+            lines += piece.count(b"\n")
+    return {"bytes": size, "lines": lines, "sha256": digest.hexdigest()}
+
+
+def check_same_data(saved: dict | None, current: dict, where: str) -> None:
+    """--resume: the splits must be the ones the run started on (split name -> `file_fingerprint`). A changed split
+    would silently change the step count, the LR schedule and what every later step sees. A checkpoint written
+    before fingerprints were recorded (`saved` None) is let through with a note."""
+    if saved is None:
+        print(f"note: {where} records no data fingerprint (an older version wrote it); the data is not checked")
+        return
+
+    def show(f: dict | None) -> str:
+        return "not read" if f is None else f"{f['lines']} lines, {f['bytes']} bytes, sha256 {f['sha256'][:12]}"
+
+    changed = [f"{split!r} was {show(saved.get(split))}, now {show(current.get(split))}"
+               for split in sorted(set(saved) | set(current)) if saved.get(split) != current.get(split)]  # fmt: skip
+    if changed:
+        raise DataError(f"--resume: the data changed since {where} was written ({'; '.join(changed)}); a resumed run "
+                        "must read the same data: restore it, or start a new run under another --name")  # fmt: skip
+
+
 def load_split(data_dir: str | Path, name: str) -> list[Record]:
     """Records of `data_dir/name.jsonl` (or `name` itself when it is a path to a .jsonl file)."""
-    path = Path(name) if name.endswith(".jsonl") else Path(data_dir) / f"{name}.jsonl"
+    path = split_path(data_dir, name)
     if not path.exists():
         raise DataError(f"{path}: split {name!r} not found")
     records = read_jsonl(path)  # raises RecordError listing file:line: reason

@@ -240,8 +240,31 @@ class Logger:
         which rows the checkpoint already covers."""
         if not self.enabled or not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if keep(json.loads(line))]
-        write_text_atomic(self.path, "".join(line + "\n" for line in lines))
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        lines, kept = text.splitlines(), []
+        for i, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if i == len(lines) and not text.endswith("\n"):
+                    break  # the process was killed while writing this line: it is after the checkpoint anyway
+                raise ConfigError(f"{self.path}:{i}: not a JSON line; the log is damaged (restore it or start a new "
+                                  "run)") from None  # fmt: skip
+            if keep(row):
+                kept.append(line)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def resume(self, keep: Callable[[dict], bool], dist: Dist) -> None:
+        """`truncate` on rank 0, with its verdict shared: a damaged log is a ConfigError on every rank (collective),
+        so that no rank goes on alone into a step that would wait for the others forever."""
+        error = ""
+        try:
+            self.truncate(keep)
+        except ConfigError as exc:
+            error = str(exc)
+        error = next((e for e in dist.gather(error) if e), "")
+        if error:
+            raise ConfigError(error)
 
     def log(self, row: dict) -> None:
         if not self.enabled:

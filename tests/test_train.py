@@ -94,6 +94,54 @@ def test_tiny_end_to_end_run_and_eval(bench, tmp_path, capsys, monkeypatch):
                 "accuracy_by_type", "examples_per_s"):  # fmt: skip
         assert key in m, key
 
+    # eval.py's bad input: one line and exit 2, before any evaluation (no traceback, nothing written)
+    capsys.readouterr()
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    bad = {
+        "--limit -7": (["--limit", "-7"], "--limit >= 0"),
+        "--device tpu": (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+        "--out under a file": (["--out", str(tmp_path / "a-file" / "x.json")], "cannot write there"),
+        "--out a folder": (["--out", str(tmp_path)], "is a folder"),
+        "an empty model folder": (["--checkpoint", str(tmp_path / "empty")], "not a Hugging Face model directory"),
+    }
+    if not torch.cuda.is_available():
+        bad["--device cuda"] = (["--device", "cuda"], "CUDA is not available")
+    for case, (extra, message) in bad.items():
+        code = call_main(eval_script.main, [*argv, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, case
+    assert not (tmp_path / "a-file").is_dir()
+
+
+def test_resume_refuses_changed_data_and_survives_a_torn_log_line(bench, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(bench, data)
+    args = fast_args(data, tmp_path, *GENERIC, "--name", "r", "--stages", "sft", "--sft-epochs", "0.5")
+    assert train.main([*args, "--halt-after", "1"]) == 0
+    assert set(load_trainer_state(tmp_path / "r" / "ckpt")["data"]) == {"sft", "val", "test_random", "test_longtail"}
+    # a split lost records since the run started: refused, naming the split and both fingerprints
+    original = (data / "sft.jsonl").read_text()
+    (data / "sft.jsonl").write_text("".join(original.splitlines(keepends=True)[:-4]))
+    assert train.main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "the data changed since" in err and "'sft' was 24 lines" in err and "now 20 lines" in err
+    # the same data again, and a log whose last line was cut by a kill: the resume drops the torn line and goes on
+    (data / "sft.jsonl").write_text(original)
+    with (tmp_path / "r" / "metrics.jsonl").open("a") as f:
+        f.write('{"stage": "sft", "st')
+    assert train.main([*args, "--resume"]) == 0
+    assert [r["step"] for r in metric_rows(tmp_path / "r")] == [1, 2, 3]
+    # a damaged line inside the log is a clear error, not a traceback
+    log = tmp_path / "r" / "metrics.jsonl"
+    log.write_text("garbage\n" + log.read_text())
+    capsys.readouterr()
+    assert train.main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl:1: not a JSON line" in err and "Traceback" not in err
+
 
 def test_controls_selection_sampled_eval_and_paired_interval(bench, tmp_path, capsys):
     # the random-mask control with gold-box verdicts, the best-validation checkpoint, 2 samples per test record
