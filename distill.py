@@ -91,7 +91,7 @@ from runtime.loop import (
     setup_run_dir,
     shard_check,
 )
-from runtime.parallel import STRATEGIES, Dist, Policy, process_group, resolve_strategy
+from runtime.parallel import STRATEGIES, Dist, Policy, exit_process, process_group, resolve_strategy
 from sam.parse import parse_scores
 from sam.prompt import render_label
 
@@ -737,6 +737,8 @@ def run_distill(cfg: Config, given: set[str], dist: Dist, started: float) -> int
     except NonFiniteLoss as exc:
         print(f"error{rank}: {exc}", file=sys.stderr)
         return 3
+    finally:
+        logger.close()
     missing = [kind for kind in run.students if not (run.dir / kind).exists()]
     dist.barrier()  # every rank has looked before rank 0 writes: they save the same students
     for kind in missing:
@@ -746,4 +748,4 @@ def run_distill(cfg: Config, given: set[str], dist: Dist, started: float) -> int
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

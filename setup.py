@@ -31,6 +31,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8.0", "ruff>=0.6", "matplotlib>=3.8"],
         "plot": ["matplotlib>=3.8"],
+        "gguf": ["gguf>=0.10", "accelerate>=0.26"],  # model.from_gguf: a GGUF file -> a Hugging Face folder
         "gpu": ["flash-attn>=2.6"],
         "peers": ["liger-kernel>=0.5"],
     },

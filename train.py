@@ -93,7 +93,7 @@ from runtime.loop import (
     setup_run_dir,
     shard_check,
 )
-from runtime.parallel import STRATEGIES, Dist, Policy, process_group, resolve_strategy
+from runtime.parallel import STRATEGIES, Dist, Policy, exit_process, process_group, resolve_strategy
 from sam.advantage import METHODS, group_advantages
 from sam.mask import POLICIES, keep_weights
 from sam.metrics import paired_difference
@@ -789,10 +789,12 @@ def train(cfg: Config, given: set[str], dist: Dist, started: float) -> int:
     except NonFiniteLoss as exc:
         print(f"error{f' (rank {dist.rank})' if dist.world > 1 else ''}: {exc}", file=sys.stderr)
         return 3
+    finally:
+        logger.close()
     if dist.main:
         report(run, started)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -13,6 +13,9 @@ last generated token when the budget ran out). It never compares ids with the pa
 token is its EOS token still trains on the real EOS.
 """
 
+import functools
+import inspect
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -63,6 +66,13 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generato
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+@functools.cache
+def _cache_kwarg(base_class: type) -> str:
+    """The name a decoder's forward takes its KV cache by: `cache` from transformers 5.25 (where `past_key_values`
+    is deprecated, to be removed in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(base_class.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -91,13 +101,12 @@ def generate(
     model.eval()
     base, weight = model.base_model, head_weight(model)
     B = prompt_ids.shape[0]
-    cache = DynamicCache(config=model.config)
+    cache = {_cache_kwarg(type(base)): DynamicCache(config=model.config)}
     attn = prompt_mask.long()  # (B, P + t)
     pos = _positions(prompt_mask)[:, -1:]  # (B, 1)
     hidden = base(
-        input_ids=prompt_ids, attention_mask=attn, position_ids=_positions(prompt_mask), past_key_values=cache,
-        use_cache=True,
-    ).last_hidden_state[:, -1]  # fmt: skip
+        input_ids=prompt_ids, attention_mask=attn, position_ids=_positions(prompt_mask), use_cache=True, **cache
+    ).last_hidden_state[:, -1]
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     tokens, alive = [], []
     for step in range(max_new_tokens):
@@ -114,7 +123,7 @@ def generate(
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         pos = pos + 1
         hidden = base(
-            input_ids=tok[:, None], attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+            input_ids=tok[:, None], attention_mask=attn, position_ids=pos, use_cache=True, **cache
         ).last_hidden_state[:, -1]
     model.train(was_training)
     return torch.stack(tokens, dim=1), torch.stack(alive, dim=1)

@@ -266,6 +266,12 @@ class Logger:
         if error:
             raise ConfigError(error)
 
+    def close(self) -> None:
+        """Flush and close TensorBoard's writer (metrics.jsonl is closed after every line)."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
     def log(self, row: dict) -> None:
         if not self.enabled:
             return

@@ -26,8 +26,10 @@ are sharded too. DDP replicates them instead (a frozen model needs no gradient s
 
 import inspect
 import os
+import sys
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -126,6 +128,20 @@ def init_distributed(device: str = "auto") -> Dist:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a script's process with exit status `code`. Under torchrun the interpreter's own teardown is skipped
+    (`os._exit`, after flushing stdout and stderr): by then main() has destroyed the process group and closed its
+    files, and tearing down the interpreter can still abort a rank that finished cleanly. CI saw it once: rank 1 of a
+    2-rank gloo distill.py run died with SIGABRT ("terminate called without an active exception") after its report
+    was written, and torchrun then failed the whole job. c10d's worker threads racing interpreter finalisation is a
+    known hazard (pytorch/pytorch PR 179291 describes a gloo case)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        os._exit(code)
+    sys.exit(code)
 
 
 @contextmanager
