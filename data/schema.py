@@ -180,7 +180,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes the file private (0600); give it what open() would
+        os.fchmod(fd, file_mode())  # mkstemp makes the file private (0600); give it what open() would
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -191,10 +191,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it back at once
+def file_mode() -> int:
+    """The permissions `open()` gives a new file in this process (0o666 less the umask)."""
+    mask = os.umask(0o022)  # the only way to read the umask is to set it; put it back at once
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def write_jsonl(path: str | Path, records: list[Record]) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.schema import file_mode
 from model.hf import save_pretrained
 from runtime.config import ConfigError
 
@@ -50,6 +51,10 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     yield tmp
+    mode = file_mode()
+    for file in tmp.rglob("*"):  # some writers (safetensors via transformers) create files private (0600)
+        if file.is_file() and not file.is_symlink():
+            file.chmod(mode)
     _swap_in(tmp, path)
 
 

@@ -8,7 +8,10 @@ Segmenters (S = number of segments, fixed per segmenter and format so a batch fo
 - "none":       one segment.
 A token belongs to the segment in which its first character lies, so a token that spans a cut (a byte-level BPE
 merge of "}" and "\\n", say) stays with the box it closes, and a multi-token box such as `\\boxed{-1}` stays whole
-(the author's code assumed 5 tokens per box; that bug is avoided by construction). Tokens that decode to no
+(the author's code assumed 5 tokens per box; that bug is avoided by construction). The one exception is the cut
+where a box *begins* (box_tokens): byte-level BPE glues the space before a box to its backslash (`Ġ\\` in SmolLM2's
+and Qwen2's tokenizers), and that token belongs to the box, so a token joins the box when any of its characters
+lies in it. Tokens that decode to no
 text (EOS) belong to the segment at the end of the text: the last one. Malformed completions get a single
 segment (id 0 everywhere). Response tokens get ids 0..S-1 partitioning the response exactly; everything else
 (prompt, padding) gets -1.
@@ -57,16 +60,17 @@ def token_char_spans(ids: list[int], tokenizer) -> tuple[str, list[tuple[int, in
     return text, spans
 
 
-def _cuts(parse: ParseResult, segmenter: str) -> list[int]:
-    """Character offsets at which a new segment starts (ascending)."""
+def _cuts(parse: ParseResult, segmenter: str) -> list[tuple[int, bool]]:
+    """(character offset at which a new segment starts, whether a token straddling the offset joins the new
+    segment), ascending. Only a box's start is joined by a straddling token (the space glued to its backslash)."""
     if segmenter == "boxes":
-        return [end for _, end in parse.box_spans[:-1]]
+        return [(end, False) for _, end in parse.box_spans[:-1]]
     if segmenter == "steps":
-        return list(parse.step_starts[1:])
+        return [(start, False) for start in parse.step_starts[1:]]
     if segmenter == "box_tokens":
         cuts = []
         for start, end in parse.box_spans:
-            cuts += [start, end]
+            cuts += [(start, True), (end, False)]
         return cuts[:-1]  # text after the last box joins the last box's segment
     return []
 
@@ -79,8 +83,10 @@ def segment_completion(ids: list[int], tokenizer, *, segmenter: str = "boxes", f
     cuts = _cuts(parse, segmenter) if parse.ok else []
     seg = []
     for start, end in spans:
-        # a zero-length token (EOS) sits at the end of the text; count cuts up to its position
-        seg.append(sum(c <= start for c in cuts) if end > start else len(cuts))
+        # a token is past a cut when it starts at or after it, or (a box's start) when its last character reaches it;
+        # a zero-length token (EOS) decodes to nothing at the end of the text: the last segment
+        past = sum(end > c if joins else start >= c for c, joins in cuts)
+        seg.append(past if end > start else len(cuts))
     return seg, parse, text
 
 

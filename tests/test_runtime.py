@@ -157,3 +157,16 @@ def test_non_finite_numeric_flags_are_refused_at_parse_time(value, tmp_path, cap
             code = exc.code
         assert code == 2 and "must be a finite number" in capsys.readouterr().err, (script, argv)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_checkpoint_files_follow_the_umask(tmp_path):
+    from runtime.checkpoint import atomic_folder
+
+    old = os.umask(0o022)
+    try:
+        with atomic_folder(tmp_path / "ckpt") as tmp:
+            fd = os.open(tmp / "weights", os.O_CREAT | os.O_WRONLY, 0o600)  # as a private-file writer would
+            os.close(fd)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ckpt" / "weights").stat().st_mode & 0o777 == 0o644

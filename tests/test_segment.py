@@ -126,3 +126,33 @@ def test_box_and_gold_verdicts():
     assert steps.correct[0].tolist() == [False] * 5 + [True, True]
     boxes = expand_to_segments(g, "boxes", source="gold")
     assert boxes.correct.tolist()[1] == [False, True, True] and boxes.correct.tolist()[0] == [True, True, True]
+
+
+@pytest.fixture(scope="module")
+def glued_bpe():
+    """Byte-level BPE whose merges glue the space before a box to its backslash (`Ġ\\`), as SmolLM2's and Qwen2's
+    vocabularies do."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=270, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([TRACE, TRACE2] * 20 + [" \\", " \\b"] * 400, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.mark.parametrize("tok_name", ["word_level", "byte_bpe", "glued_bpe"])
+def test_a_token_that_reaches_into_a_box_belongs_to_it(request, tok_name):
+    tok = request.getfixturevalue(tok_name)
+    ids = tok(TRACE, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    seg, parse, text = segment_completion(ids, tok, segmenter="box_tokens")
+    _, spans = token_char_spans(ids, tok)
+    straddling = 0
+    for k, (start, end) in enumerate(parse.box_spans):
+        for (s, e), sid in zip(spans, seg):
+            if s < end and e > start:  # any character of the token inside box k
+                assert sid == 2 * k + 1, (tok.convert_ids_to_tokens(ids), seg)
+                straddling += s < start
+    if tok_name == "glued_bpe":
+        assert straddling == 3  # the fixture does glue ' \' at every box: the case is exercised
