@@ -55,6 +55,7 @@ from model.hf import (
     PRESETS,
     ModelLoadError,
     build_preset,
+    check_model_dir,
     head_weight,
     is_preset,
     load_model,
@@ -256,6 +257,7 @@ class Run:
             if not Path(self.student_spec).is_dir():
                 raise ModelLoadError(f"{self.student_spec}: student model directory not found (and not a preset: "
                                      f"{', '.join(PRESETS)})")  # fmt: skip
+            check_model_dir(self.student_spec)  # before its tokenizer: an empty folder is named as such
             check_same_tokenizer(self.tokenizer, load_tokenizer(self.student_spec), self.student_spec)
 
         if cfg.data_dir == BUILTIN_DIR:

@@ -100,6 +100,22 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+def check_model_dir(path: str | Path) -> Path:
+    """`path` as a Path when it is a folder with a readable config.json; ModelLoadError otherwise. Called before
+    anything else is read from a model folder (its tokenizer included), so that a wrong folder is named as such."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: model directory not found")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"{path}: not a Hugging Face model directory (no config.json)")
+    try:
+        json.loads(config_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{config_file}: not readable JSON: {exc}") from None
+    return path
+
+
 def load_model(
     path: str | Path,
     *,
@@ -109,16 +125,7 @@ def load_model(
     trust_remote_code: bool = False,
 ):
     """A causal LM from a local Hugging Face directory (config.json + weights), on `device` in `dtype`."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"{path}: model directory not found")
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise ModelLoadError(f"{path}: not a Hugging Face model directory (no config.json)")
-    try:
-        json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"{config_file}: not valid JSON: {exc}") from None
+    path = check_model_dir(path)
     dtype = dtype or default_dtype(device)
     attention = attention or default_attention(device)
     try:

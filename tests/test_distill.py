@@ -228,11 +228,13 @@ def test_missing_teacher_and_tokenizer_mismatch_are_clear_errors(bench, teacher,
         (["--loss", "kl"], "--loss must be"),
         (["--beta", "1.5"], "--beta"),
         (["--student", "huge"], "student model directory not found"),
+        (["--student", "{tmp}"], "not a Hugging Face model directory"),  # a folder with no model in it
         (["--prompts-per-step", "99"], "fewer prompts"),
     ],
 )
 def test_bad_input_is_rejected(bench, teacher, tmp_path, capsys, extra, match):
     try:
+        extra = [a.format(tmp=tmp_path) for a in extra]
         code = distill.main(args(bench, teacher, tmp_path, "--name", "bad", *extra))
     except SystemExit as exc:  # a flag that fails its own check exits through argparse
         code = exc.code

@@ -160,11 +160,11 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
     # eval.py reloads the RL checkpoint (strictly) and scores 4 records with the saved prompt settings
     result = tmp_path / "eval.json"
     ev = ["--checkpoint", str(run / "best"), "--data-dir", str(data), "--splits", "test_random,test_longtail",
-          "--max-new-tokens", "80", "--max-prompt-tokens", "1024", "--out", str(result)]  # fmt: skip
+          "--max-new-tokens", "24", "--max-prompt-tokens", "1024", "--out", str(result)]  # fmt: skip
     assert eval_script.main(ev) == 0
     scored = json.loads(result.read_text())
     assert scored["with_instruction"] is True and sum(m["n"] for m in scored["results"].values()) == 4
     # --init from the warm-up checkpoint: a new run starts from those weights
     assert train.main([*common, "--init", str(run / "sft"), "--name", "again", "--stages", "sft", "--sft-epochs",
-                       "0.5"]) == 0  # fmt: skip
+                       "0.5", "--test-splits", "test_random"]) == 0  # fmt: skip
     assert (tmp_path / "runs" / "again" / "eval_sft.json").exists()
