@@ -1,6 +1,9 @@
 """Installable package for the GRPO + Stepwise Advantage Masking relevance-model codebase.
 
 Floors only, no upper pins: the package must install over an existing CUDA build of torch on a GPU node.
+Tested: CI installs torch 2.13.0 (CPU), triton 3.9 and the newest transformers (5.25 at the time of writing);
+transformers 4.56.2 passed the model and training tests by hand (2026-12-06). 4.45 does not work (no `dtype=` in
+from_pretrained, no `DynamicCache(config=...)`), hence the floor. The torch and triton floors are not tested.
 """
 
 from pathlib import Path
@@ -22,8 +25,8 @@ setup(
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",
-        "transformers>=4.45",
-        "tokenizers>=0.20",
+        "transformers>=4.56",
+        "tokenizers>=0.22",
         "safetensors>=0.4",
         "numpy>=1.24",
         "tqdm>=4.66",
