@@ -145,7 +145,7 @@ class EvalConfig:
     long_prompts: str = "error"  # error | skip
     batch_size: int = 64  # prompts per generation batch
     seed: int = 0  # sampling seed
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     out: str = ""  # JSON output (default: <checkpoint>/eval.json)
 
     def __post_init__(self):
@@ -168,10 +168,18 @@ class EvalConfig:
             raise ConfigError("--samples must be >= 1, and > 1 only with --temperature > 0 (greedy answers repeat)")
         if self.limit < 0 or self.max_prompt_tokens < 1:
             raise ConfigError("need --limit >= 0 (0 = every record) and --max-prompt-tokens >= 1")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("--device cuda, but CUDA is not available on this machine")
+        if self.device != "auto":
+            try:
+                device = torch.device(self.device)
+            except RuntimeError:
+                device = None
+            if device is None or device.type not in ("cpu", "cuda", "mps"):
+                raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+            if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+                raise ConfigError(f"--device {self.device}, but this machine has {torch.cuda.device_count()} CUDA "
+                                  "device(s)")  # fmt: skip
+            if device.type == "mps" and not torch.backends.mps.is_available():
+                raise ConfigError("--device mps, but MPS is not available on this machine")
 
 
 def check_writable(path: Path) -> None:

@@ -131,6 +131,8 @@ def _lines(f, limit: int):
 def _decode(raw: bytes | None) -> str:
     if raw is None:
         raise ValueError(f"line longer than {MAX_LINE_BYTES >> 20} MiB (MAX_LINE_BYTES); not read")
+    if b"\r" in raw.rstrip(b"\r"):  # JSON escapes a carriage return inside strings: a raw one is a line break
+        raise ValueError("lines end with a bare carriage return (CR); convert the file to LF or CRLF line endings")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -193,8 +195,12 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def file_mode() -> int:
     """The permissions `open()` gives a new file in this process (0o666 less the umask)."""
-    mask = os.umask(0o022)  # the only way to read the umask is to set it; put it back at once
-    os.umask(mask)
+    try:  # Linux reports the umask without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)  # elsewhere the only way to read it is to set it; put it back at once
+        os.umask(mask)
     return 0o666 & ~mask
 
 

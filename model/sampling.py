@@ -107,6 +107,8 @@ def generate(
     hidden = base(
         input_ids=prompt_ids, attention_mask=attn, position_ids=_positions(prompt_mask), use_cache=True, **cache
     ).last_hidden_state[:, -1]
+    if next(iter(cache.values())).get_seq_length() == 0:  # a forward that swallowed the argument: no cache, wrong text
+        raise RuntimeError(f"{type(base).__name__}.forward did not fill the KV cache passed as {next(iter(cache))}=")
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     tokens, alive = [], []
     for step in range(max_new_tokens):

@@ -250,8 +250,12 @@ class Logger:
                     break  # the process was killed while writing this line: it is after the checkpoint anyway
                 raise ConfigError(f"{self.path}:{i}: not a JSON line; the log is damaged (restore it or start a new "
                                   "run)") from None  # fmt: skip
-            if keep(row):
-                kept.append(line)
+            try:
+                if keep(row):
+                    kept.append(line)
+            except (KeyError, TypeError, ValueError, AttributeError):  # valid JSON, but not a row this loop wrote
+                raise ConfigError(f"{self.path}:{i}: not a row of this run's log ({line[:60]!r}); the log is damaged "
+                                  "(restore it or start a new run)") from None  # fmt: skip
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def resume(self, keep: Callable[[dict], bool], dist: Dist) -> None:
@@ -262,6 +266,8 @@ class Logger:
             self.truncate(keep)
         except ConfigError as exc:
             error = str(exc)
+        except OSError as exc:  # unreadable, or the rewrite failed (disk full, permissions)
+            error = f"{self.path}: cannot rewrite the log for the resume: {exc.strerror or exc}"
         error = next((e for e in dist.gather(error) if e), "")
         if error:
             raise ConfigError(error)

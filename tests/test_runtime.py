@@ -170,3 +170,19 @@ def test_checkpoint_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "ckpt" / "weights").stat().st_mode & 0o777 == 0o644
+
+
+def test_log_truncation_on_resume(tmp_path):
+    from runtime.loop import Logger
+    from runtime.parallel import Dist
+
+    log = Logger(tmp_path, tensorboard=False)
+    rows = [{"stage": "sft", "step": s} for s in (1, 2, 3)]
+    keep = lambda row: row["step"] <= 2  # noqa: E731
+    log.path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"stage": "sft", "st')  # torn by a kill
+    log.resume(keep, Dist())
+    assert [json.loads(line)["step"] for line in log.path.read_text().splitlines()] == [1, 2]
+    for damaged in ("not json\n", "[1, 2]\n", '{"step": "x"}\n'):  # invalid, or JSON that is not one of our rows
+        log.path.write_text(damaged + json.dumps(rows[0]) + "\n")
+        with pytest.raises(ConfigError, match="metrics.jsonl:1: not a"):
+            log.resume(lambda row: row["stage"] == "sft" and row["step"] <= 2, Dist())

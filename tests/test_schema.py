@@ -78,6 +78,15 @@ def test_many_bad_lines_are_one_line(tmp_path):
     assert message.endswith("other bad lines: 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 and 21 more")
 
 
+def test_line_endings(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes((json.dumps(good(id="a")) + "\r\n" + json.dumps(good(id="b"))).encode())  # CRLF, no final one
+    assert [r.id for r in read_jsonl(path)] == ["a", "b"]
+    path.write_bytes((json.dumps(good(id="a")) + "\r" + json.dumps(good(id="b")) + "\r").encode())  # old Mac: CR only
+    message = str(pytest.raises(RecordError, read_jsonl, path).value)
+    assert "bare carriage return" in message
+
+
 def test_tags_are_optional(tmp_path):
     path = tmp_path / "x.jsonl"
     write_lines(path, [good(note={"title": "t", "content": "c"})])

@@ -100,13 +100,13 @@ def test_tiny_end_to_end_run_and_eval(bench, tmp_path, capsys, monkeypatch):
     (tmp_path / "empty").mkdir()
     bad = {
         "--limit -7": (["--limit", "-7"], "--limit >= 0"),
-        "--device tpu": (["--device", "tpu"], "--device must be auto, cpu or cuda"),
+        "--device tpu": (["--device", "tpu"], "--device must be auto, cpu, cuda, cuda:N or mps"),
         "--out under a file": (["--out", str(tmp_path / "a-file" / "x.json")], "cannot write there"),
         "--out a folder": (["--out", str(tmp_path)], "is a folder"),
         "an empty model folder": (["--checkpoint", str(tmp_path / "empty")], "not a Hugging Face model directory"),
     }
     if not torch.cuda.is_available():
-        bad["--device cuda"] = (["--device", "cuda"], "CUDA is not available")
+        bad["--device cuda"] = (["--device", "cuda"], "this machine has 0 CUDA device(s)")
     for case, (extra, message) in bad.items():
         code = call_main(eval_script.main, [*argv, *extra])
         err = capsys.readouterr().err
