@@ -9,6 +9,7 @@ path cannot silently stop being tested.
 import importlib.util
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,4 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
     assert train.main([*common, "--init", str(run / "sft"), "--name", "again", "--stages", "sft", "--sft-epochs",
                        "0.5", "--test-splits", "test_random"]) == 0  # fmt: skip
     assert (tmp_path / "runs" / "again" / "eval_sft.json").exists()
+    shutil.rmtree(tmp_path / "runs")  # about 3 GB of checkpoints (weights + AdamW state) that pytest would keep
