@@ -67,8 +67,10 @@ class LossNormalizer(NamedTuple):
 
 
 def policy_loss_normalizer(seq_id, step_id, keep, *, agg: str = "seq-mean-token-mean") -> LossNormalizer:
-    """Counts for `agg` over the given tokens. For several micro-batches or ranks, call it on the whole batch (or
-    all-reduce the four tensors with SUM) and pass the result to every `policy_loss` call."""
+    """Counts for `agg` over the given tokens. For several micro-batches, call it on the whole batch and pass the
+    result to every `policy_loss` call. Across ranks, all-reduce only the two scalars `pg` and `kl` (SUM) and keep
+    `kept_per_seq` / `resp_per_seq` local: they are indexed by this rank's own rollout ids, so summing them would add
+    other ranks' unrelated rollouts into each entry (train.py's rl_update does exactly this)."""
     if agg not in AGG_MODES:
         raise ValueError(f"policy_loss_normalizer: agg must be one of {AGG_MODES}, got {agg!r}")
     B, S = keep.shape
