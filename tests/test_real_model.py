@@ -83,6 +83,20 @@ def test_conversion_errors_are_one_line(tmp_path, capsys, monkeypatch):
         assert from_gguf.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    if not from_gguf.missing_packages():  # a well-formed GGUF file of an architecture transformers does not know
+        import gguf
+        import numpy as np
+
+        writer = gguf.GGUFWriter(str(tmp_path / "weird.gguf"), "weirdnet")
+        writer.add_block_count(1)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        assert from_gguf.main([str(tmp_path / "weird.gguf"), str(tmp_path / "d")]) == 2
+        assert "architecture weirdnet is not supported" in capsys.readouterr().err
+        (tmp_path / "weird.gguf").unlink()
     monkeypatch.setattr(from_gguf, "missing_packages", lambda: ["gguf"])
     assert from_gguf.main([str(not_gguf), str(tmp_path / "c")]) == 2
     assert "pip install -e '.[gguf]'" in capsys.readouterr().err
