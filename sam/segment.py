@@ -84,8 +84,9 @@ def segment_completion(ids: list[int], tokenizer, *, segmenter: str = "boxes", f
     seg = []
     for start, end in spans:
         # a token is past a cut when it starts at or after it, or (a box's start) when its last character reaches it;
-        # a zero-length token (EOS) decodes to nothing at the end of the text: the last segment
-        past = sum(end > c if joins else start >= c for c, joins in cuts)
+        # its segment follows the last cut it is past (cuts ascend), so a token spanning several cuts never lands
+        # in a segment between them. A zero-length token (EOS) decodes to nothing at the end: the last segment.
+        past = max((j + 1 for j, (c, joins) in enumerate(cuts) if (end > c if joins else start >= c)), default=0)
         seg.append(past if end > start else len(cuts))
     return seg, parse, text
 

@@ -156,3 +156,25 @@ def test_a_token_that_reaches_into_a_box_belongs_to_it(request, tok_name):
                 straddling += s < start
     if tok_name == "glued_bpe":
         assert straddling == 3  # the fixture does glue ' \' at every box: the case is exercised
+
+
+class _Pieces:
+    """A stand-in tokenizer whose token k decodes to pieces[k]: any split of a text, however unlike a real one."""
+
+    all_special_ids = ()
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_a_token_spanning_several_cuts_takes_the_segment_after_the_last_one():
+    # one token runs from inside box 1 into box 2: it must not fall into the text segment between them
+    start = TRACE.index("\\boxed") + 8  # inside box 1
+    end = TRACE.index("\\boxed", start) + 3  # inside box 2
+    pieces = [TRACE[:start], TRACE[start:end], TRACE[end:]]
+    seg, parse, _ = segment_completion([0, 1, 2], _Pieces(pieces), segmenter="box_tokens")
+    assert parse.ok and seg == [1, 3, 5]
+    assert segment_completion([0, 1, 2], _Pieces(pieces), segmenter="boxes")[0] == [0, 0, 1]  # first character
