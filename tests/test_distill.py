@@ -243,9 +243,18 @@ def test_bad_input_is_rejected(bench, teacher, tmp_path, capsys, extra, match):
 
 
 def test_resume_refuses_changed_settings(bench, teacher, tmp_path, capsys):
-    assert distill.main(args(bench, teacher, tmp_path, "--name", "r", "--halt-after", "1", "--test-splits", "")) == 0
-    assert distill.main(args(bench, teacher, tmp_path, "--name", "r", "--resume", "--loss", "rkl")) == 2
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(bench, data)
+    assert distill.main(args(data, teacher, tmp_path, "--name", "r", "--halt-after", "1", "--test-splits", "")) == 0
+    assert distill.main(args(data, teacher, tmp_path, "--name", "r", "--resume", "--loss", "rkl")) == 2
     assert "--loss differ" in capsys.readouterr().err
+    # the data changed since the checkpoint: refused, naming the split (issue 21, item 6)
+    with (data / "val.jsonl").open("a") as f:
+        f.write((data / "val.jsonl").read_text().splitlines()[0].replace('"id": "', '"id": "extra-') + "\n")
+    assert distill.main(args(data, teacher, tmp_path, "--name", "r", "--resume")) == 2
+    assert "the data changed since" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         distill.Config(students="")
 
