@@ -74,9 +74,7 @@ from runtime.data import (
     check_same_data,
     encode_prompts,
     ensure_builtin,
-    file_fingerprint,
     load_split,
-    split_path,
 )
 from runtime.loop import (
     Logger,
@@ -315,8 +313,7 @@ class Run:
         return sorted({self.fmt} | {self.fmt_of(s) for s in self.cfg.student_list})
 
     def encode(self, split: str, fmt: str, limit: int = 0):
-        records = load_split(self.cfg.data_dir, split)
-        self.data[split] = file_fingerprint(split_path(self.cfg.data_dir, split))  # checked on --resume
+        records = load_split(self.cfg.data_dir, split, self.data)  # its fingerprint is checked on --resume
         records = records[:limit] if limit else records
         enc = encode_prompts(records, self.tokenizer, fmt=fmt, with_instruction=self.with_instruction,
                              rules=self.rules, max_prompt_tokens=self.cfg.max_prompt_tokens,

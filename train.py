@@ -74,10 +74,8 @@ from runtime.data import (
     check_same_data,
     encode_prompts,
     ensure_builtin,
-    file_fingerprint,
     load_split,
     sft_target,
-    split_path,
 )
 from runtime.loop import (
     Logger,
@@ -362,8 +360,7 @@ class Run:
         return Policy(model, self.dist, self.strategy, trainable=trainable)
 
     def encode(self, split: str, limit: int = 0):
-        records = load_split(self.cfg.data_dir, split)
-        self.data[split] = file_fingerprint(split_path(self.cfg.data_dir, split))  # checked on --resume
+        records = load_split(self.cfg.data_dir, split, self.data)  # its fingerprint is checked on --resume
         records = records[:limit] if limit else records
         enc = encode_prompts(records, self.tokenizer, fmt=self.cfg.fmt, with_instruction=self.with_instruction,
                              rules=self.rules, max_prompt_tokens=self.cfg.max_prompt_tokens,

@@ -17,6 +17,7 @@ to it, not equal. Nothing is downloaded.
 """
 
 import argparse
+import copy
 import importlib.util
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def convert(gguf_file: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
     """Write the model and tokenizer of `gguf_file` as a Hugging Face folder `out_dir` (which must not exist).
     ModelLoadError names the problem: a missing file, missing packages, an architecture transformers cannot read
     from GGUF, a model the fused kernels cannot serve."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     from runtime.checkpoint import atomic_folder
@@ -55,12 +56,12 @@ def convert(gguf_file: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-        config = AutoConfig.from_pretrained(folder, gguf_file=name, local_files_only=True)
         read = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32)
     except Exception as exc:  # transformers raises ValueError / KeyError / RuntimeError for what it cannot read
         raise ModelLoadError(f"{gguf_file}: transformers cannot read this GGUF file as a causal LM: "
                              f"{type(exc).__name__}: {exc}") from None  # fmt: skip
     # an ordinary model of the same config: the GGUF quantisation entry is what makes save_pretrained refuse
+    config = copy.deepcopy(read.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):

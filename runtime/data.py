@@ -78,12 +78,15 @@ def check_same_data(saved: dict | None, current: dict, where: str) -> None:
                         "must read the same data: restore it, or start a new run under another --name")  # fmt: skip
 
 
-def load_split(data_dir: str | Path, name: str) -> list[Record]:
-    """Records of `data_dir/name.jsonl` (or `name` itself when it is a path to a .jsonl file)."""
+def load_split(data_dir: str | Path, name: str, fingerprints: dict | None = None) -> list[Record]:
+    """Records of `data_dir/name.jsonl` (or `name` itself when it is a path to a .jsonl file). `fingerprints`, when
+    given, receives the file's `file_fingerprint` under `name` (what --resume checks)."""
     path = split_path(data_dir, name)
     if not path.exists():
         raise DataError(f"{path}: split {name!r} not found")
     records = read_jsonl(path)  # raises RecordError listing file:line: reason
+    if fingerprints is not None:
+        fingerprints[name] = file_fingerprint(path)
     if not records:
         raise DataError(f"{path}: split {name!r} has no records")
     return records
