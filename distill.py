@@ -90,7 +90,7 @@ from runtime.loop import (
     setup_run_dir,
     shard_check,
 )
-from runtime.parallel import STRATEGIES, Dist, Policy, exit_process, process_group, resolve_strategy
+from runtime.parallel import STRATEGIES, Dist, Sharded, exit_process, process_group, resolve_strategy
 from sam.parse import parse_scores
 from sam.prompt import render_label
 
@@ -283,8 +283,8 @@ class Run:
             self.students[kind] = self.wrap(model)
         self.teacher = self.wrap(teacher, trainable=False)  # every rank loaded the same weights: FSDP keeps shards
 
-    def wrap(self, model, trainable: bool = True) -> Policy:
-        return Policy(model, self.dist, self.strategy, trainable=trainable)
+    def wrap(self, model, trainable: bool = True) -> Sharded:
+        return Sharded(model, self.dist, self.strategy, trainable=trainable)
 
     def load(self, path) -> torch.nn.Module:
         return load_model(path, device=self.device, dtype=self.dtype, attention=self.attention,
@@ -346,7 +346,7 @@ class Run:
                 torch.save(state, tmp / STATE_FILE)
         self.dist.barrier()
 
-    def evaluate(self, policy: Policy, enc, fmt: str, progress=None):
+    def evaluate(self, policy: Sharded, enc, fmt: str, progress=None):
         """Metrics and predictions of one encoded split; the ranks share the work."""
         cfg = self.cfg
         return evaluate_split(policy, self.tokenizer, enc, fmt=fmt, temperature=cfg.eval_temperature,
@@ -358,7 +358,7 @@ class Run:
 # One step
 
 
-def sample(run: Run, policy: Policy, prompts: list[list[int]], generator):
+def sample(run: Run, policy: Sharded, prompts: list[list[int]], generator):
     """(prompt ids, prompt mask, completion, response mask) for one trace per prompt; None without prompts.
     Collective (under FSDP the weights are gathered for it), so every rank calls it, with or without prompts."""
     cfg, tok = run.cfg, run.tokenizer
@@ -407,7 +407,7 @@ def student_loss(model, rows, teacher_hidden, teacher_weight, mask, *, cfg, voca
     return per_token.sum()
 
 
-def accumulate(run: Run, student: Policy, rows, teacher_hidden, mask, where: str) -> float:
+def accumulate(run: Run, student: Sharded, rows, teacher_hidden, mask, where: str) -> float:
     """Backward of the student's loss on `rows` over micro-batches, normalised by the response tokens of the
     whole batch over every rank; returns that global loss. Every rank runs the same number of micro-batches
     (a rank short of rows runs zero-weighted ones), as the gradient sync needs."""
@@ -433,7 +433,7 @@ def accumulate(run: Run, student: Policy, rows, teacher_hidden, mask, where: str
     return float(total)
 
 
-def reasoning_step(run: Run, student: Policy, batch, teacher_hidden, where: str) -> tuple[float, int]:
+def reasoning_step(run: Run, student: Sharded, batch, teacher_hidden, where: str) -> tuple[float, int]:
     """Accumulate the reasoning student's gradient; returns (loss, response tokens over every rank)."""
     loss = accumulate(run, student, batch, teacher_hidden, batch[3], where)
     return loss, int(run.dist.sum(batch[3].sum()))
@@ -461,7 +461,7 @@ def label_targets(run: Run, completion, response) -> list[list[int] | None]:
     return targets
 
 
-def label_step(run: Run, student: Policy, teacher_batch, teacher_hidden, label_prompts, fallback_prompt,
+def label_step(run: Run, student: Sharded, teacher_batch, teacher_hidden, label_prompts, fallback_prompt,
                where: str) -> tuple[float, dict]:  # fmt: skip
     """Accumulate the label student's gradient; returns (loss, counts). `teacher_batch` is None on a rank whose
     share of the batch was all on-policy; such a rank (or one whose traces were all unusable) still takes part in
@@ -600,7 +600,7 @@ def distill(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
 
 
 @torch.no_grad()
-def latency_ms(run: Run, policy: Policy, enc, fmt: str) -> float:
+def latency_ms(run: Run, policy: Sharded, enc, fmt: str) -> float:
     """Median milliseconds to answer one prompt alone (batch 1, greedy: a serving request), over the first
     `latency_examples` prompts of `enc` (spread over the ranks, each on its own device)."""
     tok, dist, times = run.tokenizer, run.dist, []
@@ -619,7 +619,7 @@ def latency_ms(run: Run, policy: Policy, enc, fmt: str) -> float:
     return statistics.median(times) if times else math.nan
 
 
-def evaluate_model(run: Run, name: str, policy: Policy, fmt: str) -> dict:
+def evaluate_model(run: Run, name: str, policy: Sharded, fmt: str) -> dict:
     """Test-split metrics, predictions and speed of one model, cached in eval_<name>.json (resume skips it)."""
     path = run.dir / f"eval_{name}.json"
     if path.exists():

@@ -27,7 +27,7 @@ from model.hf import ModelLoadError, load_model, load_tokenizer
 from model.sampling import generate, pad_left
 from runtime.config import ConfigError, parse_config
 from runtime.data import BUILTIN_DIR, DataError, encode_prompts, load_split
-from runtime.parallel import Dist, as_policy
+from runtime.parallel import Dist, as_sharded
 from sam.metrics import relevance_metrics
 from sam.parse import parse_scores
 from sam.prompt import FORMATS, load_rules
@@ -42,10 +42,10 @@ def evaluate_split(model, tokenizer, encoded, *, fmt, temperature=0.0, top_p=1.0
     """(metrics, per-example predictions) for the encoded prompts of one split. Prompts are batched by length
     (less padding); results come back in the split's order.
 
-    `model` is a model or a `runtime.parallel.Policy`. Batch k samples with its own generator, seeded by (seed, k),
+    `model` is a model or a `runtime.parallel.Sharded`. Batch k samples with its own generator, seeded by (seed, k),
     so the result does not depend on how batches are spread: under `dist` (several ranks) rank r generates batches
     r, r + K, ... and every rank gets the whole split's metrics and predictions."""
-    policy, dist = as_policy(model), dist or Dist()
+    policy, dist = as_sharded(model), dist or Dist()
     order = sorted(range(len(encoded.prompts)), key=lambda i: len(encoded.prompts[i]))
     batches = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
     texts, gen_tokens = {}, 0

@@ -91,7 +91,7 @@ from runtime.loop import (
     setup_run_dir,
     shard_check,
 )
-from runtime.parallel import STRATEGIES, Dist, Policy, exit_process, process_group, resolve_strategy
+from runtime.parallel import STRATEGIES, Dist, Sharded, exit_process, process_group, resolve_strategy
 from sam.advantage import METHODS, group_advantages
 from sam.mask import POLICIES, keep_weights
 from sam.metrics import paired_difference
@@ -244,7 +244,7 @@ class Config:
 # Small pieces of the loop
 
 
-def rollout_logprobs(policy: Policy, sl: slice, grad: bool = False, *, batch, cfg) -> torch.Tensor:
+def rollout_logprobs(policy: Sharded, sl: slice, grad: bool = False, *, batch, cfg) -> torch.Tensor:
     """Flat (b * T,) log-probs of rows `sl` of a rollout batch (prompt ids, prompt mask, completion, response)."""
     with torch.set_grad_enabled(grad):
         rows = [t[sl] for t in batch[:4]]
@@ -263,7 +263,7 @@ class Rollouts(NamedTuple):
     step_id: torch.Tensor  # (B, T) segment of each completion token, -1 outside the loss
 
 
-def rl_update(policy: Policy, opt, sched, batch: Rollouts, cfg, *, dist: Dist, ref: Policy | None = None,
+def rl_update(policy: Sharded, opt, sched, batch: Rollouts, cfg, *, dist: Dist, ref: Sharded | None = None,
               where: str = "rl step", last_ckpt: str = "") -> tuple[float, dict, list[float]]:  # fmt: skip
     """`cfg.mu` optimizer steps on one rollout batch: returns (global loss, policy-loss metrics averaged over
     micro-batches and ranks, grad norms). Each rank holds its share; the normaliser counts the whole batch over
@@ -356,8 +356,8 @@ class Run:
         # every rank built or loaded the same weights; FSDP keeps each rank's shard of them
         self.policy = self.wrap(self.model)
 
-    def wrap(self, model, trainable: bool = True) -> Policy:
-        return Policy(model, self.dist, self.strategy, trainable=trainable)
+    def wrap(self, model, trainable: bool = True) -> Sharded:
+        return Sharded(model, self.dist, self.strategy, trainable=trainable)
 
     def encode(self, split: str, limit: int = 0):
         records = load_split(self.cfg.data_dir, split, self.data)  # its fingerprint is checked on --resume
@@ -402,12 +402,12 @@ class Run:
             return prepare(model, device=self.device, dtype=self.dtype, attention=self.attention)
         return self.load(source)
 
-    def rl_start_model(self) -> Policy:
+    def rl_start_model(self) -> Sharded:
         """The model RL started from (the frozen KL reference): the warm-up checkpoint or the starting model."""
         model = self.load(self.dir / "sft") if "sft" in self.cfg.stage_list else self.load_start_model()
         return self.wrap(model.eval().requires_grad_(False), trainable=False)
 
-    def save_model(self, path: Path, policy: Policy | None = None, trainer_state: dict | None = None) -> None:
+    def save_model(self, path: Path, policy: Sharded | None = None, trainer_state: dict | None = None) -> None:
         """A checkpoint folder with the prompt settings beside it (eval.py and --init read them). Collective: the
         full weights are gathered, rank 0 writes, the others wait until the folder is complete."""
         policy = policy or self.policy
@@ -429,7 +429,7 @@ class Run:
         sched.load_state_dict(state["scheduler"])
         set_rank_rng_states(state, self.dist, generator)
 
-    def evaluate(self, enc, policy: Policy | None = None, progress=None, with_predictions=False):
+    def evaluate(self, enc, policy: Sharded | None = None, progress=None, with_predictions=False):
         """Metrics of one encoded split (and its per-example predictions when asked); the ranks share the work.
         With --eval-samples K > 1 every record is answered K times (seeds seed, seed + 1, ...): metrics as
         eval.merge_samples (means over the passes, pass@K) and each prediction carries its sample index."""
@@ -445,7 +445,7 @@ class Run:
             preds = [dict(p, sample=k) for k, (_, ps) in enumerate(runs) for p in ps]
         return (metrics, preds) if with_predictions else metrics
 
-    def evaluate_tests(self, policy: Policy, stage: str) -> dict:
+    def evaluate_tests(self, policy: Sharded, stage: str) -> dict:
         """Evaluate on the test splits; writes predictions_<stage>.jsonl (one line per example, for paired
         comparisons such as ablate.py's bootstrap), then eval_<stage>.json, both atomically. Returns the metrics."""
         results, lines = {}, []

@@ -8,7 +8,7 @@ process on the combined batch. The pieces:
 
 - `Dist`: rank, world size, and the few collectives the loops need (sum, max, gather of Python objects). With one
   process every collective is the identity, so the loops have no distributed branches.
-- `Policy`: a causal LM made ready for the ranks. All computation with it goes through `policy(fn, *args)`, which
+- `Sharded`: a causal LM made ready for the ranks. All computation with it goes through `model(fn, *args)`, which
   runs `fn(model, *args)` inside the wrapper's forward: FSDP2 then gathers the sharded weights (the LM head
   included, which the fused kernels take as one full (V, D) tensor) and routes the gradients back to the shards
   through autograd; DDP syncs gradients in backward. `gathered()` keeps the full weights on every rank for a while
@@ -186,7 +186,7 @@ def _ddp_kwargs() -> dict:
     return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
-class Policy:
+class Sharded:
     """A causal LM prepared for the ranks (`strategy` none, fsdp or ddp); see the module docstring.
 
     `module` is the Hugging Face model itself (under FSDP its parameters are DTensor shards): use it for the
@@ -276,11 +276,11 @@ class Policy:
         norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
-    def train(self, mode: bool = True) -> "Policy":
+    def train(self, mode: bool = True) -> "Sharded":
         self.module.train(mode)
         return self
 
-    def eval(self) -> "Policy":
+    def eval(self) -> "Sharded":
         return self.train(False)
 
     # checkpoints -----------------------------------------------------------------------------------------------
@@ -325,6 +325,6 @@ def _fsdp_no_sync(root):
         root.set_requires_gradient_sync(True)
 
 
-def as_policy(model) -> Policy:
-    """A Policy as it is, or a plain model as a one-process Policy."""
-    return model if isinstance(model, Policy) else Policy(model)
+def as_sharded(model) -> Sharded:
+    """A Sharded model as it is, or a plain model wrapped for one process."""
+    return model if isinstance(model, Sharded) else Sharded(model)

@@ -24,7 +24,7 @@ from model.sampling import pad_left, pad_right  # noqa: E402
 from runtime.checkpoint import rank_rng_states, save_checkpoint  # noqa: E402
 from runtime.config import parse_flags  # noqa: E402
 from runtime.loop import make_optimizer  # noqa: E402
-from runtime.parallel import Policy, init_distributed, resolve_strategy, shutdown  # noqa: E402
+from runtime.parallel import Sharded, init_distributed, resolve_strategy, shutdown  # noqa: E402
 from sam.prompt import render_gold_reasoning  # noqa: E402
 
 B, G, S = 8, 2, 3  # rollouts (4 prompts x 2 samples), group size, segments
@@ -55,7 +55,7 @@ def rl_batch(prompts) -> train.Rollouts:
     return train.Rollouts(p_ids, p_mask, completion, response, adv, keep, step_id)
 
 
-def params(policy: Policy) -> dict:
+def params(policy: Sharded) -> dict:
     """Full copies of the parameters (gathered from the shards under FSDP)."""
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
             for k, v in policy.module.named_parameters()}  # fmt: skip
@@ -71,8 +71,8 @@ def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_i
     cfg = parse_flags(train.Config, ["--impl", impl, "--mu", "2", "--micro-batch", "3", "--kl-coef", "0.05",
                                      "--grad-clip", "0.5"])[0]  # fmt: skip
     fresh = lambda: prepare(small_model(), device="cpu")  # noqa: E731
-    policy = Policy(fresh(), dist, strategy)
-    ref = Policy(fresh().requires_grad_(False), dist, strategy, trainable=False)
+    policy = Sharded(fresh(), dist, strategy)
+    ref = Sharded(fresh().requires_grad_(False), dist, strategy, trainable=False)
     opt, sched = make_optimizer(policy.module, 1e-2, 10, 0, weight_decay=0.01, schedule="constant")
     prompts = [torch.randint(2, V, (3 + 4 * i,), generator=torch.Generator().manual_seed(i)).tolist() for i in range(4)]
     batch = train.Rollouts(*(dist.shard(t) for t in rl_batch(prompts)))

@@ -18,7 +18,7 @@ from data import synthetic
 from model.hf import build_preset, load_model, load_tokenizer
 from runtime.checkpoint import load_trainer_state, save_checkpoint
 from runtime.config import parse_flags
-from runtime.parallel import Dist, Policy, resolve_strategy
+from runtime.parallel import Dist, Sharded, resolve_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
@@ -198,7 +198,7 @@ def test_indivisible_batches_are_refused(bench, tmp_path, capsys, monkeypatch):
 def test_one_process_policy_is_the_model_itself(bench):
     tok = load_tokenizer(bench / "tokenizer")
     model = build_preset("nano", tok)
-    policy = Policy(model, Dist(), resolve_strategy("fsdp", 1))
+    policy = Sharded(model, Dist(), resolve_strategy("fsdp", 1))
     assert policy.strategy == "none" and policy.full_state_dict() is None
     assert policy(lambda m, x: (m, x), 3) == (model, 3)
     with policy.gathered(), policy.full_head() as w:
