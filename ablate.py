@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-import train
 from data.schema import write_text_atomic
 from runtime.config import ConfigError, check_run_name, parse_config, parse_flags
+from runtime.configs import TrainConfig
 from runtime.data import BUILTIN_DIR, DataError, ensure_builtin
 from sam.metrics import paired_bootstrap
 
@@ -237,7 +237,7 @@ def check_plan(base, arms: dict[str, Arm], jobs: dict[str, Job]) -> str:
         (f"arm {a!r}", (*arm.warmup, *(arm.rl or ()))) for a, arm in arms.items()
     ]:
         try:
-            _, given = parse_flags(train.Config, list(flags))
+            _, given = parse_flags(TrainConfig, list(flags))
         except ConfigError as exc:
             raise ConfigError(f"{where}: bad train.py flags {' '.join(flags)!r}: {exc}") from None
         if given & PLACEMENT:
@@ -246,7 +246,7 @@ def check_plan(base, arms: dict[str, Arm], jobs: dict[str, Job]) -> str:
     data_dirs = set()
     for job in jobs.values():
         try:
-            run_cfg, _ = parse_flags(train.Config, job.argv)
+            run_cfg, _ = parse_flags(TrainConfig, job.argv)
         except ConfigError as exc:
             raise ConfigError(f"run {job.name}: bad train.py flags: {exc}") from None
         data_dirs.add(run_cfg.data_dir)

@@ -37,20 +37,15 @@ with the teacher, parameters, latency per example (batch 1) and generation throu
 import json
 import math
 import statistics
-import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers.utils import logging as hf_logging
 
-from data.schema import RecordError, write_text_atomic
-from eval import PROMPT_FILE, evaluate_split
+from data.schema import write_text_atomic
 from grm_kernels import distill_kl
-from grm_kernels.distill_kl import KINDS
 from model.hf import (
     PRESETS,
     ModelLoadError,
@@ -58,138 +53,21 @@ from model.hf import (
     check_model_dir,
     head_weight,
     is_preset,
-    load_model,
     load_tokenizer,
     num_parameters,
-    prepare,
-    save_pretrained,
 )
 from model.sampling import generate, pad_left, pad_right, response_hidden, response_logprobs, response_rows, take_rows
-from runtime.checkpoint import STATE_FILE, atomic_folder, rank_rng_states, set_rank_rng_states
-from runtime.config import ConfigError, check_run_name, parse_config, to_json
-from runtime.data import (
-    BUILTIN_DIR,
-    DataError,
-    Encoded,
-    check_same_data,
-    encode_prompts,
-    ensure_builtin,
-    load_split,
-)
-from runtime.loop import (
-    Logger,
-    NonFiniteLoss,
-    batch_indices,
-    check_finite,
-    check_update,
-    device_settings,
-    make_optimizer,
-    micro_slices,
-    release_run_dir,
-    scalars,
-    setup_run_dir,
-    shard_check,
-)
-from runtime.parallel import STRATEGIES, Dist, Sharded, exit_process, process_group, resolve_strategy
+from runtime.checkpoint import PromptSettings, read_prompt_settings
+from runtime.config import ConfigError, to_json
+from runtime.configs import STUDENTS, DistillConfig
+from runtime.data import DataError, Encoded
+from runtime.loop import batch_indices, check_finite, check_update, make_optimizer, micro_slices, shard_check
+from runtime.parallel import Dist, Sharded, exit_process
+from runtime.session import Session, run_script, start
 from sam.parse import parse_scores
 from sam.prompt import render_label
 
-STUDENTS = ("reasoning", "label")
-LOSSES = ("seq",) + KINDS
-
-
-@dataclass
-class Config:
-    # run
-    name: str = "distill"  # run name: everything is written under <out_dir>/<name>/
-    out_dir: str = "runs"  # parent folder of the runs
-    teacher: str = "runs/default/best"  # teacher checkpoint folder (train.py's output, or any local HF model)
-    student: str = "auto"  # auto (largest preset smaller than the teacher), a preset, or a local HF model directory
-    students: str = "reasoning,label"  # students to train: reasoning (teacher's format), label (answer only)
-    data_dir: str = BUILTIN_DIR  # folder of the JSONL splits (the built-in benchmark is generated there if missing)
-    split: str = "rl"  # split whose prompts are distilled on (labels are not used for training)
-    device: str = "auto"  # auto (cuda if available), cpu, cuda
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
-    attention: str = "auto"  # auto (flash_attention_2 if installed on GPU, else sdpa), sdpa, eager
-    impl: str = "auto"  # kernels: auto (Triton on CUDA, reference on CPU), triton, ref
-    parallel: str = "auto"  # under torchrun: fsdp (FSDP2, sharded), ddp (replicated), auto (fsdp where available)
-    seed: int = 0  # seed for student init, data order and sampling (rank r samples with its own stream)
-    trust_remote_code: bool = False  # allow custom model code from the model directories
-    max_prompt_tokens: int = 512  # longer prompts follow --long-prompts
-    long_prompts: str = "error"  # error (stop before training) or skip (leave out and count)
-    max_new_tokens: int = 160  # completion budget for sampling (training and evaluation)
-    # distillation
-    loss: str = "seq"  # seq (teacher-sampled traces, NLL), fkl, rkl, jsd (token-level over the vocabulary)
-    beta: float = 0.5  # jsd mixture weight of the teacher (0 = fkl, 1 = rkl)
-    kl_temperature: float = 1.0  # temperature of both models' softmax inside the token-level losses
-    on_policy: float = 0.0  # fraction of each batch the reasoning student samples itself (token-level losses)
-    sample_temperature: float = 0.6  # sampling temperature of the training traces (the teacher is evaluated at 0.6)
-    top_p: float = 1.0  # nucleus threshold of the training traces
-    steps: int = 160  # distillation steps
-    prompts_per_step: int = 32  # P: prompts (one trace each) per step
-    lr: float = 1e-2  # peak learning rate of both students (suits the small random-initialised presets)
-    warmup: int = 10  # warm-up steps
-    lr_schedule: str = "cosine"  # constant, linear or cosine decay to 10% after warm-up
-    weight_decay: float = 0.01  # AdamW weight decay
-    grad_clip: float = 1.0  # gradient-norm clip
-    micro_batch: int = 32  # sequences per forward/backward pass
-    # evaluation
-    val_split: str = "val"  # validation split
-    val_limit: int = 200  # validation records used (0 = all)
-    eval_every: int = 40  # evaluate the students on validation every N steps (and at the end)
-    eval_temperature: float = 0.6  # sampling temperature of evaluation (0 = greedy), as train.py
-    eval_batch_size: int = 128  # prompts per evaluation batch
-    test_splits: str = "test_random,test_longtail"  # splits of the final report ("" = none)
-    test_limit: int = 0  # test records used per split (0 = all)
-    latency_examples: int = 16  # test prompts timed one at a time for the latency column (0 = skip)
-    # checkpoints and logging
-    save_every: int = 40  # write the resumable checkpoint every N steps (and at the end)
-    resume: bool = False  # continue runs/<name> from its last checkpoint
-    halt_after: int = 0  # stop (checkpointed) after N steps in this invocation, as if preempted (0 = never)
-    progress: bool = True  # show a progress bar
-    tensorboard: bool = False  # also log to runs/<name>/tb when tensorboard is installed
-
-    def __post_init__(self):
-        def need(cond, message):
-            if not cond:
-                raise ConfigError(message)
-
-        check_run_name(self.name)
-
-        need(self.student_list and all(s in STUDENTS for s in self.student_list),
-             f"--students: a comma list of {STUDENTS}, got {self.students!r}")  # fmt: skip
-        need(len(set(self.student_list)) == len(self.student_list), "--students: each at most once")
-        need(self.loss in LOSSES, f"--loss must be one of {LOSSES}, got {self.loss!r}")
-        need(0 <= self.beta <= 1, "--beta must be in [0, 1]")
-        need(self.kl_temperature > 0 and self.sample_temperature > 0, "temperatures must be > 0")
-        need(0 <= self.on_policy <= 1, "--on-policy must be in [0, 1]")
-        need(self.on_policy == 0 or self.loss != "seq", "--on-policy needs a token-level --loss (fkl, rkl, jsd): "
-             "seq learns the teacher's samples")  # fmt: skip
-        need(self.on_policy == 0 or "reasoning" in self.student_list, "--on-policy applies to the reasoning "
-             "student, which --students leaves out")  # fmt: skip
-        need(self.on_policy < 1 or "label" not in self.student_list, "--on-policy 1 leaves no teacher traces for "
-             "the label student; train it with --students label alone or lower --on-policy")  # fmt: skip
-        need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
-        need(self.dtype in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
-        need(self.attention in ("auto", "sdpa", "eager", "flash_attention_2"), "--attention: auto, sdpa, eager or "
-             "flash_attention_2")  # fmt: skip
-        need(self.impl in ("auto", "triton", "ref"), f"--impl must be auto, triton or ref, got {self.impl!r}")
-        need(self.parallel in STRATEGIES, f"--parallel must be one of {STRATEGIES}, got {self.parallel!r}")
-        need(self.long_prompts in ("error", "skip"), "--long-prompts must be error or skip")
-        need(self.lr_schedule in ("constant", "linear", "cosine"), "--lr-schedule: constant, linear or cosine")
-        need(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
-        need(self.eval_temperature >= 0, "--eval-temperature must be >= 0")
-        for name in ("prompts_per_step", "micro_batch", "max_new_tokens", "max_prompt_tokens", "eval_batch_size",
-                     "save_every", "eval_every", "steps"):  # fmt: skip
-            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("val_limit", "test_limit", "halt_after", "warmup", "latency_examples"):
-            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
-        need(self.lr > 0 and self.weight_decay >= 0 and self.grad_clip > 0,
-             "need --lr > 0, --weight-decay >= 0 and --grad-clip > 0")  # fmt: skip
-
-    @property
-    def student_list(self) -> list[str]:
-        return [s.strip() for s in self.students.split(",") if s.strip()]
+FOLDERS = ("ckpt", *STUDENTS)  # checkpoint folders of a run (recovered after an interrupted swap)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -222,73 +100,46 @@ def same_records(by_fmt: dict) -> dict:
     return out
 
 
-class Run:
-    """Resolved settings, data, tokenizer, teacher and students of one distillation run."""
+class Run(Session):
+    """Resolved settings, data, tokenizer, teacher and students of one distillation run (runtime.session.Session:
+    the rest)."""
 
-    def __init__(self, cfg: Config, state: dict | None, dist: Dist | None = None):
-        self.cfg = cfg
-        self.dist = dist = dist or Dist()
-        self.strategy = resolve_strategy(cfg.parallel, dist.world)
-        shard_check(dist, prompts_per_step=cfg.prompts_per_step)
-        self.dir = Path(cfg.out_dir) / cfg.name
-        self.ckpt = self.dir / "ckpt"
-        self.device, self.dtype, self.attention = device_settings(cfg, dist)
-
+    def __init__(self, cfg: DistillConfig, state: dict | None, dist: Dist | None = None):
+        super().__init__(cfg, dist)
+        shard_check(self.dist, prompts_per_step=cfg.prompts_per_step)
         teacher_dir = Path(cfg.teacher)
         if not teacher_dir.is_dir():
             hint = " (the default teacher is the output of `python train.py`: run it first)" if (
-                cfg.teacher == Config.teacher) else ""  # fmt: skip
+                cfg.teacher == DistillConfig.teacher) else ""  # fmt: skip
             raise ModelLoadError(f"{teacher_dir}: teacher checkpoint not found{hint}")
         teacher = self.load(teacher_dir).eval().requires_grad_(False)
         self.teacher_parameters = num_parameters(teacher)
         self.tokenizer = load_tokenizer(teacher_dir)
-        saved = json.loads((teacher_dir / PROMPT_FILE).read_text()) if (teacher_dir / PROMPT_FILE).exists() else {}
-        self.fmt = saved.get("fmt", "criteria")
-        self.with_instruction = saved.get("with_instruction", True)
-        self.rules = saved.get("rules")
+        saved = read_prompt_settings(teacher_dir) or PromptSettings()
+        self.fmt, self.with_instruction, self.rules = saved.fmt, saved.with_instruction, saved.rules
         if self.fmt == "label" and "reasoning" in cfg.student_list:
             raise ConfigError(f"{teacher_dir} answers label-only: it has no reasoning to distil (--students label)")
 
         self.student_spec = cfg.student if cfg.student != "auto" else self.auto_student()
-        self.preset = is_preset(self.student_spec)
-        if not self.preset:
-            if not Path(self.student_spec).is_dir():
-                raise ModelLoadError(f"{self.student_spec}: student model directory not found (and not a preset: "
-                                     f"{', '.join(PRESETS)})")  # fmt: skip
+        self.check_folder(self.student_spec, "student model")
+        if not is_preset(self.student_spec):
             check_model_dir(self.student_spec)  # before its tokenizer: an empty folder is named as such
             check_same_tokenizer(self.tokenizer, load_tokenizer(self.student_spec), self.student_spec)
 
-        if cfg.data_dir == BUILTIN_DIR:
-            if dist.main:
-                ensure_builtin(cfg.data_dir)
-            dist.barrier()  # the others read what rank 0 wrote
-        self.data: dict[str, dict] = {}  # split -> fingerprint of the file read (saved with every checkpoint)
+        self.ensure_data()
         self.train = same_records({fmt: self.encode(cfg.split, fmt) for fmt in self.fmts()})
         if len(self.train[self.fmt].records) < cfg.prompts_per_step:
             raise DataError(f"split {cfg.split!r} has fewer prompts than --prompts-per-step {cfg.prompts_per_step}")
         self.val = {fmt: self.encode(cfg.val_split, fmt, cfg.val_limit) for fmt in self.fmts()}
-        self.tests = {s.strip(): {fmt: self.encode(s.strip(), fmt, cfg.test_limit) for fmt in self.fmts()}
-                      for s in cfg.test_splits.split(",") if s.strip()}  # fmt: skip
-        if state is not None:
-            check_same_data(state.get("data"), self.data, str(self.ckpt))
+        self.tests = {s: {fmt: self.encode(s, fmt, cfg.test_limit) for fmt in self.fmts()} for s in cfg.test_list}
+        self.check_same_data(state)
 
         self.students = {}
         for i, kind in enumerate(cfg.student_list):
-            source = self.ckpt / kind if state is not None else None
-            model = self.load(source) if source is not None else self.new_student(seed=cfg.seed + i)
-            rows = head_weight(model).shape[0]
-            if rows < len(self.tokenizer):
-                raise ModelLoadError(f"{self.student_spec}: the student's LM head has {rows} rows but the tokenizer "
-                                     f"has {len(self.tokenizer)} tokens")  # fmt: skip
+            model = self.load(self.ckpt / kind) if state is not None else self.build(self.student_spec, cfg.seed + i)
+            self.check_head(model, self.student_spec, "the student's LM head")
             self.students[kind] = self.wrap(model)
         self.teacher = self.wrap(teacher, trainable=False)  # every rank loaded the same weights: FSDP keeps shards
-
-    def wrap(self, model, trainable: bool = True) -> Sharded:
-        return Sharded(model, self.dist, self.strategy, trainable=trainable)
-
-    def load(self, path) -> torch.nn.Module:
-        return load_model(path, device=self.device, dtype=self.dtype, attention=self.attention,
-                          trust_remote_code=self.cfg.trust_remote_code)  # fmt: skip
 
     def auto_student(self) -> str:
         size = self.teacher_parameters
@@ -298,13 +149,6 @@ class Run:
                               "parameters); pass --student")  # fmt: skip
         return smaller[-1]  # presets are listed smallest first
 
-    def new_student(self, seed: int):
-        if self.preset:
-            model = build_preset(self.student_spec, self.tokenizer, seed=seed,
-                                 max_positions=self.cfg.max_prompt_tokens + self.cfg.max_new_tokens)  # fmt: skip
-            return prepare(model, device=self.device, dtype=self.dtype, attention=self.attention)
-        return self.load(self.student_spec)
-
     def fmt_of(self, student: str) -> str:
         return self.fmt if student == "reasoning" else "label"
 
@@ -312,61 +156,30 @@ class Run:
         """Prompt formats in use: the teacher's and the students'."""
         return sorted({self.fmt} | {self.fmt_of(s) for s in self.cfg.student_list})
 
-    def encode(self, split: str, fmt: str, limit: int = 0):
-        records = load_split(self.cfg.data_dir, split, self.data)  # its fingerprint is checked on --resume
-        records = records[:limit] if limit else records
-        enc = encode_prompts(records, self.tokenizer, fmt=fmt, with_instruction=self.with_instruction,
-                             rules=self.rules, max_prompt_tokens=self.cfg.max_prompt_tokens,
-                             long_prompts=self.cfg.long_prompts, split=split)  # fmt: skip
-        if not enc.records:
-            raise DataError(f"split {split!r}: every prompt is longer than --max-prompt-tokens")
-        return enc
-
     def save_student(self, path: Path, kind: str) -> None:
-        """Collective: the full weights are gathered, rank 0 writes, the others wait for the folder."""
-        full = self.students[kind].full_state_dict()
-        if self.dist.main:
-            with atomic_folder(path) as tmp:
-                self.write_student(tmp, kind, full)
-        self.dist.barrier()
-
-    def write_student(self, folder: Path, kind: str, full: dict | None) -> None:
-        save_pretrained(self.students[kind].module, self.tokenizer, folder, full)
-        prompt = {"fmt": self.fmt_of(kind), "with_instruction": self.with_instruction, "rules": self.rules}
-        write_text_atomic(folder / PROMPT_FILE, json.dumps(prompt, indent=2) + "\n")
+        """The final student, loadable by eval.py (collective)."""
+        self.save(path, {"": (self.students[kind], self.fmt_of(kind))})
 
     def save_resumable(self, state: dict, opts: dict, generator) -> None:
+        """ckpt/: every student in its subfolder, and the trainer state (collective)."""
         optimizers = {k: (self.students[k].optimizer_state(o), s.state_dict()) for k, (o, s) in opts.items()}
-        state = dict(state, optimizers=optimizers, data=self.data, **rank_rng_states(self.dist, generator))
-        full = {kind: student.full_state_dict() for kind, student in self.students.items()}
-        if self.dist.main:
-            with atomic_folder(self.ckpt) as tmp:
-                for kind in self.students:
-                    self.write_student(tmp / kind, kind, full[kind])
-                torch.save(state, tmp / STATE_FILE)
-        self.dist.barrier()
-
-    def evaluate(self, policy: Sharded, enc, fmt: str, progress=None):
-        """Metrics and predictions of one encoded split; the ranks share the work."""
-        cfg = self.cfg
-        return evaluate_split(policy, self.tokenizer, enc, fmt=fmt, temperature=cfg.eval_temperature,
-                              max_new_tokens=cfg.max_new_tokens, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                              device=self.device, progress=progress, dist=self.dist)  # fmt: skip
+        models = {kind: (student, self.fmt_of(kind)) for kind, student in self.students.items()}
+        self.save(self.ckpt, models, self.trainer_state(state, generator, optimizers=optimizers))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # One step
 
 
-def sample(run: Run, policy: Sharded, prompts: list[list[int]], generator):
+def sample(run: Run, model: Sharded, prompts: list[list[int]], generator):
     """(prompt ids, prompt mask, completion, response mask) for one trace per prompt; None without prompts.
     Collective (under FSDP the weights are gathered for it), so every rank calls it, with or without prompts."""
     cfg, tok = run.cfg, run.tokenizer
-    with policy.gathered():
+    with model.gathered():
         if not prompts:
             return None
         p_ids, p_mask = pad_left(prompts, tok.pad_token_id, run.device)
-        completion, response = policy(generate, p_ids, p_mask, max_new_tokens=cfg.max_new_tokens,
+        completion, response = model(generate, p_ids, p_mask, max_new_tokens=cfg.max_new_tokens,
                                       eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                                       temperature=cfg.sample_temperature, top_p=cfg.top_p, vocab_size=len(tok),
                                       generator=generator)  # fmt: skip
@@ -506,8 +319,8 @@ def teacher_states(run: Run, batch) -> torch.Tensor | None:
     return torch.cat(parts)
 
 
-def distill(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
-    """The distillation loop. Returns False when halted."""
+def distill(run: Run, state: dict, logger, budget: list[int]) -> bool:
+    """The distillation loop, logging each step to `logger` (runtime.loop.Logger). Returns False when halted."""
     cfg, tok, dist = run.cfg, run.tokenizer, run.dist
     P = cfg.prompts_per_step // dist.world  # this rank's share
     opts = {kind: make_optimizer(m.module, cfg.lr, cfg.steps, cfg.warmup, weight_decay=cfg.weight_decay,
@@ -518,7 +331,7 @@ def distill(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         for kind, (opt, sched) in opts.items():
             run.students[kind].load_optimizer_state(opt, state["optimizers"][kind][0])
             sched.load_state_dict(state["optimizers"][kind][1])
-        set_rank_rng_states(state, dist, generator)
+        run.restore_rng(state, generator)
     enc = run.train[run.fmt]
     label_enc = run.train.get("label")
     n_on = round(cfg.on_policy * P) if "reasoning" in run.students else 0  # rounded per rank
@@ -583,7 +396,7 @@ def distill(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.steps:
             for kind, model in run.students.items():
                 metrics, _ = run.evaluate(model, run.val[run.fmt_of(kind)], run.fmt_of(kind))
-                row.update(scalars({k: metrics[k] for k in ("accuracy", "macro_f1", "malformed_rate")}, f"val/{kind}/"))
+                row.update({f"val/{kind}/{k}": float(metrics[k]) for k in ("accuracy", "macro_f1", "malformed_rate")})
                 model.train()
         logger.log(row)
         bar.update(1)
@@ -600,17 +413,17 @@ def distill(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
 
 
 @torch.no_grad()
-def latency_ms(run: Run, policy: Sharded, enc, fmt: str) -> float:
+def latency_ms(run: Run, model: Sharded, enc, fmt: str) -> float:
     """Median milliseconds to answer one prompt alone (batch 1, greedy: a serving request), over the first
     `latency_examples` prompts of `enc` (spread over the ranks, each on its own device)."""
     tok, dist, times = run.tokenizer, run.dist, []
-    with policy.gathered():
+    with model.gathered():
         for prompt in enc.prompts[: run.cfg.latency_examples][dist.rank :: dist.world]:
             ids, mask = pad_left([prompt], tok.pad_token_id, run.device)
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            policy(generate, ids, mask, max_new_tokens=run.cfg.max_new_tokens, eos_id=tok.eos_token_id,
+            model(generate, ids, mask, max_new_tokens=run.cfg.max_new_tokens, eos_id=tok.eos_token_id,
                    pad_id=tok.pad_token_id, temperature=0.0, vocab_size=len(tok))  # fmt: skip
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
@@ -619,21 +432,21 @@ def latency_ms(run: Run, policy: Sharded, enc, fmt: str) -> float:
     return statistics.median(times) if times else math.nan
 
 
-def evaluate_model(run: Run, name: str, policy: Sharded, fmt: str) -> dict:
+def evaluate_model(run: Run, name: str, model: Sharded, fmt: str) -> dict:
     """Test-split metrics, predictions and speed of one model, cached in eval_<name>.json (resume skips it)."""
     path = run.dir / f"eval_{name}.json"
     if path.exists():
         return json.loads(path.read_text())
-    policy.eval()
-    out = {"parameters": num_parameters(policy.module), "fmt": fmt, "splits": {}}
+    model.eval()
+    out = {"parameters": num_parameters(model.module), "fmt": fmt, "splits": {}}
     for split, by_fmt in run.tests.items():
         bar = tqdm(total=len(by_fmt[fmt].records), desc=f"eval {name} {split}", leave=False,
                    disable=not (run.cfg.progress and run.dist.main))  # fmt: skip
-        metrics, preds = run.evaluate(policy, by_fmt[fmt], fmt, progress=bar.update)
+        metrics, preds = run.evaluate(model, by_fmt[fmt], fmt, progress=bar.update)
         bar.close()
         out["splits"][split] = {"metrics": metrics, "predicted": [p["predicted"] for p in preds]}
     first = next(iter(run.tests.values()), None)
-    out["latency_ms"] = latency_ms(run, policy, first[fmt], fmt) if first is not None else math.nan
+    out["latency_ms"] = latency_ms(run, model, first[fmt], fmt) if first is not None else math.nan
     if run.dist.main:
         write_text_atomic(path, json.dumps(out) + "\n")
     run.dist.barrier()
@@ -685,57 +498,24 @@ def report(run: Run, started: float) -> dict:
 
 
 def main(argv=None) -> int:
-    hf_logging.disable_progress_bar()
-    started = time.perf_counter()
-    cfg, given = parse_config(Config, argv, __doc__)
-    try:
-        with process_group(cfg.device) as dist:
-            try:
-                return run_distill(cfg, given, dist, started)
-            finally:
-                release_run_dir(Path(cfg.out_dir) / cfg.name)  # the folder lock setup_run_dir took
-    except ConfigError as exc:  # joining the ranks failed; run_distill() reports its own errors
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_script(DistillConfig, argv, __doc__, run_distill)
 
 
-def run_distill(cfg: Config, given: set[str], dist: Dist, started: float) -> int:
-    rank = f" (rank {dist.rank})" if dist.world > 1 else ""
-    try:
-        cfg, state = setup_run_dir(cfg, given, ("ckpt", *STUDENTS), dist)
-        torch.manual_seed(cfg.seed)
-        run = Run(cfg, state, dist)
-    except (ConfigError, ModelLoadError, RecordError, DataError) as exc:
-        print(f"error{rank}: {exc}", file=sys.stderr)
-        return 2
-    if dist.main:
-        run.dir.mkdir(parents=True, exist_ok=True)
-        if state is None:
-            write_text_atomic(run.dir / "config.json", to_json(cfg))
-        print(to_json(cfg), end="")
-        sizes = ", ".join(f"{k} {num_parameters(m.module) / 1e6:.2f}M" for k, m in run.students.items())
-        print(f"device {run.device}, dtype {run.dtype}, teacher {cfg.teacher} ({run.teacher_parameters / 1e6:.2f}M "
-              f"parameters, format {run.fmt}), student {run.student_spec}: {sizes}; loss {cfg.loss}, on-policy "
-              f"{cfg.on_policy}; vocabulary: the tokenizer's {len(run.tokenizer)} entries; parallel {run.strategy} "
-              f"over {dist.world} process(es); run folder {run.dir}", flush=True)  # fmt: skip
-    dist.barrier()
+def run_distill(cfg: DistillConfig, given: set[str], dist: Dist, started: float) -> int:
+    cfg, state = start(cfg, given, dist, FOLDERS)
+    run = Run(cfg, state, dist)
+    sizes = ", ".join(f"{k} {num_parameters(m.module) / 1e6:.2f}M" for k, m in run.students.items())
+    run.announce(state is None, f"device {run.device}, dtype {run.dtype}, teacher {cfg.teacher} "
+                 f"({run.teacher_parameters / 1e6:.2f}M parameters, format {run.fmt}), student {run.student_spec}: "
+                 f"{sizes}; loss {cfg.loss}, on-policy {cfg.on_policy}; vocabulary: the tokenizer's "
+                 f"{len(run.tokenizer)} entries; {run.parallel_summary()}; run folder {run.dir}")  # fmt: skip
     state = state or {"step": 0}
-    logger = Logger(run.dir, cfg.tensorboard, enabled=dist.main)
     done_steps = state["step"]
-    try:
-        logger.resume(lambda row: row["step"] <= done_steps, dist)
-    except ConfigError as exc:
-        print(f"error{rank}: {exc}", file=sys.stderr)
-        return 2
+    logger = run.logger(lambda row: row["step"] <= done_steps)
     budget = [cfg.halt_after or -1]
     try:
         if not distill(run, state, logger, budget):
-            if dist.main:
-                print(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
-            return 0
-    except NonFiniteLoss as exc:
-        print(f"error{rank}: {exc}", file=sys.stderr)
-        return 3
+            return run.halted()
     finally:
         logger.close()
     missing = [kind for kind in run.students if not (run.dir / kind).exists()]

@@ -38,9 +38,7 @@ Where this departs from the paper or the authors' settings (PAPER.md), and why:
 
 import json
 import math
-import sys
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import NamedTuple
@@ -48,207 +46,44 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from tqdm import tqdm
-from transformers.utils import logging as hf_logging
 
-from data.schema import RecordError, write_text_atomic
-from eval import PROMPT_FILE, evaluate_split, format_compact, merge_samples
+from data.schema import write_text_atomic
 from grm_kernels import policy_loss, policy_loss_normalizer
-from grm_kernels.policy_loss import AGG_MODES
-from model.hf import (
-    PRESETS,
-    ModelLoadError,
-    build_preset,
-    head_weight,
-    is_preset,
-    load_model,
-    load_tokenizer,
-    num_parameters,
-    prepare,
-)
+from model.hf import is_preset, load_tokenizer, num_parameters
 from model.sampling import generate, pad_left, pad_right, response_logprobs
-from runtime.checkpoint import rank_rng_states, save_checkpoint, set_rank_rng_states
-from runtime.config import ConfigError, check_run_name, parse_config, to_json
-from runtime.data import (
-    BUILTIN_DIR,
-    DataError,
-    check_same_data,
-    encode_prompts,
-    ensure_builtin,
-    load_split,
-    sft_target,
-)
+from runtime.checkpoint import read_prompt_settings
+from runtime.config import to_json
+from runtime.configs import STAGES, TrainConfig
+from runtime.data import DataError, sft_target
+from runtime.evaluate import format_compact
 from runtime.loop import (
     Logger,
-    NonFiniteLoss,
     batch_indices,
     check_finite,
     check_update,
-    device_settings,
     make_optimizer,
     micro_slices,
-    release_run_dir,
     scalars,
-    setup_run_dir,
     shard_check,
 )
-from runtime.parallel import STRATEGIES, Dist, Sharded, exit_process, process_group, resolve_strategy
-from sam.advantage import METHODS, group_advantages
-from sam.mask import POLICIES, keep_weights
+from runtime.parallel import Dist, Sharded, exit_process
+from runtime.session import Session, run_script, start
 from sam.metrics import paired_difference
-from sam.prompt import FORMATS, NUM_BOXES, load_rules
-from sam.reward import outcome_reward
-from sam.segment import SEGMENTERS, num_segments, segment_batch
-from sam.verdict import SOURCES, box_verdicts, expand_to_segments, gold_box_verdicts, gold_verdicts
+from sam.prompt import load_rules
+from sam.rollout import ScoringRules, score_rollouts
 
-STAGES = ("sft", "rl")
-
-
-@dataclass
-class Config:
-    # run
-    name: str = "default"  # run name: everything is written under <out_dir>/<name>/
-    out_dir: str = "runs"  # parent folder of the runs
-    data_dir: str = BUILTIN_DIR  # folder of the JSONL splits (the built-in benchmark is generated there if missing)
-    model: str = "tiny"  # preset (tiny, small; random weights) or a local Hugging Face model directory
-    init: str = ""  # start from this checkpoint folder instead of --model (e.g. runs/default/sft)
-    tokenizer: str = ""  # tokenizer folder (default: <data_dir>/tokenizer for presets, else the model's)
-    stages: str = "sft,rl"  # comma list of stages to run, in order: sft, rl
-    fmt: str = "criteria"  # reasoning format: criteria (7 steps, 3 boxes), generic (3 steps), label (answer only)
-    instruction: str = "auto"  # instruction text in prompts: full, none, auto (init's own, none for presets, else full)
-    rules: str = ""  # business rules JSON {name: text} (default: the built-in rules)
-    device: str = "auto"  # auto (cuda if available), cpu, cuda
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), fp32, bf16
-    attention: str = "auto"  # auto (flash_attention_2 if installed on GPU, else sdpa), sdpa, eager
-    impl: str = "auto"  # kernels: auto (Triton on CUDA, reference on CPU), triton, ref
-    parallel: str = "auto"  # under torchrun: fsdp (FSDP2, sharded), ddp (replicated), auto (fsdp where available)
-    seed: int = 0  # seed for model init, data order and sampling (rank r samples with its own stream)
-    trust_remote_code: bool = False  # allow custom model code from the model directory
-    max_prompt_tokens: int = 512  # longer prompts follow --long-prompts
-    long_prompts: str = "error"  # error (stop before training) or skip (leave out and count)
-    max_new_tokens: int = 96  # completion budget for sampling (RL and evaluation)
-    micro_batch: int = 32  # sequences per forward/backward pass (gradient accumulation over the rest)
-    weight_decay: float = 0.01  # AdamW weight decay
-    grad_clip: float = 1.0  # gradient-norm clip
-    lr_schedule: str = "cosine"  # constant, linear or cosine decay to 10% after warm-up
-    # warm-up SFT
-    sft_split: str = "sft"  # split with reasoning traces (or gold values to render them from)
-    sft_epochs: float = 2.0  # passes over the SFT split
-    sft_batch_size: int = 16  # sequences per SFT optimizer step
-    sft_lr: float = 3e-3  # peak SFT learning rate
-    sft_warmup: int = 20  # SFT warm-up steps
-    # GRPO + SAM
-    rl_split: str = "rl"  # label-only split for RL prompts
-    rl_steps: int = 30  # RL steps (rollout batches)
-    prompts_per_step: int = 16  # P: prompts per RL step
-    group_size: int = 8  # G: samples per prompt
-    mu: int = 1  # inner epochs: optimizer steps per rollout batch
-    rl_lr: float = 5e-5  # peak RL learning rate
-    rl_warmup: int = 5  # RL warm-up steps
-    temperature: float = 1.0  # rollout sampling temperature (log-probs use it too)
-    top_p: float = 1.0  # rollout nucleus threshold
-    policy: str = "sam"  # masking policy: none, sam, soft, sequence, token, random (control: sam's masked fraction)
-    segmenter: str = "boxes"  # segments: boxes (paper), steps, box_tokens (with --policy token), none
-    verdicts: str = "box"  # box (each box vs the label, paper), gold-box (box 1/2 vs gold initial/calibrated), gold
-    exception: bool = True  # SAM's exception: keep both when calibration fixed a wrong initial score
-    alpha: float = 0.5  # weight a masked segment keeps under --policy soft
-    adv_method: str = "grpo"  # grpo, drgrpo, rloo
-    adv_clamp: float = 3.0  # clamp advantages to [-c, c] (0 = off)
-    zero_variance: str = "keep"  # groups with equal rewards: keep (advantage 0) or drop (out of the loss)
-    reward_correct: float = 1.0  # reward for a correct final label
-    malformed_penalty: float = 0.0  # subtracted from the reward of a malformed completion
-    ordinal_reward: bool = False  # partial credit for a near-miss label
-    clip_low: float = 0.2  # PPO clip epsilon below 1
-    clip_high: float = 0.28  # PPO clip epsilon above 1
-    dual_clip: float = 3.0  # dual-clip constant for negative advantages (0 = off)
-    kl_coef: float = 0.0  # k3 KL to the frozen RL-start model (0 = off, no reference model)
-    agg: str = "seq-mean-token-mean"  # loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum
-    # evaluation
-    val_split: str = "val"  # validation split
-    val_limit: int = 500  # validation records used (0 = all)
-    eval_every: int = 10  # evaluate on validation every N RL steps (and at the end of each stage)
-    select: str = "last"  # RL model evaluated on the tests: last (the final step) or best (best validation accuracy)
-    eval_temperature: float = 0.0  # evaluation sampling temperature (0 = greedy; the authors validate at 0.6)
-    eval_samples: int = 1  # with --eval-temperature > 0: samples per record, metrics averaged over them
-    eval_batch_size: int = 128  # prompts per evaluation batch
-    test_splits: str = "test_random,test_longtail"  # splits evaluated after each stage ("" = none)
-    test_limit: int = 0  # test records used per split (0 = all)
-    # checkpoints and logging
-    save_every: int = 20  # write the resumable checkpoint every N steps (and at the end of each stage)
-    resume: bool = False  # continue runs/<name> from its last checkpoint
-    halt_after: int = 0  # stop (checkpointed) after N steps in this invocation, as if preempted (0 = never)
-    progress: bool = True  # show a progress bar
-    tensorboard: bool = False  # also log to runs/<name>/tb when tensorboard is installed
-
-    def __post_init__(self):
-        def need(cond, message):
-            if not cond:
-                raise ConfigError(message)
-
-        check_run_name(self.name)
-
-        stages = self.stage_list
-        need(stages and all(s in STAGES for s in stages), f"--stages: choose from {STAGES}, got {self.stages!r}")
-        need(stages == [s for s in STAGES if s in stages], f"--stages: each at most once, in the order {STAGES}")
-        need(self.fmt in FORMATS, f"--fmt must be one of {FORMATS}, got {self.fmt!r}")
-        need(self.instruction in ("auto", "full", "none"), "--instruction must be auto, full or none")
-        need(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
-        need(self.dtype in ("auto", "fp32", "bf16"), f"--dtype must be auto, fp32 or bf16, got {self.dtype!r}")
-        need(self.attention in ("auto", "sdpa", "eager", "flash_attention_2"), "--attention: auto, sdpa, eager or "
-             "flash_attention_2")  # fmt: skip
-        need(self.impl in ("auto", "triton", "ref"), f"--impl must be auto, triton or ref, got {self.impl!r}")
-        need(self.parallel in STRATEGIES, f"--parallel must be one of {STRATEGIES}, got {self.parallel!r}")
-        need(self.long_prompts in ("error", "skip"), "--long-prompts must be error or skip")
-        need(self.lr_schedule in ("constant", "linear", "cosine"), "--lr-schedule: constant, linear or cosine")
-        need(self.policy in POLICIES, f"--policy must be one of {POLICIES}, got {self.policy!r}")
-        need(self.segmenter in SEGMENTERS, f"--segmenter must be one of {SEGMENTERS}, got {self.segmenter!r}")
-        need(
-            (self.policy == "token") == (self.segmenter == "box_tokens"),
-            "--policy token and --segmenter box_tokens go together (the token policy masks the box tokens alone)",
-        )
-        need(self.verdicts in SOURCES, f"--verdicts must be one of {SOURCES}, got {self.verdicts!r}")
-        need(self.verdicts == "box" or self.fmt == "criteria", f"--verdicts {self.verdicts} needs --fmt criteria")
-        need(self.adv_method in METHODS, f"--adv-method must be one of {METHODS}")
-        need(self.zero_variance in ("keep", "drop"), "--zero-variance must be keep or drop")
-        need(self.agg in AGG_MODES, f"--agg must be one of {AGG_MODES}, got {self.agg!r}")
-        need(self.group_size >= 2, "--group-size must be >= 2 (advantages are relative to the group)")
-        for name in ("prompts_per_step", "mu", "micro_batch", "sft_batch_size", "max_new_tokens",
-                     "max_prompt_tokens", "eval_batch_size", "save_every", "eval_every"):  # fmt: skip
-            need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("rl_steps", "val_limit", "test_limit", "halt_after", "sft_warmup", "rl_warmup"):
-            need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
-        need(self.sft_epochs > 0, "--sft-epochs must be > 0")
-        need(self.sft_lr > 0 and self.rl_lr > 0, "learning rates must be > 0")
-        need(self.temperature > 0, "--temperature must be > 0 (RL samples its rollouts)")
-        need(0 < self.top_p <= 1, "--top-p must be in (0, 1]")
-        need(0 <= self.eval_temperature < float("inf"), "--eval-temperature must be a finite number >= 0")
-        need(0 < self.temperature < float("inf"), "--temperature must be a finite number > 0")
-        need(self.policy != "random" or (self.fmt == "criteria" and self.segmenter in ("boxes", "steps")),
-             "--policy random needs --fmt criteria and --segmenter boxes or steps")  # fmt: skip
-        need(self.select in ("last", "best"), f"--select must be last or best, got {self.select!r}")
-        need(self.eval_samples >= 1, "--eval-samples must be >= 1")
-        need(self.eval_samples == 1 or self.eval_temperature > 0, "--eval-samples > 1 needs --eval-temperature > 0 "
-             "(greedy decoding gives the same answer every time)")  # fmt: skip
-        need(0 <= self.alpha <= 1, "--alpha must be in [0, 1]")
-        need(self.dual_clip == 0 or self.dual_clip > 1, "--dual-clip must be > 1, or 0 to turn it off")
-        need(0 <= self.clip_low < 1 and self.clip_high >= 0, "need 0 <= --clip-low < 1 and --clip-high >= 0")
-        need(self.kl_coef >= 0 and self.adv_clamp >= 0 and self.malformed_penalty >= 0,
-             "--kl-coef, --adv-clamp and --malformed-penalty must be >= 0")  # fmt: skip
-        need(self.weight_decay >= 0 and self.grad_clip > 0, "need --weight-decay >= 0 and --grad-clip > 0")
-
-    @property
-    def stage_list(self) -> list[str]:
-        return [s.strip() for s in self.stages.split(",") if s.strip()]
+FOLDERS = ("ckpt", "sft", "best")  # checkpoint folders of a run (recovered after an interrupted swap)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Small pieces of the loop
 
 
-def rollout_logprobs(policy: Sharded, sl: slice, grad: bool = False, *, batch, cfg) -> torch.Tensor:
+def rollout_logprobs(model: Sharded, sl: slice, grad: bool = False, *, batch, cfg) -> torch.Tensor:
     """Flat (b * T,) log-probs of rows `sl` of a rollout batch (prompt ids, prompt mask, completion, response)."""
     with torch.set_grad_enabled(grad):
         rows = [t[sl] for t in batch[:4]]
-        return policy(response_logprobs, *rows, temperature=cfg.temperature, impl=cfg.impl).reshape(-1)
+        return model(response_logprobs, *rows, temperature=cfg.temperature, impl=cfg.impl).reshape(-1)
 
 
 class Rollouts(NamedTuple):
@@ -263,9 +98,9 @@ class Rollouts(NamedTuple):
     step_id: torch.Tensor  # (B, T) segment of each completion token, -1 outside the loss
 
 
-def rl_update(policy: Sharded, opt, sched, batch: Rollouts, cfg, *, dist: Dist, ref: Sharded | None = None,
+def rl_update(model: Sharded, opt, sched, batch: Rollouts, cfg, *, dist: Dist, ref: Sharded | None = None,
               where: str = "rl step", last_ckpt: str = "") -> tuple[float, dict, list[float]]:  # fmt: skip
-    """`cfg.mu` optimizer steps on one rollout batch: returns (global loss, policy-loss metrics averaged over
+    """`cfg.mu` optimizer steps on one rollout batch: returns (global loss, model-loss metrics averaged over
     micro-batches and ranks, grad norms). Each rank holds its share; the normaliser counts the whole batch over
     every rank, and gradients are summed over ranks, so K ranks take the step one process would take on the
     combined batch."""
@@ -277,15 +112,15 @@ def rl_update(policy: Sharded, opt, sched, batch: Rollouts, cfg, *, dist: Dist, 
     norm = norm._replace(pg=dist.sum(norm.pg), kl=dist.sum(norm.kl))  # the batch-wide denominators: every rank
     slices = micro_slices(B, cfg.micro_batch)
     logprobs_of = partial(rollout_logprobs, batch=batch, cfg=cfg)
-    old = torch.cat([logprobs_of(policy, sl) for sl in slices]) if cfg.mu > 1 else None
+    old = torch.cat([logprobs_of(model, sl) for sl in slices]) if cfg.mu > 1 else None
     ref_logp = torch.cat([logprobs_of(ref, sl) for sl in slices]) if ref is not None else None
     loss_sum, metric_sums, grad_norms = torch.zeros((), device=dev), {}, []
     for epoch in range(cfg.mu):
         epoch_loss = torch.zeros((), device=dev)
         for m, sl in enumerate(slices):
             tok_sl = slice(sl.start * T, sl.stop * T)
-            with policy.sync_grads(m == len(slices) - 1):
-                logp = logprobs_of(policy, sl, grad=True)
+            with model.sync_grads(m == len(slices) - 1):
+                logp = logprobs_of(model, sl, grad=True)
                 old_sl = old[tok_sl] if old is not None else logp.detach()
                 loss, metrics = policy_loss(
                     logp, old_sl, batch.adv, seq_id[tok_sl], step_flat[tok_sl], batch.keep,
@@ -293,20 +128,22 @@ def rl_update(policy: Sharded, opt, sched, batch: Rollouts, cfg, *, dist: Dist, 
                     clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None, kl_coef=cfg.kl_coef, agg=cfg.agg,
                     normalizer=norm, impl=cfg.impl,
                 )  # fmt: skip
-                policy.backward(loss)
+                model.backward(loss)
             epoch_loss = epoch_loss + loss.detach()
             weight = (sl.stop - sl.start) / B / cfg.mu  # metrics: averaged over micro-batches by rollouts
-            for k, v in metrics.items():
-                metric_sums[k] = max(metric_sums.get(k, 0.0), float(v)) if k == "ratio_max" else (
-                    metric_sums.get(k, 0.0) + weight * float(v))  # fmt: skip
+            for k, v in metrics.items():  # on the device, in fp64 (as Python floats): no host sync here
+                v, zero = v.detach().double(), torch.zeros((), dtype=torch.float64, device=dev)
+                sofar = metric_sums.get(k, zero)
+                metric_sums[k] = torch.maximum(sofar, v) if k == "ratio_max" else sofar + weight * v
         epoch_loss = dist.sum(epoch_loss)  # every rank sees the same value: they stop together
         check_finite(epoch_loss, f"{where} (epoch {epoch})", last_ckpt)
         loss_sum = loss_sum + epoch_loss / cfg.mu
-        grad_norms.append(policy.clip_grad_norm(cfg.grad_clip))
+        grad_norms.append(model.clip_grad_norm(cfg.grad_clip))
         opt.step()
-        check_update(policy.module.parameters(), grad_norms[-1], f"{where} (epoch {epoch})", last_ckpt, dist)
+        check_update(model.module.parameters(), grad_norms[-1], f"{where} (epoch {epoch})", last_ckpt, dist)
         sched.step()
         opt.zero_grad(set_to_none=True)
+    metric_sums = dict(zip(metric_sums, torch.stack(list(metric_sums.values())).tolist()))  # one host sync
     return float(loss_sum), dist.mean(metric_sums, maxima=("ratio_max",)), grad_norms
 
 
@@ -314,66 +151,41 @@ def rl_update(policy: Sharded, opt, sched, batch: Rollouts, cfg, *, dist: Dist, 
 # Run setup: everything checked before training starts
 
 
-class Run:
-    """Resolved settings, data, tokenizer, model and paths of one training run."""
+class Run(Session):
+    """Resolved settings, data, tokenizer and model of one training run (runtime.session.Session: the rest)."""
 
-    def __init__(self, cfg: Config, state: dict | None, dist: Dist | None = None):
-        self.cfg = cfg
-        self.dist = dist = dist or Dist()
-        self.strategy = resolve_strategy(cfg.parallel, dist.world)
-        shard_check(dist, prompts_per_step=cfg.prompts_per_step, sft_batch_size=cfg.sft_batch_size)
-        self.dir = Path(cfg.out_dir) / cfg.name
-        self.ckpt = self.dir / "ckpt"
-        self.device, self.dtype, self.attention = device_settings(cfg, dist)
+    def __init__(self, cfg: TrainConfig, state: dict | None, dist: Dist | None = None):
+        super().__init__(cfg, dist)
+        shard_check(self.dist, prompts_per_step=cfg.prompts_per_step, sft_batch_size=cfg.sft_batch_size)
         source = cfg.init or cfg.model
         self.preset = is_preset(source)
-        if not self.preset and not Path(source).is_dir():
-            raise ModelLoadError(f"{source}: model directory not found (and not a preset: {', '.join(PRESETS)})")
+        self.check_folder(source)
         # a model directory is checked (and loaded) first: a wrong path fails before any data work
-        self.model = None if self.preset else self.load(self.ckpt if state is not None else source)
-        if cfg.data_dir == BUILTIN_DIR:
-            if dist.main:
-                ensure_builtin(cfg.data_dir)
-            dist.barrier()  # the others read what rank 0 wrote
+        module = None if self.preset else self.load(self.ckpt if state is not None else source)
+        self.ensure_data()
         tok_dir = cfg.tokenizer or (str(Path(cfg.data_dir) / "tokenizer") if self.preset else source)
         self.tokenizer = load_tokenizer(tok_dir)
-        saved = Path(source) / PROMPT_FILE  # a checkpoint of this codebase remembers how it was prompted
-        if cfg.instruction == "auto" and saved.exists():
-            self.with_instruction = json.loads(saved.read_text())["with_instruction"]
+        # a checkpoint of this codebase remembers how it was prompted
+        saved = read_prompt_settings(source) if cfg.instruction == "auto" and not self.preset else None
+        if saved is not None:
+            self.with_instruction = saved.with_instruction
         else:
             self.with_instruction = cfg.instruction == "full" or (cfg.instruction == "auto" and not self.preset)
         self.rules = load_rules(cfg.rules) if cfg.rules else None
-        self.data: dict[str, dict] = {}  # split -> fingerprint of the file read (saved with every checkpoint)
         self.load_data()
-        if state is not None:
-            check_same_data(state.get("data"), self.data, str(self.ckpt))
-        if self.model is None:
-            self.model = self.load_start_model() if state is None else self.load(self.ckpt)
-        if head_weight(self.model).shape[0] < len(self.tokenizer):
-            rows = head_weight(self.model).shape[0]
-            raise ModelLoadError(f"{source}: the LM head has {rows} rows but the tokenizer has "
-                                 f"{len(self.tokenizer)} tokens; they do not belong together")  # fmt: skip
+        self.check_same_data(state)
+        if module is None:
+            module = self.start_model() if state is None else self.load(self.ckpt)
+        self.check_head(module, source)
         # every rank built or loaded the same weights; FSDP keeps each rank's shard of them
-        self.policy = self.wrap(self.model)
-
-    def wrap(self, model, trainable: bool = True) -> Sharded:
-        return Sharded(model, self.dist, self.strategy, trainable=trainable)
-
-    def encode(self, split: str, limit: int = 0):
-        records = load_split(self.cfg.data_dir, split, self.data)  # its fingerprint is checked on --resume
-        records = records[:limit] if limit else records
-        enc = encode_prompts(records, self.tokenizer, fmt=self.cfg.fmt, with_instruction=self.with_instruction,
-                             rules=self.rules, max_prompt_tokens=self.cfg.max_prompt_tokens,
-                             long_prompts=self.cfg.long_prompts, split=split)  # fmt: skip
-        if not enc.records:
-            raise DataError(f"split {split!r}: every prompt is longer than --max-prompt-tokens")
-        return enc
+        self.model = self.wrap(module)
+        self.scoring = ScoringRules.of(cfg)  # how rollouts are scored (sam/rollout.py)
 
     def load_data(self) -> None:
         cfg, tok = self.cfg, self.tokenizer
         self.sft = self.rl = None
         if "sft" in cfg.stage_list:
-            self.sft = self.encode(cfg.sft_split)
+            self.sft = self.encode(cfg.sft_split, cfg.fmt)
             targets = [tok(sft_target(r, cfg.fmt), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                        for r in self.sft.records]  # fmt: skip
             long = sum(len(t) > cfg.max_new_tokens for t in targets)
@@ -382,77 +194,50 @@ class Run:
                                 f"{cfg.max_new_tokens}; the model could never finish one when sampling")  # fmt: skip
             self.sft_targets = targets
         if "rl" in cfg.stage_list:
-            self.rl = self.encode(cfg.rl_split)
+            self.rl = self.encode(cfg.rl_split, cfg.fmt)
             if len(self.rl.records) < cfg.prompts_per_step:
                 raise DataError(f"split {cfg.rl_split!r} has {len(self.rl.records)} prompts, fewer than "
                                 f"--prompts-per-step {cfg.prompts_per_step}")  # fmt: skip
-        self.val = self.encode(cfg.val_split, cfg.val_limit)
-        self.tests = {s.strip(): self.encode(s.strip(), cfg.test_limit) for s in cfg.test_splits.split(",") if
-                      s.strip()}  # fmt: skip
+        self.val = self.encode(cfg.val_split, cfg.fmt, cfg.val_limit)
+        self.tests = {s: self.encode(s, cfg.fmt, cfg.test_limit) for s in cfg.test_list}
 
-    def load(self, path) -> torch.nn.Module:
-        return load_model(path, device=self.device, dtype=self.dtype, attention=self.attention,
-                          trust_remote_code=self.cfg.trust_remote_code)  # fmt: skip
-
-    def load_start_model(self):
-        source = self.cfg.init or self.cfg.model
-        if self.preset:
-            model = build_preset(source, self.tokenizer, seed=self.cfg.seed,
-                                 max_positions=self.cfg.max_prompt_tokens + self.cfg.max_new_tokens)  # fmt: skip
-            return prepare(model, device=self.device, dtype=self.dtype, attention=self.attention)
-        return self.load(source)
+    def start_model(self) -> torch.nn.Module:
+        return self.build(self.cfg.init or self.cfg.model, seed=self.cfg.seed)
 
     def rl_start_model(self) -> Sharded:
         """The model RL started from (the frozen KL reference): the warm-up checkpoint or the starting model."""
-        model = self.load(self.dir / "sft") if "sft" in self.cfg.stage_list else self.load_start_model()
+        model = self.load(self.dir / "sft") if "sft" in self.cfg.stage_list else self.start_model()
         return self.wrap(model.eval().requires_grad_(False), trainable=False)
 
-    def save_model(self, path: Path, policy: Sharded | None = None, trainer_state: dict | None = None) -> None:
-        """A checkpoint folder with the prompt settings beside it (eval.py and --init read them). Collective: the
-        full weights are gathered, rank 0 writes, the others wait until the folder is complete."""
-        policy = policy or self.policy
-        full = policy.full_state_dict()
-        if self.dist.main:
-            save_checkpoint(path, policy.module, self.tokenizer, trainer_state, state_dict=full)
-            prompt = {"fmt": self.cfg.fmt, "with_instruction": self.with_instruction, "rules": self.rules}
-            write_text_atomic(path / PROMPT_FILE, json.dumps(prompt, indent=2) + "\n")
-        self.dist.barrier()
+    def save_model(self, path: Path, model: Sharded | None = None, trainer_state: dict | None = None) -> None:
+        """A checkpoint folder with the prompt settings beside the model (eval.py and --init read them)."""
+        self.save(path, {"": (model or self.model, self.cfg.fmt)}, trainer_state)
 
     def save_resumable(self, state: dict, opt, sched, generator=None) -> None:
-        state = dict(state, optimizer=self.policy.optimizer_state(opt), scheduler=sched.state_dict(), data=self.data,
-                     **rank_rng_states(self.dist, generator))  # fmt: skip
-        self.save_model(self.ckpt, trainer_state=state)
+        optimizer = self.model.optimizer_state(opt)
+        self.save_model(self.ckpt, trainer_state=self.trainer_state(state, generator, optimizer=optimizer,
+                                                                    scheduler=sched.state_dict()))  # fmt: skip
 
     def restore(self, state: dict, opt, sched, generator=None) -> None:
         """Optimizer, scheduler and this rank's random states from a resumable checkpoint."""
-        self.policy.load_optimizer_state(opt, state["optimizer"])
+        self.model.load_optimizer_state(opt, state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        set_rank_rng_states(state, self.dist, generator)
+        self.restore_rng(state, generator)
 
-    def evaluate(self, enc, policy: Sharded | None = None, progress=None, with_predictions=False):
-        """Metrics of one encoded split (and its per-example predictions when asked); the ranks share the work.
-        With --eval-samples K > 1 every record is answered K times (seeds seed, seed + 1, ...): metrics as
-        eval.merge_samples (means over the passes, pass@K) and each prediction carries its sample index."""
-        cfg = self.cfg
-        runs = []
-        for k in range(cfg.eval_samples):
-            runs.append(evaluate_split(policy or self.policy, self.tokenizer, enc, fmt=cfg.fmt,
-                                       temperature=cfg.eval_temperature, max_new_tokens=cfg.max_new_tokens,
-                                       batch_size=cfg.eval_batch_size, seed=cfg.seed + k, device=self.device,
-                                       progress=progress, dist=self.dist))  # fmt: skip
-        metrics, preds = merge_samples(runs), runs[0][1]
-        if len(runs) > 1:
-            preds = [dict(p, sample=k) for k, (_, ps) in enumerate(runs) for p in ps]
-        return (metrics, preds) if with_predictions else metrics
+    def validate(self) -> dict:
+        """Headline metrics of the current model on the validation records."""
+        metrics, _ = self.evaluate(self.model, self.val, self.cfg.fmt, samples=self.cfg.eval_samples)
+        return headline(metrics)
 
-    def evaluate_tests(self, policy: Sharded, stage: str) -> dict:
+    def evaluate_tests(self, model: Sharded, stage: str) -> dict:
         """Evaluate on the test splits; writes predictions_<stage>.jsonl (one line per example, for paired
         comparisons such as ablate.py's bootstrap), then eval_<stage>.json, both atomically. Returns the metrics."""
         results, lines = {}, []
         for split, enc in self.tests.items():
             bar = tqdm(total=len(enc.records), desc=f"eval {stage} {split}", leave=False,
                        disable=not (self.cfg.progress and self.dist.main))  # fmt: skip
-            results[split], preds = self.evaluate(enc, policy, progress=bar.update, with_predictions=True)
+            results[split], preds = self.evaluate(model, enc, self.cfg.fmt, samples=self.cfg.eval_samples,
+                                                  progress=bar.update)  # fmt: skip
             bar.close()
             lines += [json.dumps({"split": split, "id": p["id"], "label": p["label"], "predicted": p["predicted"],
                                   "status": p["status"], **({"sample": p["sample"]} if "sample" in p else {})})
@@ -470,15 +255,15 @@ class Run:
 
 def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
     """Warm-up SFT (token NLL through token_logprobs). Returns False when halted."""
-    cfg, policy, tok, dev, dist = run.cfg, run.policy, run.tokenizer, run.device, run.dist
+    cfg, model, tok, dev, dist = run.cfg, run.model, run.tokenizer, run.device, run.dist
     n = len(run.sft.records)
     total = math.ceil(cfg.sft_epochs * n / cfg.sft_batch_size)
     opt, sched = make_optimizer(
-        policy.module, cfg.sft_lr, total, cfg.sft_warmup, weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule
+        model.module, cfg.sft_lr, total, cfg.sft_warmup, weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule
     )
     if state.get("optimizer") is not None:
         run.restore(state, opt, sched)
-    policy.train()
+    model.train()
     bar = tqdm(total=total, initial=state["step"], desc="sft", disable=not (cfg.progress and dist.main))
     for step in range(state["step"], total):
         if budget[0] == 0:  # halted; the checkpoint of the previous step is on disk
@@ -493,17 +278,17 @@ def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         total_loss = torch.zeros((), device=dev)
         slices = micro_slices(len(idx), cfg.micro_batch)
         for m, sl in enumerate(slices):
-            with policy.sync_grads(m == len(slices) - 1):
-                logp = policy(response_logprobs, p_ids[sl], p_mask[sl], t_ids[sl], t_mask[sl], impl=cfg.impl)
+            with model.sync_grads(m == len(slices) - 1):
+                logp = model(response_logprobs, p_ids[sl], p_mask[sl], t_ids[sl], t_mask[sl], impl=cfg.impl)
                 loss = -(logp * t_mask[sl]).sum() / num_tokens
-                policy.backward(loss)
+                model.backward(loss)
             total_loss = total_loss + loss.detach()
         total_loss = dist.sum(total_loss)
         check_finite(total_loss, f"sft step {step}", str(run.ckpt))
         total_loss = float(total_loss)
-        grad_norm = policy.clip_grad_norm(cfg.grad_clip)
+        grad_norm = model.clip_grad_norm(cfg.grad_clip)
         opt.step()
-        check_update(policy.module.parameters(), grad_norm, f"sft step {step}", str(run.ckpt), dist)
+        check_update(model.module.parameters(), grad_norm, f"sft step {step}", str(run.ckpt), dist)
         sched.step()
         opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
@@ -512,8 +297,8 @@ def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
                "tokens_per_s": int(num_tokens) / seconds}  # fmt: skip
         state["step"] = step + 1
         if state["step"] == total:
-            row.update(scalars(headline(run.evaluate(run.val)), "val/"))
-            policy.train()
+            row.update(scalars(run.validate(), "val/"))
+            model.train()
         logger.log(row)
         bar.update(1)
         bar.set_postfix(loss=f"{total_loss:.3f}")
@@ -528,40 +313,21 @@ def headline(m: dict) -> dict:
     return {k: m[k] for k in ("accuracy", "macro_f1", "binary_f1", "malformed_rate")}
 
 
-def rollout_scores(run: Run, records, completion, response):
-    """Parse, segment, reward and judge a rollout batch: host-side string work, once per step."""
-    cfg = run.cfg
-    step_id, parses, texts = segment_batch(completion, response, run.tokenizer, segmenter=cfg.segmenter, fmt=cfg.fmt)
-    labels = torch.tensor([r.label for r in records])
-    rewards, comp = outcome_reward(parses, labels, correct=cfg.reward_correct,
-                                   malformed_penalty=cfg.malformed_penalty, ordinal=cfg.ordinal_reward)  # fmt: skip
-    if cfg.verdicts == "box":
-        raw = box_verdicts(parses, labels, NUM_BOXES[cfg.fmt])
-    elif cfg.verdicts == "gold-box":
-        raw = gold_box_verdicts(parses, [r.gold for r in records], labels, NUM_BOXES[cfg.fmt])
-    else:
-        raw = gold_verdicts(texts, parses, [r.gold for r in records])
-    verdicts = expand_to_segments(raw, cfg.segmenter, cfg.fmt, source=cfg.verdicts)
-    return step_id, parses, rewards, comp, verdicts
-
-
 def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
     """GRPO + SAM. Returns False when halted."""
-    cfg, policy, tok, dev, dist = run.cfg, run.policy, run.tokenizer, run.device, run.dist
+    cfg, model, tok, dev, dist = run.cfg, run.model, run.tokenizer, run.device, run.dist
     P, G = cfg.prompts_per_step, cfg.group_size
-    opt, sched = make_optimizer(policy.module, cfg.rl_lr, cfg.rl_steps * cfg.mu, cfg.rl_warmup,
+    opt, sched = make_optimizer(model.module, cfg.rl_lr, cfg.rl_steps * cfg.mu, cfg.rl_warmup,
                                 weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule)  # fmt: skip
     # each rank samples from its own stream (rank 0's is the one-process stream)
     generator = torch.Generator(device=dev).manual_seed(cfg.seed + 1 + 1_000_003 * dist.rank)
     if state.get("optimizer") is not None:
         run.restore(state, opt, sched, generator)
     ref = run.rl_start_model() if cfg.kl_coef > 0 else None
-    exception_segments = (4, 5) if cfg.segmenter == "steps" else (0, 1)
-    S = num_segments(cfg.segmenter, cfg.fmt)
     if budget[0] == 0 and state["step"] < cfg.rl_steps:
         return False
     if state["step"] == 0:
-        logger.log({"stage": "rl", "step": 0, **scalars(headline(run.evaluate(run.val)), "val/")})
+        logger.log({"stage": "rl", "step": 0, **scalars(run.validate(), "val/")})
     bar = tqdm(total=cfg.rl_steps, initial=state["step"], desc="rl", disable=not (cfg.progress and dist.main))
     for step in range(state["step"], cfg.rl_steps):
         if budget[0] == 0:  # halted; the checkpoint of the previous step is on disk
@@ -573,44 +339,36 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         idx = dist.shard(batch_indices(len(run.rl.records), P, step, cfg.seed))
         records = [run.rl.records[i] for i in idx for _ in range(G)]
         p_ids, p_mask = pad_left([run.rl.prompts[i] for i in idx for _ in range(G)], tok.pad_token_id, dev)
-        with policy.gathered():  # ranks stop sampling at different lengths: no communication inside
-            completion, response = policy(generate, p_ids, p_mask, max_new_tokens=cfg.max_new_tokens,
+        with model.gathered():  # ranks stop sampling at different lengths: no communication inside
+            completion, response = model(generate, p_ids, p_mask, max_new_tokens=cfg.max_new_tokens,
                                           eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
                                           temperature=cfg.temperature, top_p=cfg.top_p, vocab_size=len(tok),
                                           generator=generator)  # fmt: skip
-        policy.train()
+        model.train()
         times["generate_s"] = time.perf_counter() - t0
         gen_tokens = int(dist.sum(response.sum()))
 
-        # 2. parse, segment, reward, verdicts, advantages, SAM keep weights (whole groups: no communication)
+        # 2. parse, segment, reward, verdicts, advantages, SAM keep weights (sam/rollout.py; whole groups: no
+        #    communication)
         t1 = time.perf_counter()
-        step_id, parses, rewards, comp, verdicts = rollout_scores(run, records, completion, response)
-        adv, valid, adv_stats = group_advantages(rewards, G, method=cfg.adv_method, clamp=cfg.adv_clamp or None,
-                                                 zero_variance=cfg.zero_variance)  # fmt: skip
-        # tokens per segment of the rollouts in the loss (dropped groups count none), for the weight diagnostics
-        seg_tokens = torch.stack([(step_id == s).sum(1) for s in range(S)], dim=1).cpu() * valid[:, None]  # (B, S)
         # the random control's draws: a stream per (seed, step, rank), so a resumed run draws the same masks
         mask_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + dist.rank + 7)
-        keep, sam_diag = keep_weights(verdicts.correct, comp["correct"], comp["well_formed"], policy=cfg.policy,
-                                      exception=cfg.exception, alpha=cfg.alpha, known=verdicts.known,
-                                      exception_segments=exception_segments, segment_tokens=seg_tokens,
-                                      seq_adv=adv, generator=mask_gen, agg=cfg.agg)  # fmt: skip
-        step_id = torch.where(valid.to(dev)[:, None], step_id.to(dev), -1)  # dropped groups leave the loss
-        batch = Rollouts(p_ids, p_mask, completion, response, adv.to(dev), keep.to(dev), step_id)
+        scored = score_rollouts(records, completion, response, tok, run.scoring, group_size=G, generator=mask_gen)
+        batch = Rollouts(p_ids, p_mask, completion, response, scored.adv.to(dev), scored.keep.to(dev), scored.step_id)
         times["score_s"] = time.perf_counter() - t1
 
         # 3. mu optimizer steps over micro-batches, one normaliser for the whole batch over every rank
         t3 = time.perf_counter()
-        loss_sum, metric_sums, grad_norms = rl_update(policy, opt, sched, batch, cfg, dist=dist, ref=ref,
+        loss_sum, metric_sums, grad_norms = rl_update(model, opt, sched, batch, cfg, dist=dist, ref=ref,
                                                       where=f"rl step {step}", last_ckpt=str(run.ckpt))  # fmt: skip
         times["update_s"] = time.perf_counter() - t3
         times["step_s"] = time.perf_counter() - t0
-        solved = comp["correct"].view(-1, G).float().mean(dim=1)  # (P,) share of each group answered right
-        rollout = dist.mean({"reward": float(rewards.mean()), "accuracy": float(comp["correct"].float().mean()),
+        solved = scored.correct.view(-1, G).float().mean(dim=1)  # (P,) share of each group answered right
+        rollout = dist.mean({"reward": float(scored.rewards.mean()), "accuracy": float(scored.correct.float().mean()),
                              "pass_at_group": float((solved > 0).float().mean()),
                              "informative_groups": float(((solved > 0) & (solved < 1)).float().mean()),
-                             "malformed_rate": 1 - float(comp["well_formed"].float().mean()),
-                             **scalars(sam_diag, "sam/"), **scalars(adv_stats, "adv/")})  # fmt: skip
+                             "malformed_rate": 1 - float(scored.well_formed.float().mean()),
+                             **scalars(scored.diagnostics)})  # fmt: skip
         B = completion.shape[0] * dist.world
 
         state["step"] = step + 1
@@ -621,8 +379,8 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
                "update_tokens_per_s": gen_tokens * cfg.mu / times["update_s"], **times,
                **scalars(metric_sums, "pl/"), **rollout}  # fmt: skip
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.rl_steps:
-            val = headline(run.evaluate(run.val))
-            policy.train()
+            val = run.validate()
+            model.train()
             row.update(scalars(val, "val/"))
             if val["accuracy"] > state["best_val"]:
                 state["best_val"], state["best_step"] = val["accuracy"], state["step"]
@@ -705,7 +463,7 @@ def report(run: Run, started: float) -> None:
               f"95% interval over {d['n']} records; RL alone right on {d['a_better']}, warm-up alone on "
               f"{d['b_better']})")  # fmt: skip
     results = {"tests": rows, "rl_minus_sft": paired, "wall_s_this_invocation": time.perf_counter() - started,
-               "parameters": num_parameters(run.model), "config": json.loads(to_json(run.cfg))}  # fmt: skip
+               "parameters": num_parameters(run.model.module), "config": json.loads(to_json(run.cfg))}  # fmt: skip
     write_text_atomic(run.dir / "results.json", json.dumps(results, indent=2) + "\n")
     png = plot_curves(run.dir)
     print(f"wrote {run.dir}/results.json" + (f" and {png}" if png else ""))
@@ -715,77 +473,46 @@ def report(run: Run, started: float) -> None:
 
 
 def main(argv=None) -> int:
-    hf_logging.disable_progress_bar()  # the per-file bars of save/load would break the progress bar's line
-    started = time.perf_counter()
-    cfg, given = parse_config(Config, argv, __doc__)
-    try:
-        with process_group(cfg.device) as dist:
-            try:
-                return train(cfg, given, dist, started)
-            finally:
-                release_run_dir(Path(cfg.out_dir) / cfg.name)  # the folder lock setup_run_dir took
-    except ConfigError as exc:  # joining the ranks failed; train() reports its own errors
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_script(TrainConfig, argv, __doc__, train)
 
 
-def train(cfg: Config, given: set[str], dist: Dist, started: float) -> int:
-    try:
-        cfg, state = setup_run_dir(cfg, given, ("ckpt", "sft", "best"), dist)
-        torch.manual_seed(cfg.seed)
-        run = Run(cfg, state, dist)
-    except (ConfigError, ModelLoadError, RecordError, DataError) as exc:
-        print(f"error{f' (rank {dist.rank})' if dist.world > 1 else ''}: {exc}", file=sys.stderr)
-        return 2
-    if dist.main:
-        run.dir.mkdir(parents=True, exist_ok=True)
-        if state is None:
-            write_text_atomic(run.dir / "config.json", to_json(cfg))
-        print(to_json(cfg), end="")
-        print(f"device {run.device}, dtype {run.dtype}, model {num_parameters(run.model) / 1e6:.2f}M parameters, "
-              f"instruction {'on' if run.with_instruction else 'off'}, parallel {run.strategy} over {dist.world} "
-              f"process(es){f' ({dist.backend})' if dist.world > 1 else ''}, run folder {run.dir}",
-              flush=True)  # fmt: skip
-    dist.barrier()
-
+def train(cfg: TrainConfig, given: set[str], dist: Dist, started: float) -> int:
+    cfg, state = start(cfg, given, dist, FOLDERS)
+    run = Run(cfg, state, dist)
+    size = num_parameters(run.model.module) / 1e6
+    instruction = "on" if run.with_instruction else "off"
+    run.announce(
+        state is None,
+        f"device {run.device}, dtype {run.dtype}, model {size:.2f}M parameters, instruction {instruction}, "
+        f"{run.parallel_summary()}, run folder {run.dir}",
+    )
     stages = cfg.stage_list
     state = state or {"stage": stages[0], "step": 0, "best_val": -1.0, "best_step": -1}
-    logger = Logger(run.dir, cfg.tensorboard, enabled=dist.main)
     order, step = STAGES.index(state["stage"]), state["step"]
-    try:
-        logger.resume(lambda row: (STAGES.index(row["stage"]), row["step"]) <= (order, step), dist)
-    except ConfigError as exc:
-        print(f"error{f' (rank {dist.rank})' if dist.world > 1 else ''}: {exc}", file=sys.stderr)
-        return 2
+    logger = run.logger(lambda row: (STAGES.index(row["stage"]), row["step"]) <= (order, step))
     budget = [cfg.halt_after or -1]  # steps left in this invocation (-1: unlimited)
-    say = print if dist.main else lambda *a, **k: None
     try:
         for stage in stages[stages.index(state["stage"]) :]:
             if state["stage"] != stage:  # a fresh stage: new optimizer, step 0
                 state = {"stage": stage, "step": 0, "best_val": -1.0, "best_step": -1}
             if stage == "sft":
                 if not run_sft(run, state, logger, budget):
-                    say(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
-                    return 0
+                    return run.halted()
                 if not (run.dir / "eval_sft.json").exists():
                     run.save_model(run.dir / "sft")
-                    run.evaluate_tests(run.policy, "sft")
+                    run.evaluate_tests(run.model, "sft")
             else:
                 if not run_rl(run, state, logger, budget):
-                    say(f"halted after {cfg.halt_after} steps; continue with --resume", flush=True)
-                    return 0
+                    return run.halted()
                 if not (run.dir / "eval_rl.json").exists():
                     best = run.dir / "best"
                     if cfg.select == "best" and best.exists():
                         run.evaluate_tests(run.wrap(run.load(best), trainable=False), "rl")
-                        say(f"after RL: testing the best validation checkpoint, RL step {state['best_step']}")
+                        run.say(f"after RL: testing the best validation checkpoint, RL step {state['best_step']}")
                     else:
-                        run.evaluate_tests(run.policy, "rl")
-                        say(f"after RL: testing the last step ({cfg.rl_steps}); the best validation accuracy was "
-                            f"at RL step {state['best_step']}", flush=True)  # fmt: skip
-    except NonFiniteLoss as exc:
-        print(f"error{f' (rank {dist.rank})' if dist.world > 1 else ''}: {exc}", file=sys.stderr)
-        return 3
+                        run.evaluate_tests(run.model, "rl")
+                        run.say(f"after RL: testing the last step ({cfg.rl_steps}); the best validation accuracy was "
+                                f"at RL step {state['best_step']}", flush=True)  # fmt: skip
     finally:
         logger.close()
     if dist.main:

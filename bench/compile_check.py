@@ -3,15 +3,15 @@
     python -m bench.compile_check                      # sm_80, sm_90, sm_100; a minute or two on 2 CPU cores
     python -m bench.compile_check --targets 90 --csv bench/results/compile_check.csv
 
-The real launchers (grm_kernels/*.py `_forward` / `_backward`) run on tensors of the `meta` device at realistic shapes
-with the launch configurations a CUDA device would get; each kernel launch is captured instead of run, specialised
-exactly as Triton's JIT would (Triton's own binder: constexprs, integer and pointer-alignment attributes, launch
-options) and compiled for each target with `triton.compile`. One row per distinct kernel x specialisation x
-target: registers, spill bytes (LOCAL and STACK from `cuobjdump -res-usage`), shared memory against the target's
-limit, resident programs per SM (registers and shared memory), the tensor-core instructions in the PTX (mma.sync,
-wgmma or tcgen05; "none": FMA, as for fp32 dots at IEEE precision, or no dot at all) and whether loads are
-pipelined (cp.async or TMA). Exit status 1 on a compile error, a spill in a bf16/fp16 configuration (both models
-16-bit, for distill_kl) or shared memory over the limit.
+The real launchers (`token_logprobs_forward` / `_backward`, `distill_kl_forward` / `_backward`, and `policy_loss`
+itself) run on tensors of the `meta` device at realistic shapes with the launch configurations a CUDA device would
+get; each kernel launch is captured instead of run, specialised exactly as Triton's JIT would (Triton's own binder:
+constexprs, integer and pointer-alignment attributes, launch options) and compiled for each target with
+`triton.compile`. One row per distinct kernel x specialisation x target: registers, spill bytes (LOCAL and STACK
+from `cuobjdump -res-usage`), shared memory against the target's limit, resident programs per SM (registers and
+shared memory), the tensor-core instructions in the PTX (mma.sync, wgmma or tcgen05; "none": FMA, as for fp32 dots
+at IEEE precision, or no dot at all) and whether loads are pipelined (cp.async or TMA). Exit status 1 on a compile
+error, a spill in a bf16/fp16 configuration (both models 16-bit, for distill_kl) or shared memory over the limit.
 
 Batch invariance is checked structurally: the logprob and distill_kl forward kernels are compiled for N = 1, 37 and
 a full batch (the JIT turns an int equal to 1 into a constant and tags multiples of 16, unless the argument is in
@@ -38,7 +38,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-import grm_kernels._common as common
+import grm_kernels._lmhead as lmhead
+from grm_kernels import INTERPRET
 
 # the modules (grm_kernels/__init__.py re-exports functions under the same names)
 logprob_mod = importlib.import_module("grm_kernels.logprob")
@@ -62,23 +63,32 @@ class Launch:
 
 @contextlib.contextmanager
 def capture(into: list, label: list, cc: int):
-    """Record kernel launches instead of running them; the launchers see a CUDA device of compute capability `cc`
-    (the launch configurations are keyed on it: grm_kernels.logprob.capability)."""
-    saved = (JITFunction.run, common.INTERPRET, common.INTERPRET_DOT, logprob_mod.INTERPRET, logprob_mod.capability,
-             policy_mod.resolve_impl)  # fmt: skip
+    """Record kernel launches instead of running them; the launchers see a CUDA device of compute capability `cc`.
+
+    The LM-head launch configurations are keyed on grm_kernels._lmhead.capability, looked up in that module when a
+    launcher asks for its configuration; the substitute goes there and counts its calls: if no launch consulted it
+    (a configuration moved to another lookup), the interpreter's small tiles would be compiled without a word, so
+    that is an error."""
+    saved = (JITFunction.run, lmhead.capability, policy_mod.resolve_impl)
+    asked = []
 
     def record(self, *args, grid, warmup, **kwargs):
         into.append(Launch(self, args, kwargs, label[0]))
 
+    def capability(device):
+        asked.append(device)
+        return cc
+
     JITFunction.run = record
-    common.INTERPRET = common.INTERPRET_DOT = logprob_mod.INTERPRET = False
-    logprob_mod.capability = lambda device: cc
+    lmhead.capability = capability
     policy_mod.resolve_impl = lambda impl, tensor, op: "triton"
     try:
         yield
     finally:
-        (JITFunction.run, common.INTERPRET, common.INTERPRET_DOT, logprob_mod.INTERPRET, logprob_mod.capability,
-         policy_mod.resolve_impl) = saved  # fmt: skip
+        JITFunction.run, lmhead.capability, policy_mod.resolve_impl = saved
+    if not asked:
+        raise RuntimeError(f"no launcher asked grm_kernels._lmhead.capability for its configuration: the launches "
+                           f"captured here would carry interpreter tiles, not sm_{cc} ones")  # fmt: skip
 
 
 def meta(*shape, dtype=torch.bfloat16):
@@ -97,7 +107,7 @@ def launches(cc: int, quick: bool = False) -> list[Launch]:
                 for n in (1, 37, N):  # the forward at several batch sizes: one binary for all (batch invariance)
                     label[0] = f"logprob fwd {name}{'' if entropy else ' no-entropy'} N={n}"
                     h, w, t = meta(n, D, dtype=dtype), meta(V, D, dtype=dtype), meta(n, dtype=torch.int64)
-                    logprob_mod._forward(h, w, t, 1.0, -100, entropy)
+                    logprob_mod.token_logprobs_forward(h, w, t, 1.0, -100, entropy)
             label[0] = f"logprob bwd {name}"
             h, w, t, s = (
                 meta(N, D, dtype=dtype),
@@ -105,7 +115,7 @@ def launches(cc: int, quick: bool = False) -> list[Launch]:
                 meta(N, dtype=torch.int64),
                 meta(N, dtype=torch.float32),
             )
-            logprob_mod._backward(h, w, t, s, s, s, s, s, 1.0, -100, True, True)
+            logprob_mod.token_logprobs_backward(h, w, t, s, s, s, s, s, 1.0, -100, True, True)
             for t_dtype in {dtype, torch.float32}:  # a 16-bit student may learn from an fp32 teacher
                 tname = str(t_dtype).removeprefix("torch.")
                 for kind_id, kind in ((0, "fkl"), (2, "jsd")):  # fkl / rkl's merge, and jsd's two passes
@@ -113,14 +123,14 @@ def launches(cc: int, quick: bool = False) -> list[Launch]:
                         label[0] = f"distill fwd {name}/{tname} {kind} N={n}"
                         student = meta(n, 896, dtype=dtype), meta(V, 896, dtype=dtype)
                         teacher = meta(n, D, dtype=t_dtype), meta(V, D, dtype=t_dtype)
-                        out_stats = distill_mod._forward(*student, *teacher, meta(n, dtype=torch.bool), V, kind_id,
-                                                         0.5, 1.0)  # fmt: skip
+                        out_stats = distill_mod.distill_kl_forward(*student, *teacher, meta(n, dtype=torch.bool),
+                                                                   V, kind_id, 0.5, 1.0)  # fmt: skip
                 hs, ws = meta(N, 896, dtype=dtype), meta(V, 896, dtype=dtype)
                 ht, wt = meta(N, D, dtype=t_dtype), meta(V, D, dtype=t_dtype)
                 mask = meta(N, dtype=torch.bool)
                 _, stats = out_stats  # of the last forward: jsd at N
                 label[0] = f"distill bwd {name}/{tname}"
-                distill_mod._backward(
+                distill_mod.distill_kl_backward(
                     hs, ws, ht, wt, mask, stats, meta(N, dtype=torch.float32), V, 2, 0.5, 1.0, True, True
                 )
         label[0] = "policy_loss fwd+bwd"
@@ -223,6 +233,8 @@ def main(argv=None) -> int:
         p.error(f"--targets: comma list of 80, 90, 100, got {args.targets!r}")
     if not targets or any(t not in SHARED_LIMIT for t in targets):
         p.error(f"--targets: choose from {sorted(SHARED_LIMIT)}, got {args.targets!r}")
+    if INTERPRET:  # triton.jit then makes interpreted functions, which cannot be compiled (or captured)
+        p.error("TRITON_INTERPRET=1 is set: unset it, the kernels must be JIT functions to be compiled")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # launches pin it; this silences direct-compile warnings
     rows, failures = check(targets, args.quick)
     print(" | ".join(COLUMNS))

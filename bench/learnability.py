@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 
 from data.schema import read_jsonl
-from data.tokenizer import load_tokenizer
-from model.hf import PRESETS, build_preset, prepare
+from model.hf import PRESETS, build_preset, load_tokenizer, prepare
 from sam.prompt import render_gold_reasoning, render_prompt
 
 

@@ -20,7 +20,8 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-LABELS = (-1, 0, 1, 2, 3)
+from sam.prompt import LABELS
+
 _TOP_KEYS = {"id", "query", "note", "label", "query_extra", "note_extra", "gold", "reasoning"}
 _GOLD_SCORES = ("initial", "calibrated", "final")
 MAX_LINE_BYTES = 8 << 20  # one record; a note is text, 8 MiB is far beyond any real one

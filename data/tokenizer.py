@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 PAD, UNK, EOS = "<|pad|>", "<|unk|>", "<|endoftext|>"
 SPECIALS = (PAD, UNK, EOS)
@@ -55,11 +55,3 @@ def build_tokenizer(corpus: Iterable[str]) -> PreTrainedTokenizerFast:
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, path: str | Path) -> None:
     tokenizer.save_pretrained(str(path))
-
-
-def load_tokenizer(path: str | Path):
-    """Load a saved tokenizer from a local folder (never the network)."""
-    path = Path(path)
-    if not (path / "tokenizer.json").exists():
-        raise FileNotFoundError(f"{path}: no tokenizer.json (build it with `python -m data.synthetic --out DIR`)")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

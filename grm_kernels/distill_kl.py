@@ -29,19 +29,20 @@ given (pass the tokenizer's length to leave the padding rows out as well); a dif
 `vocab_size` is announced with a warning.
 
 Forward (split over the vocabulary as in grm_kernels/logprob.py): `_distill_fwd_kernel` runs one program per (row block,
-vocabulary range); each sweeps its range, computing the student and the teacher logit tile with `_logits_tile` and
-folding them into online statistics (max and sum-exp of both rows). fkl and rkl need one sweep: the expectation
-E_p[(zt - mt) - (zs - ms)] is carried along relative to the running maxima, rescaled when they move (as the entropy
-in logprob.py). `_distill_merge_kernel` combines the ranges in index order (rescaling each range's expectation by
-both models' shifts). jsd needs the normalised log-probs for log m, so once the statistics are merged
+vocabulary range); each sweeps its range, computing the student and the teacher logit tile with `logits_tile`
+(grm_kernels/_lmhead.py) and folding them into online statistics (max and sum-exp of both rows). fkl and rkl need one
+sweep: the expectation E_p[(zt - mt) - (zs - ms)] is carried along relative to the running maxima, rescaled when they
+move (as the entropy in logprob.py). `_distill_merge_kernel` combines the ranges in index order (rescaling each range's
+expectation by both models' shifts). jsd needs the normalised log-probs for log m, so once the statistics are merged
 `_distill_jsd_kernel` sweeps the ranges a second time and `_distill_jsd_merge_kernel` adds their KL(p || m) and
-KL(q || m). Only O(N) statistics leave the forward: both maxima and log-sum-exps and one auxiliary value per row
-(the divergence itself for fkl / rkl, KL(q || m) for jsd).
+KL(q || m). Only O(N) statistics leave the forward: both maxima and log-sum-exps and one auxiliary value per row (the
+divergence itself for fkl / rkl, KL(q || m) for jsd).
 
-Backward, per chunk of C vocabulary rows as in logprob.py: `_distill_bwd_dz_kernel` recomputes both logit tiles and
-writes dL/dzs (N, C) in the student's dtype; logprob.py's `_matmul_kernel` then accumulates d_hidden and writes the
-chunk of d_weight. Deterministic (no atomics) and batch-invariant (launch configuration and ranges independent of
-N, merges in a fixed order).
+Backward, per chunk of C vocabulary rows, in the loop logprob.py uses too (grm_kernels/_lmhead.py's `chunked_backward`):
+`_distill_bwd_dz_kernel` recomputes both logit tiles and writes dL/dzs (N, C) in the student's dtype (fp32 for an fp16
+student); `_matmul_kernel` then accumulates d_hidden and writes the chunk of d_weight (student head rows past V get
+zero). Deterministic (no atomics) and batch-invariant (launch configuration and ranges independent of N, merges in a
+fixed order).
 
 mask (N,) bool: rows with mask False get loss 0 and zero gradient (their hidden states must still be finite: they
 enter d_weight's matmul with a zero coefficient).
@@ -72,7 +73,7 @@ from grm_kernels._common import (
     round_tf32_rtne,
     vocab_ranges,
 )
-from grm_kernels.logprob import _FLOAT_DTYPES, _chunk_width, _config, _logits_tile, _matmul, dz_dtype
+from grm_kernels._lmhead import FLOAT_DTYPES, chunked_backward, lmhead_config, logits_tile
 
 KINDS = ("fkl", "rkl", "jsd")
 _KIND_ID = {"fkl": 0, "rkl": 1, "jsd": 2}
@@ -139,12 +140,12 @@ def _student_teacher_tiles(
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """(student, teacher) logit tiles (BLOCK_N, BLOCK_V) fp32 of the same rows and vocabulary columns."""
-    zs = _logits_tile(
+    zs = logits_tile(
         s_hidden_ptr, s_weight_ptr, rows, cols, row_mask, col_mask, Ds,
         stride_shn, stride_shd, stride_swv, stride_swd, inv_temp,
         INTERPRET_DOT, S_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )  # fmt: skip
-    zt = _logits_tile(
+    zt = logits_tile(
         t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Dt,
         stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
         INTERPRET_DOT, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
@@ -530,14 +531,14 @@ def _beta_args(kind_id: int, beta: float) -> tuple[float, float, float]:
     return beta, math.log(beta), math.log1p(-beta)
 
 
-def _distill_config(hs: torch.Tensor, ht: torch.Tensor) -> dict:
+def distill_config(hs: torch.Tensor, ht: torch.Tensor) -> dict:
     """Tiles from both models' dtypes (never from N). Two logit tiles live at once here, so the tiles are smaller than
-    logprob's: an fp32 operand on either side takes the fp32 tiles with half the rows (an fp32 teacher on 16-bit
-    tiles ran the FMA path and spilled; at 64 rows fp32 spilled 16-280 B); 16-bit pairs take 64 rows and up to 128
-    vocabulary columns: 64 x 128 on sm_80 / sm_90, 64 x 64 on sm_100 (logprob's columns there); 128 rows spilled
+    logprob's (`lmhead_config`): an fp32 operand on either side takes the fp32 tiles with half the rows (an fp32 teacher
+    on 16-bit tiles ran the FMA path and spilled; at 64 rows fp32 spilled 16-280 B); 16-bit pairs take 64 rows and up to
+    128 vocabulary columns: 64 x 128 on sm_80 / sm_90, 64 x 64 on sm_100 (logprob's columns there); 128 rows spilled
     8-32 B in jsd's second sweep on sm_90 / sm_100 (bench.compile_check)."""
     wide = torch.float32 in (hs.dtype, ht.dtype)
-    cfg = dict(_config(hs.device, torch.float32 if wide else hs.dtype))
+    cfg = dict(lmhead_config(hs.device, torch.float32 if wide else hs.dtype))
     if wide:
         cfg["BLOCK_N"] = min(cfg["BLOCK_N"], 32)
     else:
@@ -545,14 +546,16 @@ def _distill_config(hs: torch.Tensor, ht: torch.Tensor) -> dict:
     return cfg
 
 
-def _forward(hs, ws, ht, wt, mask, V: int, kind_id: int, beta: float, inv_temp: float):
+def distill_kl_forward(hs, ws, ht, wt, mask, V: int, kind_id: int, beta: float, inv_temp: float):
+    """Launch the forward on checked inputs (no autograd): (loss (N,) fp32, statistics for the backward). The
+    autograd function's forward, and what bench.compile_check compiles."""
     N = hs.shape[0]
     f32 = dict(dtype=torch.float32, device=hs.device)
     loss, s_max, s_logsum, t_max, t_logsum, aux = (torch.empty(N, **f32) for _ in range(6))
     stats = (s_max, s_logsum, t_max, t_logsum, aux)
     if N == 0:
         return loss, stats
-    cfg = _distill_config(hs, ht)
+    cfg = distill_config(hs, ht)
     n_ranges, range_cols = vocab_ranges(V, cfg["BLOCK_V"], cfg["RANGES"])
     grid = (triton.cdiv(N, cfg["BLOCK_N"]) * n_ranges,)
     merge_grid = (triton.cdiv(N, MERGE_BLOCK),)
@@ -581,38 +584,29 @@ def _forward(hs, ws, ht, wt, mask, V: int, kind_id: int, beta: float, inv_temp: 
     return loss, stats
 
 
-def _backward(hs, ws, ht, wt, mask, stats, grad, V, kind_id, beta, inv_temp, need_dh, need_dw):
-    N, Ds = hs.shape
-    d_hidden_acc = torch.zeros(N, Ds, dtype=torch.float32, device=hs.device) if need_dh else None
-    # head rows past the shared vocabulary take no part in the loss: exactly zero gradient
-    d_weight = torch.zeros_like(ws, memory_format=torch.contiguous_format) if need_dw else None
-    if N == 0:
-        return (d_hidden_acc.to(hs.dtype) if need_dh else None), d_weight
-    cfg = _distill_config(hs, ht)
-    dz_type = dz_dtype(hs.dtype)  # fp32 for an fp16 student: g * p would underflow in fp16
-    width = _chunk_width(N, V, dz_type.itemsize, 256, N * Ds * 4 if need_dh else 0)
-    dz = torch.empty(N, width, dtype=dz_type, device=hs.device)  # (N, C) chunk buffer
+def distill_kl_backward(hs, ws, ht, wt, mask, stats, grad, V, kind_id, beta, inv_temp, need_dh, need_dw):
+    """Launch the backward (no autograd): (d_student_hidden, d_student_weight), each None unless asked for, from the
+    forward's statistics and the upstream gradient. The vocabulary chunks and the two gradient products are
+    grm_kernels._lmhead.chunked_backward's (student head rows from V on get zero); this op supplies its dz kernel."""
+    N = hs.shape[0]
+    cfg = distill_config(hs, ht)
     grad = grad.contiguous()
-    for v0 in range(0, V, width):
-        c = min(width, V - v0)
+
+    def launch_dz(v0, c, dz_chunk):  # dz_chunk: dz_dtype(student dtype), fp32 for fp16 (g * p underflows in fp16)
         ws_chunk, wt_chunk = ws[v0 : v0 + c], wt[v0 : v0 + c]
-        dz_chunk = dz[:, :c]
         grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(c, cfg["BLOCK_V"]),)
         _distill_bwd_dz_kernel[grid](
             hs, ws_chunk, ht, wt_chunk, mask if mask is not None else grad, *stats, grad, dz_chunk,
-            N, c, Ds, ht.shape[1], *_strides(hs, ws_chunk, ht, wt_chunk), dz_chunk.stride(0), dz_chunk.stride(1),
-            inv_temp, *_beta_args(kind_id, beta),
+            N, c, hs.shape[1], ht.shape[1], *_strides(hs, ws_chunk, ht, wt_chunk), dz_chunk.stride(0),
+            dz_chunk.stride(1), inv_temp, *_beta_args(kind_id, beta),
             KIND=kind_id, HAS_MASK=mask is not None, INTERPRET_DOT=interpret_dot(),
             S_PRECISION=dot_precision(hs.dtype), T_PRECISION=dot_precision(ht.dtype),
-            ROUND_BF16=emulate_bf16_rounding(dz.dtype), ROUND_TF32=dz.dtype != hs.dtype, GROUP=cfg["GROUP"],
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+            ROUND_BF16=emulate_bf16_rounding(dz_chunk.dtype), ROUND_TF32=dz_chunk.dtype != hs.dtype,
+            GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
-        if need_dh:
-            _matmul(dz_chunk, ws_chunk, d_hidden_acc, accumulate=True)  # (N, C) @ (C, Ds)
-        if need_dw:
-            _matmul(dz_chunk.T, hs, d_weight[v0 : v0 + c], accumulate=False)  # (C, N) @ (N, Ds)
-    return (d_hidden_acc.to(hs.dtype) if need_dh else None), d_weight
+
+    return chunked_backward(hs, ws, V, need_dh, need_dw, launch_dz)
 
 
 class _DistillKL(torch.autograd.Function):
@@ -620,7 +614,7 @@ class _DistillKL(torch.autograd.Function):
     def forward(ctx, hs, ws, ht, wt, mask, V, kind_id, beta, inv_temp):
         # the kernels read mask[row] as mask_ptr + row: a strided view must be made dense first
         mask = mask.contiguous() if mask is not None else None
-        loss, stats = _forward(hs, ws, ht, wt, mask, V, kind_id, beta, inv_temp)
+        loss, stats = distill_kl_forward(hs, ws, ht, wt, mask, V, kind_id, beta, inv_temp)
         ctx.save_for_backward(hs, ws, ht, wt, mask, *stats)
         ctx.args = (V, kind_id, beta, inv_temp)
         return loss
@@ -628,7 +622,9 @@ class _DistillKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         hs, ws, ht, wt, mask, *stats = ctx.saved_tensors
-        d_hidden, d_weight = _backward(hs, ws, ht, wt, mask, stats, grad, *ctx.args, *ctx.needs_input_grad[:2])
+        d_hidden, d_weight = distill_kl_backward(
+            hs, ws, ht, wt, mask, stats, grad, *ctx.args, *ctx.needs_input_grad[:2]
+        )
         return d_hidden, d_weight, None, None, None, None, None, None, None
 
 
@@ -656,7 +652,7 @@ def _check_inputs(hs, ws, ht, wt, kind, beta, temperature, mask, vocab_size) -> 
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{op}: {name} must be a 2-D tensor, got {shape}")
-        if t.dtype not in _FLOAT_DTYPES + (torch.float64,):
+        if t.dtype not in FLOAT_DTYPES + (torch.float64,):
             raise TypeError(f"{op}: {name} has unsupported dtype {t.dtype}")
     if hs.shape[1] != ws.shape[1]:
         raise ValueError(f"{op}: student hidden size mismatch: hidden {tuple(hs.shape)}, weight {tuple(ws.shape)}")

@@ -18,20 +18,23 @@ Shapes: N tokens, D hidden size, V vocab size (any V: the ragged last vocab bloc
 Forward (two kernels). `_logprob_fwd_kernel`: one program per (block of BLOCK_N rows, vocabulary range); the
 vocabulary is cut into up to RANGES ranges of whole BLOCK_V tiles (`grm_kernels._common.vocab_ranges`, a function of V
 and the device only), so a few row blocks still fill the GPU. A program sweeps its range tile by tile; each logit
-tile is a `tl.dot` over D with fp32 accumulation, folded into an online max / sum-exp (and, for the entropy, an
-online sum of p * (z - max)); the target logit is picked up in the same pass. It writes its range's partial
+tile (`logits_tile`) is a `tl.dot` over D with fp32 accumulation, folded into an online max / sum-exp (and, for the
+entropy, an online sum of p * (z - max)); the target logit is picked up in the same pass. It writes its range's partial
 statistics (max, sum-exp, entropy sum, target logit): 4 floats per row and range. Programs run in grouped order
 (`grouped_ids`): GROUP row blocks side by side per range, so one read of a head tile from HBM serves GROUP
 programs and the group's hidden rows stay in L2. `_logprob_merge_kernel` then combines the ranges of each row in
 index order (the merge of Cut Cross-Entropy's split-V forward) into logp, the row max m and log sum exp(z - m)
 (saved for backward) and the entropy: O(N) memory between forward and backward (O(R N) between the two kernels).
 
-Backward, per chunk of C vocabulary rows (C as wide as `_SCRATCH_BYTES` allows for the chunk buffer and the d_hidden
-accumulator together, and at least `_CHUNK_BYTES` of buffer: fewer chunks, less accumulator traffic):
+Backward (`chunked_backward`, shared with distill_kl), per chunk of C vocabulary rows (C as wide as `SCRATCH_BYTES`
+allows for the chunk buffer and the d_hidden accumulator together, and at least `CHUNK_BYTES` of buffer: fewer
+chunks, less accumulator traffic):
 1. `_logprob_bwd_dz_kernel` recomputes the logit tiles of the chunk and writes dL/dz (N, C) in the input dtype
    (fp32 for fp16 inputs), programs grouped as in the forward;
 2. `_matmul_kernel` accumulates d_hidden (N, D) += dz @ W[chunk] in an fp32 buffer;
 3. `_matmul_kernel` writes d_weight[chunk] = dz^T @ hidden, complete in one pass over all N rows.
+`logits_tile`, the launch configuration (`lmhead_config`), the chunk loop and `_matmul_kernel` live in
+grm_kernels/_lmhead.py; the forward, merge and dz kernels here.
 No atomics: every output tile has one owner and a fixed reduction order, so the gradients are deterministic.
 Never an (N, V) tensor: the largest temporary is the (N, C) chunk plus the (N, D) fp32 accumulator.
 Rooflines at a realistic shape (estimates until a GPU measures them): docs/kernels.md.
@@ -55,9 +58,7 @@ import triton.language as tl
 
 from grm_kernels._common import (
     FP_FUSION,
-    INTERPRET,
     MERGE_BLOCK,
-    dot_acc,
     dot_precision,
     emulate_bf16_rounding,
     grouped_ids,
@@ -69,14 +70,7 @@ from grm_kernels._common import (
     round_tf32_rtne,
     vocab_ranges,
 )
-
-# The backward's scratch memory: the (N, C) dL/dz chunk buffer and the (N, D) fp32 d_hidden accumulator together stay
-# under _SCRATCH_BYTES (under the 0.5 GiB of extra memory the benchmark allows at N = 16384, D = 4096), except that
-# the chunk buffer always gets at least _CHUNK_BYTES (a larger accumulator alone then decides the total).
-_SCRATCH_BYTES = 448 * 2**20
-_CHUNK_BYTES = 128 * 2**20
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
+from grm_kernels._lmhead import FLOAT_DTYPES, chunked_backward, lmhead_config, logits_tile
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reference
@@ -118,54 +112,6 @@ def token_logprobs_ref(
 
 # ----------------------------------------------------------------------------------------------------------------
 # Triton kernels
-
-
-@triton.jit
-def _logits_tile(
-    # pointers
-    hidden_ptr,  # (N, D) fp32 / bf16 / fp16
-    weight_ptr,  # (V', D) same dtype; V' = V for the forward, the chunk width for the backward
-    # index vectors
-    rows,  # (BLOCK_N,) int64 row indices
-    cols,  # (BLOCK_V,) int64 column indices into weight_ptr's rows
-    row_mask,
-    col_mask,
-    # sizes
-    D,
-    # strides
-    stride_hn,
-    stride_hd,
-    stride_wv,
-    stride_wd,
-    # scalars
-    inv_temp,
-    # meta-parameters
-    INTERPRET_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """z tile (BLOCK_N, BLOCK_V) fp32 = hidden[rows] @ weight[cols]^T / tau; columns past the vocabulary are -inf."""
-    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        # int64: ds * stride_hd / stride_wd overflow int32 for a transposed or strided head with D * stride >= 2^31
-        ds = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
-        d_mask = ds < D
-        h = tl.load(
-            hidden_ptr + rows[:, None] * stride_hn + ds[None, :] * stride_hd,
-            mask=row_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_D)
-        # W^T tile loaded directly in (BLOCK_D, BLOCK_V) layout
-        w = tl.load(
-            weight_ptr + cols[None, :] * stride_wv + ds[:, None] * stride_wd,
-            mask=col_mask[None, :] & d_mask[:, None],
-            other=0.0,
-        )  # (BLOCK_D, BLOCK_V)
-        acc = dot_acc(h, w, acc, INTERPRET_DOT, DOT_PRECISION)
-    z = acc * inv_temp
-    return tl.where(col_mask[None, :], z, float("-inf"))
 
 
 @triton.jit(do_not_specialize=["N", "n_ranges", "range_cols"])  # one binary for every batch (batch invariance)
@@ -212,7 +158,7 @@ def _logprob_fwd_kernel(
     for v0 in range(v_lo, v_hi, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V  # a tile never crosses a range boundary (range_cols is a multiple of BLOCK_V)
-        z = _logits_tile(
+        z = logits_tile(
             hidden_ptr,
             weight_ptr,
             rows,
@@ -371,7 +317,7 @@ def _logprob_bwd_dz_kernel(
     # ignored rows get zero upstream gradient here, so their dz row (and gradient contribution) is exactly 0
     g = tl.where(valid, tl.load(grad_logp_ptr + rows, mask=row_mask, other=0.0), 0.0)
 
-    z = _logits_tile(
+    z = logits_tile(
         hidden_ptr,
         weight_ptr,
         rows,
@@ -412,140 +358,14 @@ def _logprob_bwd_dz_kernel(
     )
 
 
-# Sizes specialised (no do_not_specialize): the contiguous dimension of every operand is D or the chunk width, and their
-# known divisibility (by 16) lets the masked loads vectorise, which cp.async and the software pipeline need (with the
-# sizes unspecialised the 16-bit loads were 2-byte scalars and the K loop was not pipelined). The row count N only
-# ever gives a non-contiguous dimension; a new N class (1, multiple of 16, other) costs one compile, and the
-# backward needs determinism, not batch invariance.
-@triton.jit
-def _matmul_kernel(
-    # pointers
-    a_ptr,  # (M, K)
-    b_ptr,  # (K, P)
-    c_ptr,  # (M, P) out; read first when ACCUMULATE (then fp32)
-    # sizes
-    M,
-    P,
-    K,
-    # strides
-    stride_am,
-    stride_ak,
-    stride_bk,
-    stride_bp,
-    stride_cm,
-    stride_cp,
-    # meta-parameters
-    ACCUMULATE: tl.constexpr,
-    UPCAST: tl.constexpr,  # operands of different dtypes: multiply both in fp32
-    INTERPRET_DOT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    ROUND_BF16: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """c (+)= a @ b with fp32 accumulation; one program owns one output tile, so the result is deterministic."""
-    # grouped order: GROUP row blocks of `a` side by side, so each tile of `b` is read from HBM once per group
-    pid_m, pid_p = grouped_ids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(P, BLOCK_P), GROUP)
-    pid_m = pid_m.to(tl.int64)
-    pid_p = pid_p.to(tl.int64)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    rp = pid_p * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
-    m_mask = rm < M
-    p_mask = rp < P
-    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        k_mask = rk < K
-        # other=0.0: masked lanes are undefined without it, and they enter the dot product
-        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # fmt: skip
-        b = tl.load(b_ptr + rk[:, None] * stride_bk + rp[None, :] * stride_bp, mask=k_mask[:, None] & p_mask[None, :],
-                    other=0.0)  # fmt: skip
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = dot_acc(a, b, acc, INTERPRET_DOT, DOT_PRECISION)
-    c_ptrs = c_ptr + rm[:, None] * stride_cm + rp[None, :] * stride_cp
-    c_mask = m_mask[:, None] & p_mask[None, :]
-    if ACCUMULATE:
-        acc += tl.load(c_ptrs, mask=c_mask, other=0.0)
-    if ROUND_BF16:
-        acc = round_bf16_rtne(acc)
-    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Host launchers
 
 
-def capability(device: torch.device) -> int | None:
-    """The CUDA device's compute capability as one number (90 for sm_90), None off CUDA or under the interpreter.
-
-    The launch configurations are keyed on it (bench.compile_check substitutes a target's number here).
-    """
-    if INTERPRET or device.type != "cuda":
-        return None
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
-
-
-def _config(device: torch.device, dtype: torch.dtype) -> dict:
-    """Tiles, vocabulary ranges and program grouping of the LM-head kernels. Depends on device and dtype only (never
-    on N): a row's result must not depend on the batch.
-
-    RANGES: the forward splits the vocabulary into up to RANGES ranges, one program per (row block, range), so even
-    a few row blocks fill the GPU (at N = 4096, 32 row blocks x 32 ranges = 1024 programs for 132 SMs). GROUP: row
-    blocks walked side by side (grm_kernels._common.grouped_ids) so that one read of a head tile serves GROUP programs.
-    """
-    cc = capability(device)
-    if cc is None:
-        # small tiles keep the interpreter quick on test shapes and exercise many ragged edges: 3 ranges of unequal
-        # fill at the test vocabularies, groups of 2 row blocks with a short last group
-        return dict(BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, RANGES=3, GROUP=2, num_warps=4, num_stages=1)
-    if dtype == torch.float32:  # the FMA path (IEEE products): 64 x 64 tiles, no spills (bench.compile_check)
-        return dict(BLOCK_N=64, BLOCK_V=64, BLOCK_D=32, RANGES=32, GROUP=8, num_warps=4, num_stages=3)
-    # bf16 / fp16: 128-row tiles over 8 warps. 128 vocabulary columns where they fit (64 fp32 accumulator registers
-    # per thread; 255 registers and no spill with the entropy on sm_80 / sm_90); sm_100's tensor-memory path spilled
-    # 232 B at 128 columns and takes 64 (bench.compile_check, bench/RESULTS.md)
-    block_v = 64 if cc >= 100 else 128
-    return dict(BLOCK_N=128, BLOCK_V=block_v, BLOCK_D=64, RANGES=32, GROUP=8, num_warps=8, num_stages=3)
-
-
-def _matmul_config(device: torch.device, dtype: torch.dtype, accumulate: bool) -> dict:
-    if capability(device) is None:
-        return dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=64, GROUP=2, num_warps=4, num_stages=1)
-    if dtype == torch.float32:  # FMA path: 128x128 tiles spilled 1.3-5.7 KB per thread on sm_80 (compile_check)
-        return dict(BLOCK_M=64, BLOCK_P=64, BLOCK_K=32, GROUP=8, num_warps=4, num_stages=3)
-    if accumulate:  # the fp32 read-modify-write epilogue: 128 x 256 tiles spilled 248-440 B (compile_check)
-        return dict(BLOCK_M=128, BLOCK_P=128, BLOCK_K=64, GROUP=8, num_warps=8, num_stages=3)
-    # write-only (d_weight): 128 x 256 tiles, 85 FLOP per operand byte instead of 64 (188-250 registers, no spills)
-    return dict(BLOCK_M=128, BLOCK_P=256, BLOCK_K=64, GROUP=8, num_warps=8, num_stages=3)
-
-
-def _matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumulate: bool) -> None:
-    """out (+)= a @ b in Triton with fp32 accumulation (any strides)."""
-    M, K = a.shape
-    P = b.shape[1]
-    cfg = _matmul_config(a.device, torch.float32 if torch.float32 in (a.dtype, b.dtype) else a.dtype, accumulate)
-    # mixed operands (an fp32 dz chunk with an fp16 weight or hidden): both go to fp32 in the kernel, multiplied as
-    # TF32, which holds fp16 values exactly and keeps fp32's exponent range (dz_dtype's reason to be wide)
-    upcast = a.dtype != b.dtype
-    precision = "tf32" if upcast else dot_precision(a.dtype)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(P, cfg["BLOCK_P"]),)
-    _matmul_kernel[grid](
-        a, b, out,
-        M, P, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        ACCUMULATE=accumulate, UPCAST=upcast, INTERPRET_DOT=interpret_dot(), DOT_PRECISION=precision,
-        ROUND_BF16=emulate_bf16_rounding(out.dtype), GROUP=cfg["GROUP"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
-
-
-def _forward(hidden, weight, targets, inv_temp: float, ignore_index: int, with_entropy: bool):
+def token_logprobs_forward(hidden, weight, targets, inv_temp: float, ignore_index: int, with_entropy: bool):
+    """Launch the forward on checked inputs (no autograd): (logp, row max, log sum exp(z - max), entropy), each (N,)
+    fp32; the entropy is empty without `with_entropy`. The autograd function's forward, and what bench.compile_check
+    compiles."""
     N, D = hidden.shape
     V = weight.shape[0]
     logp = torch.empty(N, dtype=torch.float32, device=hidden.device)
@@ -554,7 +374,7 @@ def _forward(hidden, weight, targets, inv_temp: float, ignore_index: int, with_e
     entropy = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=hidden.device)
     if N == 0:
         return logp, row_max, log_sum, entropy
-    cfg = _config(hidden.device, hidden.dtype)
+    cfg = lmhead_config(hidden.device, hidden.dtype)
     n_ranges, range_cols = vocab_ranges(V, cfg["BLOCK_V"], cfg["RANGES"])
     part = torch.empty(4, n_ranges, N, dtype=torch.float32, device=hidden.device)  # O(R N) between the two kernels
     grid = (triton.cdiv(N, cfg["BLOCK_N"]) * n_ranges,)
@@ -575,30 +395,7 @@ def _forward(hidden, weight, targets, inv_temp: float, ignore_index: int, with_e
     return logp, row_max, log_sum, entropy
 
 
-def dz_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Storage of the backward's logits-gradient chunk: the inputs' dtype, except fp32 for fp16 inputs.
-
-    dz = g (onehot - p) / tau: an upstream gradient of a token mean over many tokens (~1e-4) times probabilities
-    ~1/V (~1e-5) is far below fp16's smallest subnormal (6e-8), so in fp16 most of the softmax part would be zero.
-    bf16 has fp32's exponent range and keeps its own dtype (half the buffer).
-    """
-    return torch.float32 if dtype == torch.float16 else dtype
-
-
-def _chunk_width(N: int, V: int, elem_bytes: int, block: int, accumulator_bytes: int = 0) -> int:
-    """Vocabulary rows per backward chunk, a multiple of `block`: the (N, C) buffer takes what _SCRATCH_BYTES leaves
-    beside the d_hidden accumulator, and at least _CHUNK_BYTES.
-
-    Each chunk reads and writes the fp32 (N, D) accumulator once, so fewer, wider chunks cut that traffic: at
-    N = 16384, D = 4096 (a 256 MiB accumulator), 192 MiB of buffer gives C = 6144 and 25 chunks instead of 38.
-    """
-    budget = max(_CHUNK_BYTES, _SCRATCH_BYTES - accumulator_bytes)
-    width = budget // max(1, N * elem_bytes)
-    width = max(block, width // block * block)
-    return min(width, triton.cdiv(V, block) * block)
-
-
-def _backward(
+def token_logprobs_backward(
     hidden,
     weight,
     targets,
@@ -612,28 +409,19 @@ def _backward(
     need_dh,
     need_dw,
 ):
+    """Launch the backward (no autograd): (d_hidden, d_weight), each None unless asked for, from the forward's saved
+    statistics and the upstream gradients (grad_entropy None: no entropy term). The vocabulary chunks and the two
+    gradient products are grm_kernels._lmhead.chunked_backward's; this op supplies its dz kernel."""
     N, D = hidden.shape
-    V = weight.shape[0]
     with_entropy = grad_entropy is not None
-    d_hidden_acc = torch.zeros(N, D, dtype=torch.float32, device=hidden.device) if need_dh else None
-    d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_dw else None
-    if N == 0:
-        if need_dw:
-            d_weight.zero_()
-        return (d_hidden_acc.to(hidden.dtype) if need_dh else None), d_weight
-
-    cfg = _config(hidden.device, hidden.dtype)
+    cfg = lmhead_config(hidden.device, hidden.dtype)
     precision = dot_precision(hidden.dtype)
-    dz_type = dz_dtype(hidden.dtype)
-    width = _chunk_width(N, V, dz_type.itemsize, 256, N * D * 4 if need_dh else 0)
-    dz = torch.empty(N, width, dtype=dz_type, device=hidden.device)  # (N, C) chunk buffer
     grad_logp = grad_logp.contiguous()  # a sum()'s backward hands an expanded (stride 0) gradient
     grad_entropy = grad_entropy.contiguous() if with_entropy else grad_logp
     entropy = entropy if with_entropy else log_sum  # placeholder pointer, never read
-    for v0 in range(0, V, width):
-        c = min(width, V - v0)
+
+    def launch_dz(v0, c, dz_chunk):
         w_chunk = weight[v0 : v0 + c]  # (C, D) view
-        dz_chunk = dz[:, :c]  # (N, C) view
         grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(c, cfg["BLOCK_V"]),)
         _logprob_bwd_dz_kernel[grid](
             hidden, w_chunk, targets, row_max, log_sum, entropy, grad_logp, grad_entropy, dz_chunk,
@@ -642,16 +430,12 @@ def _backward(
             dz_chunk.stride(0), dz_chunk.stride(1),
             inv_temp, ignore_index,
             WITH_ENTROPY=with_entropy, INTERPRET_DOT=interpret_dot(), DOT_PRECISION=precision,
-            ROUND_BF16=emulate_bf16_rounding(dz.dtype), ROUND_TF32=dz.dtype != hidden.dtype, GROUP=cfg["GROUP"],
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
+            ROUND_BF16=emulate_bf16_rounding(dz_chunk.dtype), ROUND_TF32=dz_chunk.dtype != hidden.dtype,
+            GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
-        if need_dh:
-            _matmul(dz_chunk, w_chunk, d_hidden_acc, accumulate=True)  # (N, C) @ (C, D)
-        if need_dw:
-            _matmul(dz_chunk.T, hidden, d_weight[v0 : v0 + c], accumulate=False)  # (C, N) @ (N, D)
-    d_hidden = d_hidden_acc.to(hidden.dtype) if need_dh else None
-    return d_hidden, d_weight
+
+    return chunked_backward(hidden, weight, weight.shape[0], need_dh, need_dw, launch_dz)
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -660,7 +444,9 @@ class _TokenLogprobs(torch.autograd.Function):
         # the kernels read targets[row] as targets_ptr + row: a strided view must be made dense first
         targets = targets.contiguous()
         inv_temp = 1.0 / temperature
-        logp, row_max, log_sum, entropy = _forward(hidden, weight, targets, inv_temp, ignore_index, return_entropy)
+        logp, row_max, log_sum, entropy = token_logprobs_forward(
+            hidden, weight, targets, inv_temp, ignore_index, return_entropy
+        )
         ctx.save_for_backward(hidden, weight, targets, row_max, log_sum, entropy)
         ctx.inv_temp, ctx.ignore_index, ctx.return_entropy = inv_temp, ignore_index, return_entropy
         return (logp, entropy) if return_entropy else logp
@@ -669,7 +455,7 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy=None):
         hidden, weight, targets, row_max, log_sum, entropy = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        d_hidden, d_weight = _backward(
+        d_hidden, d_weight = token_logprobs_backward(
             hidden, weight, targets, row_max, log_sum, entropy, grad_logp,
             grad_entropy if ctx.return_entropy else None,
             ctx.inv_temp, ctx.ignore_index, need_dh, need_dw,
@@ -703,7 +489,7 @@ def _check_inputs(hidden, weight, targets, temperature) -> None:
         raise TypeError(f"{op}: targets must be int64, got {targets.dtype}")
     if hidden.dtype != weight.dtype:
         raise TypeError(f"{op}: hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    if hidden.dtype not in _FLOAT_DTYPES + (torch.float64,):
+    if hidden.dtype not in FLOAT_DTYPES + (torch.float64,):
         raise TypeError(f"{op}: unsupported dtype {hidden.dtype}")
     if not (hidden.device == weight.device == targets.device):
         raise ValueError(f"{op}: tensors on different devices: {hidden.device}, {weight.device}, {targets.device}")

@@ -7,22 +7,51 @@ to `<name>.old`, the new one takes its name, the old one is deleted. A crash at 
 the new checkpoint complete, and `recover` puts back `<name>.old` when the swap was cut between its two renames.
 """
 
+import json
 import os
 import pickle
 import random
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data.schema import file_mode
-from model.hf import save_pretrained
+from data.schema import file_mode, write_text_atomic
+from model.hf import ModelLoadError, save_pretrained
 from runtime.config import ConfigError
 
 STATE_FILE = "trainer_state.pt"
+PROMPT_FILE = "prompt.json"  # how the model in a checkpoint folder is prompted; eval.py, --init and distill read it
+
+
+@dataclass(frozen=True)
+class PromptSettings:
+    """The prompt a checkpoint's model was trained on: reasoning format, instruction text on or off, business rules
+    (None: the built-in ones). Saved beside every checkpoint so that evaluating or continuing it prompts it alike."""
+
+    fmt: str = "criteria"
+    with_instruction: bool = True
+    rules: dict | None = None
+
+
+def read_prompt_settings(folder: str | Path) -> PromptSettings | None:
+    """The folder's saved prompt settings, or None when it has none (a model from elsewhere)."""
+    path = Path(folder) / PROMPT_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return PromptSettings(**data)
+    except (OSError, ValueError, TypeError) as exc:  # unreadable, not JSON, not an object, unknown keys
+        raise ModelLoadError(f"{path}: not readable prompt settings ({exc})") from None
+
+
+def write_prompt_settings(folder: str | Path, settings: PromptSettings) -> None:
+    write_text_atomic(Path(folder) / PROMPT_FILE, json.dumps(asdict(settings), indent=2) + "\n")
 
 
 def recover(path: Path) -> None:
@@ -58,11 +87,19 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     _swap_in(tmp, path)
 
 
-def save_checkpoint(path: Path, model, tokenizer, trainer_state: dict | None = None, state_dict=None) -> None:
-    """Write the model (HF format; `state_dict`: full weights gathered from sharded ranks) and optionally the
-    trainer state to `path`, atomically."""
+def write_model(folder: Path, model, tokenizer, state_dict=None, prompt: PromptSettings | None = None) -> None:
+    """The model in Hugging Face format (`state_dict`: full weights gathered from sharded ranks) and its prompt
+    settings, into `folder` (part of a checkpoint being written: not atomic by itself)."""
+    save_pretrained(model, tokenizer, folder, state_dict)
+    if prompt is not None:
+        write_prompt_settings(folder, prompt)
+
+
+def save_checkpoint(path: Path, model, tokenizer, trainer_state: dict | None = None, state_dict=None,
+                    prompt: PromptSettings | None = None) -> None:  # fmt: skip
+    """Write the model (`write_model`) and optionally the trainer state to `path`, atomically."""
     with atomic_folder(path) as tmp:
-        save_pretrained(model, tokenizer, tmp, state_dict)
+        write_model(tmp, model, tokenizer, state_dict, prompt)
         if trainer_state is not None:
             torch.save(trainer_state, tmp / STATE_FILE)
 

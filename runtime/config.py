@@ -1,8 +1,9 @@
 """A config dataclass becomes flat CLI flags (`group_size` -> `--group-size`), and back.
 
 Every field needs a default and a one-line `#` comment after it in the source (the comment becomes the flag's
-help). Booleans take `--flag` / `--no-flag`. Unknown flags, bad values and `__post_init__` failures become one
-clear line on stderr and exit code 2, before anything runs.
+help; a subclass inherits its base's fields and may declare one again with another default and help). Booleans
+take `--flag` / `--no-flag`. Unknown flags, bad values and `__post_init__` failures become one clear line on stderr
+and exit code 2, before anything runs.
 """
 
 import argparse
@@ -19,14 +20,18 @@ class ConfigError(ValueError):
 
 
 def _help_texts(cls) -> dict[str, str]:
-    """`field: type = default  # help` comments of the dataclass source."""
+    """`field: type = default  # help` comments of the dataclass source, base classes first (a subclass that
+    declares a field again, with another default, gives it its own help)."""
     out = {}
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return out
-    for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, re.MULTILINE):
-        out[m.group(1)] = m.group(2).strip()
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        for m in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, re.MULTILINE):
+            out[m.group(1)] = m.group(2).strip()
     return out
 
 

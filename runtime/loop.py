@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from data.schema import write_text_atomic
-from grm_kernels._common import INTERPRET
+from grm_kernels import INTERPRET
 from model.hf import default_dtype
 from runtime.checkpoint import load_trainer_state, recover
 from runtime.config import ConfigError, from_dict

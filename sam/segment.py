@@ -17,6 +17,8 @@ segment (id 0 everywhere). Response tokens get ids 0..S-1 partitioning the respo
 (prompt, padding) gets -1.
 """
 
+from dataclasses import dataclass
+
 import torch
 
 from sam.parse import ParseResult, parse_scores
@@ -26,15 +28,87 @@ SEGMENTERS = ("boxes", "steps", "box_tokens", "none")
 
 
 def num_segments(segmenter: str, fmt: str = "criteria") -> int:
-    if segmenter not in SEGMENTERS:
-        raise ValueError(f"unknown segmenter {segmenter!r}; choose from {SEGMENTERS}")
-    if segmenter == "boxes":
-        return NUM_BOXES[fmt]
-    if segmenter == "steps":
-        return max(1, NUM_STEPS[fmt])
-    if segmenter == "box_tokens":
-        return 2 * NUM_BOXES[fmt]
-    return 1
+    return Layout(segmenter, fmt).num_segments
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything the method knows about one segmentation (`segmenter` of a completion in format `fmt`): the
+    segments and their names, which verdicts the masking rule reads for them, and where SAM's exception applies.
+
+    - `num_segments` / `names`: the segments of `segment_batch`, in order;
+    - `verdict_width`: the columns of the verdicts the masking rule reads: one per segment, except under box_tokens,
+      where the rule reads one verdict per box and the `token` policy spreads it onto the box's tokens;
+    - `box_columns`: for box-shaped verdicts (one per box), the box each verdict column takes;
+    - `step_groups`: for the criteria format's per-step gold verdicts, the steps (1-based) each column covers (a
+      column over several steps is right when every known step in it is right, unknown when none is known);
+    - `exception_segments`: the (initial, calibrated) verdict columns of SAM's exception (sam/mask.py).
+    """
+
+    segmenter: str = "boxes"
+    fmt: str = "criteria"
+
+    def __post_init__(self):
+        if self.segmenter not in SEGMENTERS:
+            raise ValueError(f"unknown segmenter {self.segmenter!r}; choose from {SEGMENTERS}")
+        if self.fmt not in NUM_BOXES:
+            raise ValueError(f"unknown format {self.fmt!r}; choose from {tuple(NUM_BOXES)}")
+
+    @property
+    def num_boxes(self) -> int:
+        return NUM_BOXES[self.fmt]
+
+    @property
+    def num_segments(self) -> int:
+        if self.segmenter == "boxes":
+            return self.num_boxes
+        if self.segmenter == "steps":
+            return max(1, NUM_STEPS[self.fmt])
+        if self.segmenter == "box_tokens":
+            return 2 * self.num_boxes
+        return 1
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        boxes = ("initial", "calibrated", "final")[-self.num_boxes :]
+        if self.segmenter == "boxes":
+            return tuple(f"up to the {b} box" for b in boxes)
+        if self.segmenter == "steps":
+            return tuple(f"step {k}" for k in range(1, self.num_segments + 1))
+        if self.segmenter == "box_tokens":
+            return tuple(name for b in boxes for name in (f"text before the {b} box", f"{b} box"))
+        return ("whole completion",)
+
+    @property
+    def verdict_width(self) -> int:
+        return self.num_boxes if self.segmenter == "box_tokens" else self.num_segments
+
+    @property
+    def box_columns(self) -> tuple[int, ...]:
+        last = self.num_boxes - 1
+        if self.fmt != "criteria":  # one box: the only verdict is the outcome itself
+            return (last,) * self.verdict_width
+        if self.segmenter in ("boxes", "box_tokens"):
+            return tuple(range(self.num_boxes))
+        if self.segmenter == "steps":  # steps 1-5 lead to the initial box, 6 calibrates, 7 answers
+            return (0, 0, 0, 0, 0, 1, 2)
+        return (last,)
+
+    @property
+    def step_groups(self) -> tuple[tuple[int, ...], ...]:
+        if self.segmenter == "steps":
+            return tuple((k,) for k in range(1, NUM_STEPS[self.fmt] + 1))
+        if self.segmenter in ("boxes", "box_tokens") and self.fmt == "criteria":
+            return ((1, 2, 3, 4, 5), (6,), (7,))
+        return ((NUM_STEPS[self.fmt],),)
+
+    @property
+    def exception_segments(self) -> tuple[int, int]:
+        return (4, 5) if self.segmenter == "steps" else (0, 1)
+
+    def segment(self, completion_ids: torch.Tensor, response_mask: torch.Tensor, tokenizer):
+        """`segment_batch` in this layout."""
+        return segment_batch(completion_ids, response_mask, tokenizer, segmenter=self.segmenter, fmt=self.fmt)
 
 
 def token_char_spans(ids: list[int], tokenizer) -> tuple[str, list[tuple[int, int]]]:

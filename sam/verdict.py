@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from sam.parse import ParseResult
-from sam.segment import num_segments
+from sam.segment import Layout
 
 SOURCES = ("box", "gold", "gold-box")
 
@@ -125,31 +125,25 @@ def gold_verdicts(texts: list[str], parses: list[ParseResult], golds: list[dict 
 
 
 def expand_to_segments(verdicts: Verdicts, segmenter: str, fmt: str = "criteria", source: str = "box") -> Verdicts:
-    """Map box (B, 3) or gold step (B, 7) verdicts onto the segments of `segmenter`.
+    """Map box (B, K) or gold step (B, 7) verdicts onto the verdict columns of a segmentation (sam.segment.Layout:
+    one per segment, one per box under box_tokens, whose text segments the `token` policy always keeps).
 
-    box -> steps: steps 1-5 take box 1, step 6 box 2, step 7 box 3. gold -> boxes: S1 (steps 1-5) is correct iff
-    every known step in it is correct (unknown if none is known); S2 = step 6; S3 = step 7. box_tokens uses one
-    verdict per box (text segments are always kept by the `token` policy). none: the last box / step (the outcome).
-    "gold-box" verdicts are box-shaped (B, 3) and map exactly as "box".
+    Box-shaped verdicts ("box", "gold-box") go through `Layout.box_columns` (under steps: steps 1-5 take box 1,
+    step 6 box 2, step 7 box 3; none: the last box, the outcome). Gold step verdicts go through
+    `Layout.step_groups`: a column over several steps (S1 = steps 1-5 under boxes) is correct iff every known step
+    in it is correct, and unknown if none is known. In a format with one box the only verdict is the outcome.
     """
     if source not in SOURCES:
         raise ValueError(f"expand_to_segments: source must be one of {SOURCES}, got {source!r}")
-    S = num_segments(segmenter, fmt)
+    layout = Layout(segmenter, fmt)
     c, k = verdicts.correct, verdicts.known
-    if fmt != "criteria":
-        # one box: the only verdict is the outcome itself
-        return Verdicts(c[:, -1:].expand(-1, S).clone(), k[:, -1:].expand(-1, S).clone())
-    if source in ("box", "gold-box"):  # both (B, 3), one verdict per box
-        if segmenter in ("boxes", "box_tokens"):
-            return Verdicts(c, k)
-        if segmenter == "steps":
-            index = torch.tensor([0, 0, 0, 0, 0, 1, 2])
-            return Verdicts(c[:, index], k[:, index])
-        return Verdicts(c[:, -1:], k[:, -1:])
-    if segmenter == "steps":
-        return Verdicts(c, k)
-    if segmenter in ("boxes", "box_tokens"):
-        k1 = k[:, :5].any(dim=1)
-        c1 = k1 & ~(k[:, :5] & ~c[:, :5]).any(dim=1)
-        return Verdicts(torch.stack([c1, c[:, 5], c[:, 6]], 1), torch.stack([k1, k[:, 5], k[:, 6]], 1))
-    return Verdicts(c[:, -1:], k[:, -1:])
+    if fmt != "criteria" or source in ("box", "gold-box"):  # one verdict per box
+        index = torch.tensor(layout.box_columns if fmt == "criteria" else (c.shape[1] - 1,) * layout.verdict_width)
+        return Verdicts(c[:, index], k[:, index])
+    cols_c, cols_k = [], []
+    for steps in layout.step_groups:
+        index = torch.tensor([s - 1 for s in steps])
+        known = k[:, index].any(dim=1)
+        cols_k.append(known)
+        cols_c.append(known & ~(k[:, index] & ~c[:, index]).any(dim=1))
+    return Verdicts(torch.stack(cols_c, 1), torch.stack(cols_k, 1))

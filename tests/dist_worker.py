@@ -23,6 +23,7 @@ from model.hf import PRESETS, load_tokenizer, prepare  # noqa: E402
 from model.sampling import pad_left, pad_right  # noqa: E402
 from runtime.checkpoint import rank_rng_states, save_checkpoint  # noqa: E402
 from runtime.config import parse_flags  # noqa: E402
+from runtime.configs import DistillConfig, TrainConfig  # noqa: E402
 from runtime.loop import make_optimizer  # noqa: E402
 from runtime.parallel import Sharded, init_distributed, resolve_strategy, shutdown  # noqa: E402
 from sam.prompt import render_gold_reasoning  # noqa: E402
@@ -68,7 +69,7 @@ def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_i
     result = {"world": dist.world, "strategy": strategy}
 
     # GRPO + SAM: rl_update with a frozen KL reference, 2 inner epochs, micro-batches that split the rank's rows
-    cfg = parse_flags(train.Config, ["--impl", impl, "--mu", "2", "--micro-batch", "3", "--kl-coef", "0.05",
+    cfg = parse_flags(TrainConfig, ["--impl", impl, "--mu", "2", "--micro-batch", "3", "--kl-coef", "0.05",
                                      "--grad-clip", "0.5"])[0]  # fmt: skip
     fresh = lambda: prepare(small_model(), device="cpu")  # noqa: E731
     policy = Sharded(fresh(), dist, strategy)
@@ -85,7 +86,7 @@ def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_i
 
     # distillation: both students (token-level rkl), fixed teacher traces; on rank 1 (rows 2, 3 of the combined
     # batch) the traces never end, so its label student has no rows and must run zero-weighted micro-batches
-    dcfg = parse_flags(distill.Config, ["--teacher", teacher, "--data-dir", bench, "--loss", "rkl", "--micro-batch",
+    dcfg = parse_flags(DistillConfig, ["--teacher", teacher, "--data-dir", bench, "--loss", "rkl", "--micro-batch",
                                         "1", "--prompts-per-step", "4", "--lr", "1e-2", "--impl", distill_impl,
                                         "--parallel", strategy if strategy != "none" else "auto"])[0]  # fmt: skip
     run = distill.Run(dcfg, None, dist)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 import ablate
-from data import synthetic
 from sam import metrics
 from sam.metrics import relevance_metrics
 
@@ -20,10 +19,8 @@ TINY = ("--model nano --sft-epochs 0.33 --sft-batch-size 4 --rl-steps 2 --prompt
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    synthetic.write_benchmark(out, seed=0, sizes=SIZES)
-    return out
+def bench(make_bench):
+    return make_bench(SIZES)
 
 
 def arms_file(tmp_path, arms):

@@ -10,12 +10,12 @@ from safetensors.torch import load_file
 
 import distill
 import runtime.loop
-from data import synthetic
 from grm_kernels import distill_kl_ref
 from model.hf import build_preset, load_tokenizer
 from model.sampling import response_hidden
 from runtime.checkpoint import save_checkpoint
-from runtime.config import ConfigError
+from runtime.config import ConfigError, parse_config
+from runtime.configs import DistillConfig
 from runtime.data import Encoded
 from sam.prompt import render_gold_reasoning
 
@@ -23,24 +23,14 @@ SIZES = {"rl": 16, "val": 4, "test_random": 4, "test_longtail": 4}
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    synthetic.write_benchmark(out, seed=0, sizes=SIZES)
-    return out
+def bench(make_bench):
+    return make_bench(SIZES)
 
 
 @pytest.fixture(scope="module")
-def teacher(bench, tmp_path_factory):
+def teacher(bench, make_teacher):
     """A random `tiny` teacher made peaked (final norm x 30), so a fresh student starts far from it."""
-    tok = load_tokenizer(bench / "tokenizer")
-    model = build_preset("tiny", tok, seed=5, max_positions=1024)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(30.0)
-    path = tmp_path_factory.mktemp("teacher") / "best"
-    save_checkpoint(path, model, tok)
-    prompt = {"fmt": "criteria", "with_instruction": False, "rules": None}
-    (path / "prompt.json").write_text(json.dumps(prompt))
-    return path
+    return make_teacher(bench, peaked=30.0)
 
 
 def args(bench, teacher, out, *extra):
@@ -129,7 +119,7 @@ def test_triton_kernel_inside_the_loop_matches_the_reference(bench, teacher, tmp
 
 
 def make_run(bench, teacher, tmp_path, *extra):
-    cfg, _ = distill.parse_config(distill.Config, args(bench, teacher, tmp_path, *extra), "")
+    cfg, _ = parse_config(DistillConfig, args(bench, teacher, tmp_path, *extra), "")
     return distill.Run(cfg, None)
 
 
@@ -256,7 +246,7 @@ def test_resume_refuses_changed_settings(bench, teacher, tmp_path, capsys):
     assert distill.main(args(data, teacher, tmp_path, "--name", "r", "--resume")) == 2
     assert "the data changed since" in capsys.readouterr().err
     with pytest.raises(ConfigError):
-        distill.Config(students="")
+        DistillConfig(students="")
 
 
 def test_triton_without_cuda_or_interpreter_is_a_clear_error(bench, teacher, tmp_path, capsys, monkeypatch):

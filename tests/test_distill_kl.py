@@ -6,11 +6,11 @@ from functools import partial
 import pytest
 import torch
 
-import grm_kernels.logprob as logprob_mod
+import grm_kernels._lmhead as lmhead
 from grm_kernels.distill_kl import distill_kl, distill_kl_ref
 from tests.numerics import assert_2x, requires_cuda
 
-# (N, Ds, Dt, Vs, Vt). The interpreter's tiles are BLOCK_N=16, BLOCK_V=64, BLOCK_D=32 (grm_kernels/logprob.py:_config).
+# (N, Ds, Dt, Vs, Vt). Interpreter tiles: BLOCK_N=16, BLOCK_V=64, BLOCK_D=32 (grm_kernels/_lmhead.py:lmhead_config).
 SMALL = (20, 40, 24, 200, 200)
 ODD = (37, 72, 40, 331, 331)  # nothing a power of two; V not a multiple of the block
 STUDENT_WIDER = (21, 40, 24, 203, 190)  # padded heads of different sizes: the loss uses the first 190 rows
@@ -45,6 +45,31 @@ def triton_fn(*args, **kw):
     return distill_kl(*args, impl="triton", **kw)
 
 
+def record_chunks(monkeypatch):
+    """Spy on the shared chunked backward: the widths of the d_weight chunks it computes, in order."""
+    widths, matmul = [], lmhead.matmul
+
+    def spy(a, b, out, *, accumulate):
+        if not accumulate:  # d_weight[chunk] = dz^T @ hidden, a = dz^T (C, N)
+            widths.append(a.shape[0])
+        matmul(a, b, out, accumulate=accumulate)
+
+    monkeypatch.setattr(lmhead, "matmul", spy)
+    return widths
+
+
+def dirty_allocations(monkeypatch):
+    """Fresh float tensors from torch.empty_like hold NaN (on the CPU they are often zero pages by luck): rows a
+    kernel should have written, or zeroed, then show."""
+    empty_like = torch.empty_like
+
+    def dirty(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty_like", dirty)
+
+
 def check_against_gold(hs, ws, ht, wt, mask, upstream, **kw):
     out = run(triton_fn, hs, ws, ht, wt, mask, upstream, **kw)
     ref = run(distill_kl_ref, hs, ws, ht, wt, mask, upstream, **kw)
@@ -75,7 +100,8 @@ def test_peaked_logits_are_stable(kind):
 
 @pytest.mark.parametrize("shape", [STUDENT_WIDER, TEACHER_WIDER], ids=["student-wider", "teacher-wider"])
 @pytest.mark.parametrize("kind", ["fkl", "jsd"])
-def test_vocab_mismatch_uses_shared_rows(shape, kind):
+def test_vocab_mismatch_uses_shared_rows(monkeypatch, shape, kind):
+    dirty_allocations(monkeypatch)  # the student head's rows past V must be zeroed, not just allocated
     hs, ws, ht, wt, mask, upstream = make_inputs(*shape, seed=2)
     V = min(ws.shape[0], wt.shape[0])
     with pytest.warns(UserWarning, match=f"shared first {V}"):
@@ -86,7 +112,8 @@ def test_vocab_mismatch_uses_shared_rows(shape, kind):
     assert torch.equal(d_weight[:V], cut[2]) and torch.all(d_weight[V:] == 0)
 
 
-def test_explicit_vocab_size():
+def test_explicit_vocab_size(monkeypatch):
+    dirty_allocations(monkeypatch)
     hs, ws, ht, wt, mask, upstream = make_inputs(*STUDENT_WIDER, seed=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an explicit vocab_size is not announced
@@ -135,7 +162,8 @@ def test_masked_rows_give_zero_and_no_gradient(kind):
     assert torch.allclose(d_weight, kept[2], atol=1e-6)
 
 
-def test_all_rows_masked_and_empty_batch():
+def test_all_rows_masked_and_empty_batch(monkeypatch):
+    dirty_allocations(monkeypatch)  # without rows no chunk runs: d_weight must be zeroed, not just allocated
     hs, ws, ht, wt, mask, upstream = make_inputs(*SMALL, seed=7)
     for impl in ("triton", "ref"):
         fn = partial(distill_kl, impl=impl)
@@ -151,9 +179,11 @@ def test_all_rows_masked_and_empty_batch():
 def test_multi_chunk_backward(monkeypatch):
     inputs = make_inputs(*ODD, seed=8)
     one = run(triton_fn, *inputs, kind="rkl")
-    monkeypatch.setattr(logprob_mod, "_SCRATCH_BYTES", 0)  # the chunk buffer at its floor, _CHUNK_BYTES
-    monkeypatch.setattr(logprob_mod, "_CHUNK_BYTES", 37 * 4 * 256)  # chunks of 256 rows; the last one 75 wide
+    monkeypatch.setattr(lmhead, "SCRATCH_BYTES", 0)  # the chunk buffer at its floor, CHUNK_BYTES
+    monkeypatch.setattr(lmhead, "CHUNK_BYTES", 37 * 4 * 256)  # chunks of 256 rows; the last one 75 wide
+    widths = record_chunks(monkeypatch)
     chunked = check_against_gold(*inputs, kind="rkl")
+    assert widths == [256, 75]
     assert torch.equal(one[0], chunked[0]) and torch.equal(one[2], chunked[2])
     assert torch.allclose(one[1], chunked[1], atol=1e-6)
 
@@ -252,7 +282,7 @@ def test_gpu_memory_stays_linear_in_n():
 
     from grm_kernels._common import vocab_ranges
 
-    cfg = importlib.import_module("grm_kernels.distill_kl")._distill_config(hs, ht)
+    cfg = importlib.import_module("grm_kernels.distill_kl").distill_config(hs, ht)
     ranges, _ = vocab_ranges(V, cfg["BLOCK_V"], cfg["RANGES"])
     assert extra < N * (20 * ranges + 64), f"forward used {extra} extra bytes; one logit matrix would be {N * V * 2}"
     assert torch.equal(distill_kl(hs[100:200].contiguous(), ws, ht[100:200].contiguous(), wt), loss[100:200])
@@ -287,11 +317,12 @@ def test_merge_of_unequal_and_empty_ranges(monkeypatch, kind, beta):
     from grm_kernels._common import vocab_ranges
 
     distill_mod = importlib.import_module("grm_kernels.distill_kl")
-    config = logprob_mod._config
-    monkeypatch.setattr(distill_mod, "_config", lambda device, dtype: {**config(device, dtype), "RANGES": 5})
     assert vocab_ranges(331, 64, 5) == (3, 128)
-    monkeypatch.setattr(distill_mod, "vocab_ranges", lambda V, block, most: (5, 128))  # two ranges past V
+    split = []
+    # five ranges of 128 columns: two past V
+    monkeypatch.setattr(distill_mod, "vocab_ranges", lambda V, block, most: split.append(V) or (5, 128))
     check_against_gold(*make_inputs(*ODD, seed=30, mask_frac=0.2), kind=kind, beta=beta)
+    assert split == [331]  # the forward took the five ranges
 
 
 @pytest.mark.parametrize("kind", ["fkl", "rkl"])

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import grm_kernels._lmhead as lmhead
 import grm_kernels.logprob as logprob_mod
 from grm_kernels._common import vocab_ranges
 from grm_kernels.logprob import token_logprobs, token_logprobs_ref
@@ -11,7 +12,7 @@ from tests.numerics import assert_2x, requires_cuda
 IGNORE = -100
 
 # (N, D, V). The interpreter's tiles are BLOCK_N=16, BLOCK_V=64, BLOCK_D=32, with up to 3 vocabulary ranges and groups
-# of 2 row blocks (grm_kernels/logprob.py:_config): V = 1271 splits into ranges of 448, 448 and 375 columns.
+# of 2 row blocks (grm_kernels/_lmhead.py:lmhead_config): V = 1271 splits into ranges of 448, 448 and 375 columns.
 SHAPES = [
     pytest.param(48, 128, 640, id="small"),
     pytest.param(37, 72, 1271, id="odd"),  # nothing a power of two; V not a multiple of any block size
@@ -47,6 +48,31 @@ def run(fn, hidden, weight, targets, grad_logp, grad_entropy, **kw):
     logp, entropy = fn(h, w, targets, return_entropy=True, **kw)
     (logp * grad_logp.to(logp.dtype) + entropy * grad_entropy.to(entropy.dtype)).sum().backward()
     return logp.detach(), entropy.detach(), h.grad, w.grad
+
+
+def record_chunks(monkeypatch):
+    """Spy on the shared chunked backward: the widths of the d_weight chunks it computes, in order."""
+    widths, matmul = [], lmhead.matmul
+
+    def spy(a, b, out, *, accumulate):
+        if not accumulate:  # d_weight[chunk] = dz^T @ hidden, a = dz^T (C, N)
+            widths.append(a.shape[0])
+        matmul(a, b, out, accumulate=accumulate)
+
+    monkeypatch.setattr(lmhead, "matmul", spy)
+    return widths
+
+
+def dirty_allocations(monkeypatch):
+    """Fresh float tensors from torch.empty_like hold NaN (on the CPU they are often zero pages by luck): rows a
+    kernel should have written, or zeroed, then show."""
+    empty_like = torch.empty_like
+
+    def dirty(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty_like", dirty)
 
 
 def check_against_gold(hidden, weight, targets, grad_logp, grad_entropy, temperature=1.0):
@@ -99,10 +125,11 @@ def test_multi_chunk_backward(monkeypatch):
     inputs = make_inputs(37, 72, 1271, torch.float32, seed=5)
     one_chunk = check_against_gold(*inputs)
     # 37 rows x 4 bytes x 256 columns: chunks of 256 vocabulary rows, the last one 247 wide
-    monkeypatch.setattr(logprob_mod, "_SCRATCH_BYTES", 0)  # the chunk buffer at its floor, _CHUNK_BYTES
-    monkeypatch.setattr(logprob_mod, "_CHUNK_BYTES", 37 * 4 * 256)
-    assert logprob_mod._chunk_width(37, 1271, 4, 256) == 256
+    monkeypatch.setattr(lmhead, "SCRATCH_BYTES", 0)  # the chunk buffer at its floor, CHUNK_BYTES
+    monkeypatch.setattr(lmhead, "CHUNK_BYTES", 37 * 4 * 256)
+    widths = record_chunks(monkeypatch)
     chunked = check_against_gold(*inputs)
+    assert widths == [256, 256, 256, 256, 247]
     # d_weight of a chunk is one complete reduction over all rows either way: bitwise equal
     assert torch.equal(one_chunk[3], chunked[3])
 
@@ -175,7 +202,8 @@ def test_on_policy_ratio_is_exactly_one():
     assert torch.equal(torch.exp(new.detach() - old), torch.ones_like(old))
 
 
-def test_empty_batch():
+def test_empty_batch(monkeypatch):
+    dirty_allocations(monkeypatch)  # d_weight must be zeroed, not just allocated
     hidden = torch.zeros(0, 16, requires_grad=True)
     weight = torch.randn(70, 16, requires_grad=True)
     logp = token_logprobs(hidden, weight, torch.zeros(0, dtype=torch.int64), impl="triton")
@@ -259,7 +287,7 @@ def test_gpu_batch_invariance_and_memory():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     # O(N) statistics: 4 fp32 per row and vocabulary range between the split kernels, plus the per-row outputs
-    cfg = logprob_mod._config(hidden.device, hidden.dtype)
+    cfg = lmhead.lmhead_config(hidden.device, hidden.dtype)
     ranges, _ = vocab_ranges(V, cfg["BLOCK_V"], cfg["RANGES"])
     assert extra < N * (16 * ranges + 64), f"forward used {extra} extra bytes; logits would be {N * V * 2}"
     part = token_logprobs(hidden[1000:1100].contiguous(), weight, targets[1000:1100])
@@ -320,21 +348,29 @@ def test_vocab_ranges_cover_the_vocabulary_once(V, block, max_ranges):
 
 
 def with_ranges(monkeypatch, module, ranges):
-    """Make `module`'s launch configuration (interpreter tiles) use up to `ranges` vocabulary ranges."""
-    config = logprob_mod._config
-    monkeypatch.setattr(module, "_config", lambda device, dtype: {**config(device, dtype), "RANGES": ranges})
+    """Make `module`'s launch configuration (interpreter tiles) use up to `ranges` vocabulary ranges; returns the
+    list of configurations handed out, so a test can check that the launchers asked for them."""
+    config, given = lmhead.lmhead_config, []
+
+    def patched(device, dtype):
+        given.append({**config(device, dtype), "RANGES": ranges})
+        return given[-1]
+
+    monkeypatch.setattr(module, "lmhead_config", patched)  # the name the module's launchers look up
+    return given
 
 
 def test_merge_of_unequal_and_empty_ranges(monkeypatch):
     # V = 300 is 5 tiles of 64: 3 ranges of 2 tiles hold 128, 128 and 44 columns; a fourth range past V (all
     # padding: the kernels accept one, though vocab_ranges never makes it) must add nothing in the merge
-    with_ranges(monkeypatch, logprob_mod, 4)
     assert vocab_ranges(300, 64, 4) == (3, 128)
-    monkeypatch.setattr(logprob_mod, "vocab_ranges", lambda V, block, most: (4, 128))
+    split = []
+    monkeypatch.setattr(logprob_mod, "vocab_ranges", lambda V, block, most: split.append(V) or (4, 128))
     hidden, weight, targets, g1, g2 = make_inputs(37, 72, 300, torch.float32, seed=20)
     targets[:4] = torch.tensor([0, 127, 128, 299])  # targets at the edges of the ranges
     check_against_gold(hidden, weight, targets, g1, g2)
     check_against_gold(*make_inputs(37, 72, 300, torch.bfloat16, seed=21))
+    assert split == [300, 300]  # both forwards took the four ranges
 
 
 @pytest.mark.parametrize("column", [5, 700, 1270], ids=["first-range", "middle-range", "last-range"])
@@ -363,8 +399,9 @@ def test_split_batch_invariance_across_ranges_and_groups(monkeypatch):
         hidden[offset : offset + 3], targets[offset : offset + 3] = rows, row_targets
         logp, ent = token_logprobs(hidden, weight, targets, return_entropy=True, impl="triton")
         assert torch.equal(logp[offset : offset + 3], base[0]) and torch.equal(ent[offset : offset + 3], base[1])
-    with_ranges(monkeypatch, logprob_mod, 1)
+    given = with_ranges(monkeypatch, logprob_mod, 1)
     single = token_logprobs(rows, weight, row_targets, return_entropy=True, impl="triton")
+    assert given and all(cfg["RANGES"] == 1 for cfg in given)
     for a, b in zip(base, single):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -377,15 +414,15 @@ def test_matmul_grouped_order(M, P, K, accumulate):
     a, b = torch.randn(M, K, generator=g), torch.randn(K, P, generator=g)
     out = torch.randn(M, P, generator=g)
     expected = a.double() @ b.double() + (out.double() if accumulate else 0)
-    logprob_mod._matmul(a, b, out, accumulate=accumulate)
+    lmhead.matmul(a, b, out, accumulate=accumulate)
     assert torch.allclose(out.double(), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_chunk_width_keeps_the_scratch_budget():
     # shape A (N = 16384, D = 4096, bf16): a 256 MiB accumulator leaves 192 MiB of buffer, 6144 columns, 25 chunks
     acc = 16384 * 4096 * 4
-    width = logprob_mod._chunk_width(16384, 151936, 2, 256, acc)
-    assert width == 6144 and acc + 16384 * width * 2 <= logprob_mod._SCRATCH_BYTES
+    width = lmhead.chunk_width(16384, 151936, 2, 256, acc)
+    assert width == 6144 and acc + 16384 * width * 2 <= lmhead.SCRATCH_BYTES
     # a small batch gets wide chunks (a whole vocabulary at most); a huge accumulator keeps the floor
-    assert logprob_mod._chunk_width(64, 151936, 2, 256, 64 * 4096 * 4) == 151936 // 256 * 256 + 256
-    assert 65536 * logprob_mod._chunk_width(65536, 151936, 2, 256, 65536 * 8192 * 4) * 2 <= logprob_mod._CHUNK_BYTES
+    assert lmhead.chunk_width(64, 151936, 2, 256, 64 * 4096 * 4) == 151936 // 256 * 256 + 256
+    assert 65536 * lmhead.chunk_width(65536, 151936, 2, 256, 65536 * 8192 * 4) * 2 <= lmhead.CHUNK_BYTES

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import synthetic
 from model.hf import build_preset, load_model, load_tokenizer
-from runtime.checkpoint import load_trainer_state, save_checkpoint
+from runtime.checkpoint import load_trainer_state
 from runtime.config import parse_flags
+from runtime.configs import TrainConfig
 from runtime.parallel import Dist, Sharded, resolve_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,20 +30,13 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    synthetic.write_benchmark(out, seed=0, sizes=SIZES)
-    return out
+def bench(make_bench):
+    return make_bench(SIZES)
 
 
 @pytest.fixture(scope="module")
-def teacher(bench, tmp_path_factory):
-    tok = load_tokenizer(bench / "tokenizer")
-    model = build_preset("tiny", tok, seed=5, max_positions=1024)
-    path = tmp_path_factory.mktemp("teacher") / "best"
-    save_checkpoint(path, model, tok)
-    (path / "prompt.json").write_text(json.dumps({"fmt": "criteria", "with_instruction": False, "rules": None}))
-    return path
+def teacher(bench, make_teacher):
+    return make_teacher(bench)
 
 
 def torchrun(*args, nproc=2, timeout=300):
@@ -180,7 +173,7 @@ def test_resume_under_another_world_size_is_a_clear_error(bench, tmp_path, monke
 
     assert train.main(train_args(bench, tmp_path, "--name", "one", "--halt-after", "1")) == 0
     monkeypatch.setattr(Dist, "barrier", lambda self: None)  # no process group here: rank 0 of 2 alone
-    cfg, given = parse_flags(train.Config, train_args(bench, tmp_path, "--name", "one", "--resume"))
+    cfg, given = parse_flags(TrainConfig, train_args(bench, tmp_path, "--name", "one", "--resume"))
     with pytest.raises(ConfigError, match="was written by 1 process.*this run has 2"):
         setup_run_dir(cfg, given, ("ckpt",), Dist(rank=0, world=2))
 

@@ -10,8 +10,8 @@ import torch
 
 from runtime.checkpoint import _swap_in, recover, rng_states, set_rng_states
 from runtime.config import ConfigError, from_dict, parse_config
+from runtime.configs import TrainConfig as Config
 from runtime.loop import batch_indices, lr_lambda
-from train import Config
 
 
 @dataclass

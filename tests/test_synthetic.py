@@ -7,7 +7,7 @@ import pytest
 
 from data import synthetic
 from data.schema import read_jsonl
-from data.tokenizer import load_tokenizer
+from model.hf import load_tokenizer
 from sam.parse import parse_scores
 from sam.prompt import LABELS, render_gold_reasoning
 
@@ -15,10 +15,8 @@ SMALL = {"sft": 120, "rl": 300, "val": 40, "test_random": 100, "test_longtail": 
 
 
 @pytest.fixture(scope="module")
-def bench_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    synthetic.write_benchmark(out, seed=3, sizes=SMALL)
-    return out
+def bench_dir(make_bench):
+    return make_bench(SMALL, seed=3)
 
 
 @pytest.fixture(scope="module")

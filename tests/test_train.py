@@ -15,10 +15,9 @@ import eval as eval_script
 import model.sampling
 import runtime.loop
 import train
-from data import synthetic
 from data.schema import read_jsonl
-from data.tokenizer import load_tokenizer as load_builtin_tokenizer
 from grm_kernels import policy_loss, policy_loss_normalizer
+from model.hf import load_tokenizer
 from model.sampling import pad_left, pad_right, response_logprobs
 from runtime.checkpoint import load_trainer_state
 from sam.prompt import render_gold_reasoning, render_prompt
@@ -27,10 +26,8 @@ SIZES = {"sft": 24, "rl": 16, "val": 6, "test_random": 6, "test_longtail": 6}
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    synthetic.write_benchmark(out, seed=0, sizes=SIZES)
-    return out
+def bench(make_bench):
+    return make_bench(SIZES)
 
 
 def fast_args(bench, out, *extra):
@@ -338,7 +335,7 @@ def test_bad_input_fails_clearly_before_training(bench, tmp_path, capsys, case):
 
 
 def test_long_prompts_can_be_skipped_and_counted(bench, tmp_path):
-    tok = load_builtin_tokenizer(bench / "tokenizer")
+    tok = load_tokenizer(bench / "tokenizer")
 
     def lengths(split, n):
         return [len(tok(render_prompt(r, "generic", with_instruction=False))["input_ids"])
@@ -413,7 +410,7 @@ def test_hugging_face_model_with_bpe_tokenizer(bench, tmp_path):
 def test_mini_convergence_fused_equals_reference(bench):
     """A few optimizer steps (SFT NLL, then the SAM policy loss) with impl="ref" and impl="triton" (the Triton
     interpreter on the CPU) give the same losses and parameters."""
-    tok = load_builtin_tokenizer(bench / "tokenizer")
+    tok = load_tokenizer(bench / "tokenizer")
     records = read_jsonl(bench / "sft.jsonl")[:4]
     prompts = [tok(render_prompt(r, "generic", with_instruction=False))["input_ids"] for r in records]
     targets = [tok(render_gold_reasoning(r, "generic"))["input_ids"] + [tok.eos_token_id] for r in records]
