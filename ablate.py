@@ -86,12 +86,12 @@ PRESETS = {
                 (),
                 ("--policy", "sam", "--segmenter", "steps", "--verdicts", "gold"),
                 "SAM on the 7 steps, each judged against its gold value",
-            ),  # fmt: skip
+            ),
             "generic": Arm(
                 ("--fmt", "generic"),
                 ("--policy", "none"),
                 "generic 3-step prompt (one box: nothing for SAM to mask), outcome GRPO",
-            ),  # fmt: skip
+            ),
         },
     ),
 }
@@ -165,8 +165,11 @@ def load_arms_file(path: str) -> dict[str, Arm]:
         if not isinstance(spec, dict) or set(spec) - {"warmup", "rl", "about"}:
             raise ConfigError(f"{where}: expected an object with keys warmup, rl, about")
         rl = spec.get("rl", [])
-        arms[name] = Arm(_flags(spec.get("warmup", []), where + " warmup"),
-                         None if rl is None else _flags(rl, where + " rl"), str(spec.get("about", "")))  # fmt: skip
+        arms[name] = Arm(
+            _flags(spec.get("warmup", []), where + " warmup"),
+            None if rl is None else _flags(rl, where + " rl"),
+            str(spec.get("about", "")),
+        )
     return arms
 
 
@@ -215,8 +218,9 @@ def plan(cfg: AblateConfig, base: tuple[str, ...], arms: dict[str, Arm]) -> tupl
         for arm_name, arm in arms.items():
             placement = ["--seed", str(seed), "--out-dir", runs_dir]
             warm = f"warmup-{_slug(arm.warmup)}-s{seed}"
-            warmups.setdefault(warm, Job(warm, [*base, *arm.warmup, *placement, "--name", warm, "--stages", "sft"],
-                                         "sft"))  # fmt: skip
+            warmups.setdefault(
+                warm, Job(warm, [*base, *arm.warmup, *placement, "--name", warm, "--stages", "sft"], "sft")
+            )
             if arm.rl is None:
                 result_of[arm_name, seed] = warm
                 continue
@@ -251,8 +255,9 @@ def check_plan(base, arms: dict[str, Arm], jobs: dict[str, Job]) -> str:
             raise ConfigError(f"run {job.name}: bad train.py flags: {exc}") from None
         data_dirs.add(run_cfg.data_dir)
     if len(data_dirs) != 1:
-        raise ConfigError(f"all runs must use one --data-dir (paired comparisons need the same test records); got "
-                          f"{sorted(data_dirs)}")  # fmt: skip
+        raise ConfigError(
+            f"all runs must use one --data-dir (paired comparisons need the same test records); got {sorted(data_dirs)}"
+        )
     return data_dirs.pop()
 
 
@@ -264,8 +269,10 @@ def merge_plan(sweep_dir: Path, jobs: dict[str, Job]) -> None:
     if changed:
         n = changed[0]
         was, now = " ".join(saved[n]), " ".join(jobs[n].argv)
-        raise ConfigError(f"{sweep_dir}: run {n} (and {len(changed) - 1} more) already exists with other flags: "
-                          f"{was!r} vs now {now!r}; choose another --name")  # fmt: skip
+        raise ConfigError(
+            f"{sweep_dir}: run {n} (and {len(changed) - 1} more) already exists with other flags: "
+            f"{was!r} vs now {now!r}; choose another --name"
+        )
     saved.update({n: job.argv for n, job in jobs.items()})
     sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(saved, indent=1) + "\n")
@@ -332,8 +339,12 @@ def execute(cfg: AblateConfig, jobs: dict[str, Job]) -> tuple[list[str], dict[st
                 else:
                     failed.append(name)
                     tail = (logs / f"{name}.log").read_text().strip().splitlines()[-3:]
-                    print(f"FAILED {name} (exit {proc.returncode}); {logs / (name + '.log')} ends with:\n  " +
-                          "\n  ".join(tail), file=sys.stderr, flush=True)  # fmt: skip
+                    print(
+                        f"FAILED {name} (exit {proc.returncode}); {logs / (name + '.log')} ends with:\n  "
+                        + "\n  ".join(tail),
+                        file=sys.stderr,
+                        flush=True,
+                    )
     except KeyboardInterrupt:
         for proc, _, _ in running.values():
             proc.terminate()
@@ -385,15 +396,21 @@ def collect(cfg: AblateConfig, arms: dict[str, Arm], result_of: dict, jobs: dict
                 if steps:
                     values["step_agreement"] = sum(steps) / len(steps)
                     values.update({f"step_agreement_{i + 1}": a for i, a in enumerate(m["step_agreement"])})
-                rows += [{"arm": arm, "seed": seed, "split": split, "metric": k, "value": v} for k, v in values.items()
-                         if v is not None]  # fmt: skip
+                rows += [
+                    {"arm": arm, "seed": seed, "split": split, "metric": k, "value": v}
+                    for k, v in values.items()
+                    if v is not None
+                ]
             preds[arm, seed] = load_predictions(run_dir / f"predictions_{job.stage}.jsonl")
             if job.stage == "rl":
                 for line in (run_dir / "metrics.jsonl").read_text().splitlines():
                     r = json.loads(line)
                     if r["stage"] == "rl":
-                        curves += [{"arm": arm, "seed": seed, "step": r["step"], "metric": k, "value": r[k]}
-                                   for k in DIAGNOSTICS if k in r]  # fmt: skip
+                        curves += [
+                            {"arm": arm, "seed": seed, "step": r["step"], "metric": k, "value": r[k]}
+                            for k in DIAGNOSTICS
+                            if k in r
+                        ]
     return Results(rows, curves, preds, missing)
 
 
@@ -417,8 +434,10 @@ def comparisons(cfg: AblateConfig, arms, res: Results) -> list[dict]:
             a = [res.preds[arm, s].get(split) for s in seeds]
             b = [res.preds[cfg.baseline, s].get(split) for s in seeds]
             if any(x is None or y is None or x[0] != y[0] for x, y in zip(a, b)):
-                raise DataError(f"arm {arm} and baseline {cfg.baseline} were evaluated on different {split} "
-                                f"records; a paired comparison needs the same ones")  # fmt: skip
+                raise DataError(
+                    f"arm {arm} and baseline {cfg.baseline} were evaluated on different {split} "
+                    f"records; a paired comparison needs the same ones"
+                )
             for metric in BOOTSTRAP_METRICS:
                 cmp = paired_bootstrap([x[1:] for x in a], [y[1:] for y in b], metric, cfg.bootstrap)
                 out.append({"arm": arm, "split": split, "metric": metric, "seeds": len(seeds), **cmp})
@@ -446,8 +465,13 @@ def _mean_std(values: list[float]) -> str:
 
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=ROOT, capture_output=True,
-                             text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -456,18 +480,26 @@ def _commit() -> str:
 def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: float | None, jobs=()) -> str:
     summary = summarize(res)
     splits = sorted({r["split"] for r in res.rows})
-    lines = [f"# Ablation `{cfg.name}`", "",
-             f"Command: `python ablate.py {shlex.join(argv)}`  ", f"Commit: {_commit()}, written {date.today()}  ",
-             f"Seeds: {cfg.seed_list}; base train.py flags: `{shlex.join(base) or '(none)'}`  "]  # fmt: skip
+    lines = [
+        f"# Ablation `{cfg.name}`",
+        "",
+        f"Command: `python ablate.py {shlex.join(argv)}`  ",
+        f"Commit: {_commit()}, written {date.today()}  ",
+        f"Seeds: {cfg.seed_list}; base train.py flags: `{shlex.join(base) or '(none)'}`  ",
+    ]
     if seconds:
-        lines.append(f"Runtime this invocation: {_fmt_s(wall or 0)} wall, {len(seconds)} runs, "
-                     f"{_fmt_s(sum(seconds.values()))} summed over runs, {cfg.jobs or 'auto'} at a time  ")  # fmt: skip
+        lines.append(
+            f"Runtime this invocation: {_fmt_s(wall or 0)} wall, {len(seconds)} runs, "
+            f"{_fmt_s(sum(seconds.values()))} summed over runs, {cfg.jobs or 'auto'} at a time  "
+        )
     timings = cfg.sweep_dir / "timings.json"
     recorded = json.loads(timings.read_text()) if timings.exists() else {}
     recorded = [t for n, t in recorded.items() if n in jobs]
     if recorded:
-        lines.append(f"Recorded run times (timings.json, every invocation): {_fmt_s(sum(recorded))} summed over "
-                     f"{len(recorded)} runs  ")  # fmt: skip
+        lines.append(
+            f"Recorded run times (timings.json, every invocation): {_fmt_s(sum(recorded))} summed over "
+            f"{len(recorded)} runs  "
+        )
     if res.missing:
         lines.append(f"Missing (not finished): {', '.join(f'{a} seed {s}' for a, s in res.missing)}")
     lines += ["", "| arm | warm-up flags | RL flags | about |", "|---|---|---|---|"]
@@ -476,25 +508,36 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
         rl = "(no RL)" if arm.rl is None else f"`{shlex.join(arm.rl)}`" if arm.rl else "(base)"
         lines.append(f"| {name} | {warm} | {rl} | {arm.about} |")
     for split in splits:
-        lines += ["", f"## {split}: mean ± std over seeds", "",
-                  "| arm | seeds | accuracy | macro-F1 | binary acc | binary F1 | malformed | step agreement |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## {split}: mean ± std over seeds",
+            "",
+            "| arm | seeds | accuracy | macro-F1 | binary acc | binary F1 | malformed | step agreement |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for arm in arms:
             n = len(summary.get((arm, split, "accuracy"), []))
             cells = [_mean_std(summary.get((arm, split, m), [])) for m in HEADLINE]
             lines.append(f"| {arm} | {n} | " + " | ".join(cells) + " |")
     if cmps:
-        lines += ["", f"## Paired comparison with `{cfg.baseline}`", "",
-                  f"Mean over seeds of (arm - {cfg.baseline}) on the same test records; [95% interval] of a "
-                  f"{cfg.bootstrap}-resample two-level bootstrap (seeds, then examples); * when the interval excludes "
-                  "0. Per-seed differences in parentheses.", "",
-                  "| arm | split | metric | difference [95% interval] | per seed |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "",
+            f"## Paired comparison with `{cfg.baseline}`",
+            "",
+            f"Mean over seeds of (arm - {cfg.baseline}) on the same test records; [95% interval] of a "
+            f"{cfg.bootstrap}-resample two-level bootstrap (seeds, then examples); * when the interval excludes "
+            "0. Per-seed differences in parentheses.",
+            "",
+            "| arm | split | metric | difference [95% interval] | per seed |",
+            "|---|---|---|---|---|",
+        ]
         for c in cmps:
             star = " *" if c["lo"] > 0 or c["hi"] < 0 else ""
             seeds = ", ".join(f"{d:+.3f}" for d in c["per_seed"])
-            lines.append(f"| {c['arm']} | {c['split']} | {c['metric']} | {c['diff']:+.3f} [{c['lo']:+.3f}, "
-                         f"{c['hi']:+.3f}]{star} | ({seeds}) |")  # fmt: skip
+            lines.append(
+                f"| {c['arm']} | {c['split']} | {c['metric']} | {c['diff']:+.3f} [{c['lo']:+.3f}, "
+                f"{c['hi']:+.3f}]{star} | ({seeds}) |"
+            )
     val = {}
     for r in res.curves:
         if r["metric"] == "val/accuracy":
@@ -502,8 +545,13 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
     if val:
         steps = sorted({s for by in val.values() for s in by})
         header = "| arm | " + " | ".join(f"step {s}" for s in steps) + " |"
-        lines += ["", "## Sample efficiency: validation accuracy by RL step (mean over seeds)", "", header,
-                  "|---|" + "---|" * len(steps)]  # fmt: skip
+        lines += [
+            "",
+            "## Sample efficiency: validation accuracy by RL step (mean over seeds)",
+            "",
+            header,
+            "|---|" + "---|" * len(steps),
+        ]
         for arm, by in val.items():
             lines.append(f"| {arm} | " + " | ".join(f"{np.mean(by[s]):.3f}" if s in by else "-" for s in steps) + " |")
     diag = {}
@@ -512,8 +560,13 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
             diag.setdefault((r["arm"], r["metric"]), []).append(r["value"])
     if diag:
         keys = [k for k in DIAGNOSTICS if k != "val/accuracy"]
-        lines += ["", "## RL diagnostics: mean over RL steps and seeds", "",
-                  "| arm | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]  # fmt: skip
+        lines += [
+            "",
+            "## RL diagnostics: mean over RL steps and seeds",
+            "",
+            "| arm | " + " | ".join(keys) + " |",
+            "|---|" + "---|" * len(keys),
+        ]
         for arm in dict.fromkeys(a for a, _ in diag):
             cells = [f"{np.mean(diag[arm, k]):.3f}" if (arm, k) in diag else "-" for k in keys]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
@@ -576,8 +629,12 @@ def plots(sweep_dir: Path, arms, res: Results) -> list[Path]:
                         by_step.setdefault(r["step"], []).append(r["value"])
                 if by_step:
                     steps = sorted(by_step)
-                    ax.plot(steps, [np.mean(by_step[s]) for s in steps], label=arm,
-                            marker="." if key.startswith("val/") else None)  # fmt: skip
+                    ax.plot(
+                        steps,
+                        [np.mean(by_step[s]) for s in steps],
+                        label=arm,
+                        marker="." if key.startswith("val/") else None,
+                    )
             ax.set_title(key)
             ax.set_xlabel("RL step")
         axes[-1].legend(fontsize=7)

@@ -95,8 +95,9 @@ def same_records(by_fmt: dict) -> dict:
     out = {}
     for fmt, enc in by_fmt.items():
         keep = [i for i, r in enumerate(enc.records) if r.id in common]
-        out[fmt] = Encoded([enc.records[i] for i in keep], [enc.prompts[i] for i in keep],
-                           enc.skipped + len(enc.records) - len(keep))  # fmt: skip
+        out[fmt] = Encoded(
+            [enc.records[i] for i in keep], [enc.prompts[i] for i in keep], enc.skipped + len(enc.records) - len(keep)
+        )
     return out
 
 
@@ -109,8 +110,11 @@ class Run(Session):
         shard_check(self.dist, prompts_per_step=cfg.prompts_per_step)
         teacher_dir = Path(cfg.teacher)
         if not teacher_dir.is_dir():
-            hint = " (the default teacher is the output of `python train.py`: run it first)" if (
-                cfg.teacher == DistillConfig.teacher) else ""  # fmt: skip
+            hint = (
+                " (the default teacher is the output of `python train.py`: run it first)"
+                if (cfg.teacher == DistillConfig.teacher)
+                else ""
+            )
             raise ModelLoadError(f"{teacher_dir}: teacher checkpoint not found{hint}")
         teacher = self.load(teacher_dir).eval().requires_grad_(False)
         self.teacher_parameters = num_parameters(teacher)
@@ -145,8 +149,9 @@ class Run(Session):
         size = self.teacher_parameters
         smaller = [name for name in PRESETS if num_parameters(build_preset(name, self.tokenizer)) < size]
         if not smaller:
-            raise ConfigError(f"--student auto: no preset is smaller than the teacher ({size / 1e6:.2f}M "
-                              "parameters); pass --student")  # fmt: skip
+            raise ConfigError(
+                f"--student auto: no preset is smaller than the teacher ({size / 1e6:.2f}M parameters); pass --student"
+            )
         return smaller[-1]  # presets are listed smallest first
 
     def fmt_of(self, student: str) -> str:
@@ -171,21 +176,6 @@ class Run(Session):
 # One step
 
 
-def sample(run: Run, model: Sharded, prompts: list[list[int]], generator):
-    """(prompt ids, prompt mask, completion, response mask) for one trace per prompt; None without prompts.
-    Collective (under FSDP the weights are gathered for it), so every rank calls it, with or without prompts."""
-    cfg, tok = run.cfg, run.tokenizer
-    with model.gathered():
-        if not prompts:
-            return None
-        p_ids, p_mask = pad_left(prompts, tok.pad_token_id, run.device)
-        completion, response = model(generate, p_ids, p_mask, max_new_tokens=cfg.max_new_tokens,
-                                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                      temperature=cfg.sample_temperature, top_p=cfg.top_p, vocab_size=len(tok),
-                                      generator=generator)  # fmt: skip
-    return p_ids, p_mask, completion, response
-
-
 def concat_samples(a, b, pad_id: int):
     """Stack two sample batches: prompts left-padded to one width P, completions right-padded to one width T."""
     if a is None or b is None:
@@ -199,9 +189,12 @@ def concat_samples(a, b, pad_id: int):
     def right(x, fill):
         return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=fill)
 
-    return (torch.cat([left(a[0], pad_id), left(b[0], pad_id)]), torch.cat([left(a[1], False), left(b[1], False)]),
-            torch.cat([right(a[2], pad_id), right(b[2], pad_id)]),
-            torch.cat([right(a[3], False), right(b[3], False)]))  # fmt: skip
+    return (
+        torch.cat([left(a[0], pad_id), left(b[0], pad_id)]),
+        torch.cat([left(a[1], False), left(b[1], False)]),
+        torch.cat([right(a[2], pad_id), right(b[2], pad_id)]),
+        torch.cat([right(a[3], False), right(b[3], False)]),
+    )
 
 
 def student_loss(model, rows, teacher_hidden, teacher_weight, mask, *, cfg, vocab_size) -> torch.Tensor:
@@ -214,9 +207,17 @@ def student_loss(model, rows, teacher_hidden, teacher_weight, mask, *, cfg, voca
     # only the rows that carry loss reach the kernel (the mask is the target mask, or all False for a rank's
     # zero-weighted micro-batch: then no rows, a zero loss and zero gradients)
     index = response_rows(mask)
-    per_token = distill_kl(take_rows(hs, index), head_weight(model), take_rows(teacher_hidden, index), teacher_weight,
-                           kind=cfg.loss, beta=cfg.beta, temperature=cfg.kl_temperature, vocab_size=vocab_size,
-                           impl=cfg.impl)  # fmt: skip
+    per_token = distill_kl(
+        take_rows(hs, index),
+        head_weight(model),
+        take_rows(teacher_hidden, index),
+        teacher_weight,
+        kind=cfg.loss,
+        beta=cfg.beta,
+        temperature=cfg.kl_temperature,
+        vocab_size=vocab_size,
+        impl=cfg.impl,
+    )
     return per_token.sum()
 
 
@@ -237,8 +238,18 @@ def accumulate(run: Run, student: Sharded, rows, teacher_hidden, mask, where: st
             weight = mask[sl] if m < len(slices) else torch.zeros_like(mask[sl])
             ht = None if teacher_hidden is None else teacher_hidden[sl]
             with student.sync_grads(m == n_micro - 1):
-                loss = student(student_loss, tuple(r[sl] for r in rows), ht, teacher_weight, weight, cfg=cfg,
-                               vocab_size=len(run.tokenizer)) / num_tokens  # fmt: skip
+                loss = (
+                    student(
+                        student_loss,
+                        tuple(r[sl] for r in rows),
+                        ht,
+                        teacher_weight,
+                        weight,
+                        cfg=cfg,
+                        vocab_size=len(run.tokenizer),
+                    )
+                    / num_tokens
+                )
                 student.backward(loss)
             total = total + loss.detach()
     total = dist.sum(total)
@@ -274,8 +285,9 @@ def label_targets(run: Run, completion, response) -> list[list[int] | None]:
     return targets
 
 
-def label_step(run: Run, student: Sharded, teacher_batch, teacher_hidden, label_prompts, fallback_prompt,
-               where: str) -> tuple[float, dict]:  # fmt: skip
+def label_step(
+    run: Run, student: Sharded, teacher_batch, teacher_hidden, label_prompts, fallback_prompt, where: str
+) -> tuple[float, dict]:
     """Accumulate the label student's gradient; returns (loss, counts). `teacher_batch` is None on a rank whose
     share of the batch was all on-policy; such a rank (or one whose traces were all unusable) still takes part in
     the gradient sync with a zero-weighted row built from `fallback_prompt`."""
@@ -314,8 +326,10 @@ def teacher_states(run: Run, batch) -> torch.Tensor | None:
         if batch is None:
             return None
         p_ids, p_mask, completion, response = batch
-        parts = [run.teacher(response_hidden, p_ids[sl], p_mask[sl], completion[sl], response[sl])
-                 for sl in micro_slices(len(p_ids), run.cfg.micro_batch)]  # fmt: skip
+        parts = [
+            run.teacher(response_hidden, p_ids[sl], p_mask[sl], completion[sl], response[sl])
+            for sl in micro_slices(len(p_ids), run.cfg.micro_batch)
+        ]
     return torch.cat(parts)
 
 
@@ -323,8 +337,12 @@ def distill(run: Run, state: dict, logger, budget: list[int]) -> bool:
     """The distillation loop, logging each step to `logger` (runtime.loop.Logger). Returns False when halted."""
     cfg, tok, dist = run.cfg, run.tokenizer, run.dist
     P = cfg.prompts_per_step // dist.world  # this rank's share
-    opts = {kind: make_optimizer(m.module, cfg.lr, cfg.steps, cfg.warmup, weight_decay=cfg.weight_decay,
-                                 schedule=cfg.lr_schedule) for kind, m in run.students.items()}  # fmt: skip
+    opts = {
+        kind: make_optimizer(
+            m.module, cfg.lr, cfg.steps, cfg.warmup, weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule
+        )
+        for kind, m in run.students.items()
+    }
     # each rank samples from its own stream (rank 0's is the one-process stream)
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed + 1 + 1_000_003 * dist.rank)
     if state.get("optimizers") is not None:
@@ -346,9 +364,13 @@ def distill(run: Run, state: dict, logger, budget: list[int]) -> bool:
         idx = dist.shard(batch_indices(len(enc.records), cfg.prompts_per_step, step, cfg.seed))
         on_idx, off_idx = idx[:n_on], idx[n_on:]
         # 1. traces: the on-policy share from the reasoning student, the rest from the teacher
-        teacher_batch = sample(run, run.teacher, [enc.prompts[i] for i in off_idx], generator)
-        student_batch = (sample(run, run.students["reasoning"], [enc.prompts[i] for i in on_idx], generator)
-                         if "reasoning" in run.students and cfg.on_policy > 0 else None)  # fmt: skip
+        how = dict(temperature=cfg.sample_temperature, generator=generator)
+        teacher_batch = run.sample(run.teacher, [enc.prompts[i] for i in off_idx], **how)
+        student_batch = (
+            run.sample(run.students["reasoning"], [enc.prompts[i] for i in on_idx], **how)
+            if "reasoning" in run.students and cfg.on_policy > 0
+            else None
+        )
         for model in run.students.values():
             model.train()
         times["sample_s"] = time.perf_counter() - t0
@@ -356,12 +378,20 @@ def distill(run: Run, state: dict, logger, budget: list[int]) -> bool:
         row = {"stage": "distill", "step": step + 1}
         if off_idx:  # the same number of teacher traces on every rank
             _, _, completion, response = teacher_batch
-            texts = [tok.decode(completion[b, : int(response[b].sum())].tolist(), skip_special_tokens=True)
-                     for b in range(len(off_idx))]  # fmt: skip
+            texts = [
+                tok.decode(completion[b, : int(response[b].sum())].tolist(), skip_special_tokens=True)
+                for b in range(len(off_idx))
+            ]
             parses = [parse_scores(t, run.fmt) for t in texts]
             correct = sum(p.ok and p.label == enc.records[i].label for p, i in zip(parses, off_idx))
-            row.update(dist.mean({"teacher/accuracy": correct / len(off_idx),
-                                  "teacher/malformed_rate": sum(not p.ok for p in parses) / len(off_idx)}))  # fmt: skip
+            row.update(
+                dist.mean(
+                    {
+                        "teacher/accuracy": correct / len(off_idx),
+                        "teacher/malformed_rate": sum(not p.ok for p in parses) / len(off_idx),
+                    }
+                )
+            )
         # 2. teacher hidden states on every trace (the student's own ones included)
         batch = concat_samples(student_batch, teacher_batch, tok.pad_token_id)
         hidden = teacher_states(run, batch)
@@ -376,14 +406,14 @@ def distill(run: Run, state: dict, logger, budget: list[int]) -> bool:
             else:
                 t_hidden = None if hidden is None else hidden[len(on_idx) :]
                 label_prompts = [label_enc.prompts[i] for i in off_idx]
-                loss, counts = label_step(run, model, teacher_batch, t_hidden, label_prompts,
-                                          label_enc.prompts[idx[0]], where)  # fmt: skip
+                loss, counts = label_step(
+                    run, model, teacher_batch, t_hidden, label_prompts, label_enc.prompts[idx[0]], where
+                )
                 row.update(counts)
             opt, sched = opts[kind]
             row[f"{kind}/grad_norm"] = model.clip_grad_norm(cfg.grad_clip)
             opt.step()
-            check_update(model.module.parameters(), row[f"{kind}/grad_norm"], where, str(run.ckpt), dist,
-                         init_flag="")  # fmt: skip
+            check_update(model.module.parameters(), row[f"{kind}/grad_norm"], where, str(run.ckpt), dist, init_flag="")
             sched.step()
             opt.zero_grad(set_to_none=True)
             row[f"{kind}/loss"] = loss
@@ -423,8 +453,16 @@ def latency_ms(run: Run, model: Sharded, enc, fmt: str) -> float:
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model(generate, ids, mask, max_new_tokens=run.cfg.max_new_tokens, eos_id=tok.eos_token_id,
-                   pad_id=tok.pad_token_id, temperature=0.0, vocab_size=len(tok))  # fmt: skip
+            model(
+                generate,
+                ids,
+                mask,
+                max_new_tokens=run.cfg.max_new_tokens,
+                eos_id=tok.eos_token_id,
+                pad_id=tok.pad_token_id,
+                temperature=0.0,
+                vocab_size=len(tok),
+            )
             if run.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - start) * 1e3)
@@ -440,8 +478,12 @@ def evaluate_model(run: Run, name: str, model: Sharded, fmt: str) -> dict:
     model.eval()
     out = {"parameters": num_parameters(model.module), "fmt": fmt, "splits": {}}
     for split, by_fmt in run.tests.items():
-        bar = tqdm(total=len(by_fmt[fmt].records), desc=f"eval {name} {split}", leave=False,
-                   disable=not (run.cfg.progress and run.dist.main))  # fmt: skip
+        bar = tqdm(
+            total=len(by_fmt[fmt].records),
+            desc=f"eval {name} {split}",
+            leave=False,
+            disable=not (run.cfg.progress and run.dist.main),
+        )
         metrics, preds = run.evaluate(model, by_fmt[fmt], fmt, progress=bar.update)
         bar.close()
         out["splits"][split] = {"metrics": metrics, "predicted": [p["predicted"] for p in preds]}
@@ -464,31 +506,44 @@ def report(run: Run, started: float) -> dict:
         student = run.wrap(run.load(run.dir / kind), trainable=False)
         results[f"{kind} student"] = evaluate_model(run, kind, student, run.fmt_of(kind))
     teacher = results["teacher"]
-    header = (f"{'model':<18} {'params':>8} {'split':<14} {'acc':>6} {'macroF1':>8} {'agree':>6} {'malformed':>9} "
-              f"{'lat ms':>7} {'tok/s':>7} {'ex/s':>7}")  # fmt: skip
+    header = (
+        f"{'model':<18} {'params':>8} {'split':<14} {'acc':>6} {'macroF1':>8} {'agree':>6} {'malformed':>9} "
+        f"{'lat ms':>7} {'tok/s':>7} {'ex/s':>7}"
+    )
     lines, table = [header], {}
     for name, res in results.items():
         for split, s in res["splits"].items():
             m = s["metrics"]
             agree = agreement(s["predicted"], teacher["splits"][split]["predicted"])
             table.setdefault(name, {})[split] = {
-                "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "agreement_with_teacher": agree,
-                "malformed_rate": m["malformed_rate"], "examples_per_s": m["examples_per_s"],
+                "accuracy": m["accuracy"],
+                "macro_f1": m["macro_f1"],
+                "agreement_with_teacher": agree,
+                "malformed_rate": m["malformed_rate"],
+                "examples_per_s": m["examples_per_s"],
                 "generated_tokens_per_s": m["generated_tokens_per_s"],
                 "mean_completion_tokens": m["mean_completion_tokens"],
-            }  # fmt: skip
-            lines.append(f"{name:<18} {res['parameters'] / 1e6:>7.2f}M {split:<14} {m['accuracy']:>6.3f} "
-                         f"{m['macro_f1']:>8.3f} {agree:>6.3f} {m['malformed_rate']:>9.3f} {res['latency_ms']:>7.1f} "
-                         f"{m['generated_tokens_per_s']:>7.0f} {m['examples_per_s']:>7.1f}")  # fmt: skip
+            }
+            lines.append(
+                f"{name:<18} {res['parameters'] / 1e6:>7.2f}M {split:<14} {m['accuracy']:>6.3f} "
+                f"{m['macro_f1']:>8.3f} {agree:>6.3f} {m['malformed_rate']:>9.3f} {res['latency_ms']:>7.1f} "
+                f"{m['generated_tokens_per_s']:>7.0f} {m['examples_per_s']:>7.1f}"
+            )
     if not run.dist.main:
         return {}
     print("\n".join(lines))
-    print(f"(sampled at T={run.cfg.eval_temperature}, seed {run.cfg.seed}; latency: median of "
-          f"{run.cfg.latency_examples} prompts answered one at a time, greedy; tok/s and ex/s: batched evaluation "
-          f"of {run.cfg.eval_batch_size} prompts per batch on {run.device})")  # fmt: skip
-    out = {"table": table, "parameters": {k: r["parameters"] for k, r in results.items()},
-           "latency_ms": {k: r["latency_ms"] for k, r in results.items()},
-           "wall_s_this_invocation": time.perf_counter() - started, "config": json.loads(to_json(run.cfg))}  # fmt: skip
+    print(
+        f"(sampled at T={run.cfg.eval_temperature}, seed {run.cfg.seed}; latency: median of "
+        f"{run.cfg.latency_examples} prompts answered one at a time, greedy; tok/s and ex/s: batched evaluation "
+        f"of {run.cfg.eval_batch_size} prompts per batch on {run.device})"
+    )
+    out = {
+        "table": table,
+        "parameters": {k: r["parameters"] for k, r in results.items()},
+        "latency_ms": {k: r["latency_ms"] for k, r in results.items()},
+        "wall_s_this_invocation": time.perf_counter() - started,
+        "config": json.loads(to_json(run.cfg)),
+    }
     write_text_atomic(run.dir / "report.json", json.dumps(out, indent=2) + "\n")
     print(f"wrote {run.dir}/report.json")
     return out
@@ -505,10 +560,13 @@ def run_distill(cfg: DistillConfig, given: set[str], dist: Dist, started: float)
     cfg, state = start(cfg, given, dist, FOLDERS)
     run = Run(cfg, state, dist)
     sizes = ", ".join(f"{k} {num_parameters(m.module) / 1e6:.2f}M" for k, m in run.students.items())
-    run.announce(state is None, f"device {run.device}, dtype {run.dtype}, teacher {cfg.teacher} "
-                 f"({run.teacher_parameters / 1e6:.2f}M parameters, format {run.fmt}), student {run.student_spec}: "
-                 f"{sizes}; loss {cfg.loss}, on-policy {cfg.on_policy}; vocabulary: the tokenizer's "
-                 f"{len(run.tokenizer)} entries; {run.parallel_summary()}; run folder {run.dir}")  # fmt: skip
+    run.announce(
+        state is None,
+        f"device {run.device}, dtype {run.dtype}, teacher {cfg.teacher} "
+        f"({run.teacher_parameters / 1e6:.2f}M parameters, format {run.fmt}), student {run.student_spec}: "
+        f"{sizes}; loss {cfg.loss}, on-policy {cfg.on_policy}; vocabulary: the tokenizer's "
+        f"{len(run.tokenizer)} entries; {run.parallel_summary()}; run folder {run.dir}",
+    )
     state = state or {"step": 0}
     done_steps = state["step"]
     logger = run.logger(lambda row: row["step"] <= done_steps)

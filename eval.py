@@ -80,8 +80,9 @@ class EvalConfig:
             if device is None or device.type not in ("cpu", "cuda", "mps"):
                 raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
             if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-                raise ConfigError(f"--device {self.device}, but this machine has {torch.cuda.device_count()} CUDA "
-                                  "device(s)")  # fmt: skip
+                raise ConfigError(
+                    f"--device {self.device}, but this machine has {torch.cuda.device_count()} CUDA device(s)"
+                )
             if device.type == "mps" and not torch.backends.mps.is_available():
                 raise ConfigError("--device mps, but MPS is not available on this machine")
 
@@ -119,20 +120,41 @@ def main(argv=None) -> int:
         for split in [s.strip() for s in cfg.splits.split(",") if s.strip()]:
             records = load_split(cfg.data_dir, split)
             records = records[: cfg.limit] if cfg.limit else records
-            enc = encode_prompts(records, tokenizer, fmt=fmt, with_instruction=with_instruction, rules=rules,
-                                 max_prompt_tokens=cfg.max_prompt_tokens, long_prompts=cfg.long_prompts,
-                                 split=split)  # fmt: skip
+            enc = encode_prompts(
+                records,
+                tokenizer,
+                fmt=fmt,
+                with_instruction=with_instruction,
+                rules=rules,
+                max_prompt_tokens=cfg.max_prompt_tokens,
+                long_prompts=cfg.long_prompts,
+                split=split,
+            )
             if not enc.records:
                 raise DataError(f"split {split!r}: every prompt was skipped as too long")
-            results[Path(split).stem], _ = evaluate(model, tokenizer, enc, samples=cfg.samples, seed=cfg.seed, fmt=fmt,
-                                                    temperature=cfg.temperature, top_p=cfg.top_p,
-                                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-                                                    device=device)  # fmt: skip
+            results[Path(split).stem], _ = evaluate(
+                model,
+                tokenizer,
+                enc,
+                samples=cfg.samples,
+                seed=cfg.seed,
+                fmt=fmt,
+                temperature=cfg.temperature,
+                top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=cfg.batch_size,
+                device=device,
+            )
     except (ModelLoadError, RecordError, DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    payload = {"checkpoint": str(ckpt), "fmt": fmt, "with_instruction": with_instruction,
-               "temperature": cfg.temperature, "results": results}  # fmt: skip
+    payload = {
+        "checkpoint": str(ckpt),
+        "fmt": fmt,
+        "with_instruction": with_instruction,
+        "temperature": cfg.temperature,
+        "results": results,
+    }
     try:
         write_text_atomic(out, json.dumps(payload, indent=2) + "\n")
     except OSError as exc:  # checked before the evaluation; something changed since

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from data.schema import write_text_atomic
 from grm_kernels import policy_loss, policy_loss_normalizer
 from model.hf import is_preset, load_tokenizer, num_parameters
-from model.sampling import generate, pad_left, pad_right, response_logprobs
+from model.sampling import pad_left, pad_right, response_logprobs
 from runtime.checkpoint import read_prompt_settings
 from runtime.config import to_json
 from runtime.configs import STAGES, TrainConfig
@@ -98,8 +98,18 @@ class Rollouts(NamedTuple):
     step_id: torch.Tensor  # (B, T) segment of each completion token, -1 outside the loss
 
 
-def rl_update(model: Sharded, opt, sched, batch: Rollouts, cfg, *, dist: Dist, ref: Sharded | None = None,
-              where: str = "rl step", last_ckpt: str = "") -> tuple[float, dict, list[float]]:  # fmt: skip
+def rl_update(
+    model: Sharded,
+    opt,
+    sched,
+    batch: Rollouts,
+    cfg,
+    *,
+    dist: Dist,
+    ref: Sharded | None = None,
+    where: str = "rl step",
+    last_ckpt: str = "",
+) -> tuple[float, dict, list[float]]:
     """`cfg.mu` optimizer steps on one rollout batch: returns (global loss, model-loss metrics averaged over
     micro-batches and ranks, grad norms). Each rank holds its share; the normaliser counts the whole batch over
     every rank, and gradients are summed over ranks, so K ranks take the step one process would take on the
@@ -123,11 +133,21 @@ def rl_update(model: Sharded, opt, sched, batch: Rollouts, cfg, *, dist: Dist, r
                 logp = logprobs_of(model, sl, grad=True)
                 old_sl = old[tok_sl] if old is not None else logp.detach()
                 loss, metrics = policy_loss(
-                    logp, old_sl, batch.adv, seq_id[tok_sl], step_flat[tok_sl], batch.keep,
-                    ref_logp=None if ref_logp is None else ref_logp[tok_sl], clip_low=cfg.clip_low,
-                    clip_high=cfg.clip_high, dual_clip=cfg.dual_clip or None, kl_coef=cfg.kl_coef, agg=cfg.agg,
-                    normalizer=norm, impl=cfg.impl,
-                )  # fmt: skip
+                    logp,
+                    old_sl,
+                    batch.adv,
+                    seq_id[tok_sl],
+                    step_flat[tok_sl],
+                    batch.keep,
+                    ref_logp=None if ref_logp is None else ref_logp[tok_sl],
+                    clip_low=cfg.clip_low,
+                    clip_high=cfg.clip_high,
+                    dual_clip=cfg.dual_clip or None,
+                    kl_coef=cfg.kl_coef,
+                    agg=cfg.agg,
+                    normalizer=norm,
+                    impl=cfg.impl,
+                )
                 model.backward(loss)
             epoch_loss = epoch_loss + loss.detach()
             weight = (sl.stop - sl.start) / B / cfg.mu  # metrics: averaged over micro-batches by rollouts
@@ -186,18 +206,24 @@ class Run(Session):
         self.sft = self.rl = None
         if "sft" in cfg.stage_list:
             self.sft = self.encode(cfg.sft_split, cfg.fmt)
-            targets = [tok(sft_target(r, cfg.fmt), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                       for r in self.sft.records]  # fmt: skip
+            targets = [
+                tok(sft_target(r, cfg.fmt), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                for r in self.sft.records
+            ]
             long = sum(len(t) > cfg.max_new_tokens for t in targets)
             if long:
-                raise DataError(f"split {cfg.sft_split!r}: {long} warm-up trace(s) are longer than --max-new-tokens "
-                                f"{cfg.max_new_tokens}; the model could never finish one when sampling")  # fmt: skip
+                raise DataError(
+                    f"split {cfg.sft_split!r}: {long} warm-up trace(s) are longer than --max-new-tokens "
+                    f"{cfg.max_new_tokens}; the model could never finish one when sampling"
+                )
             self.sft_targets = targets
         if "rl" in cfg.stage_list:
             self.rl = self.encode(cfg.rl_split, cfg.fmt)
             if len(self.rl.records) < cfg.prompts_per_step:
-                raise DataError(f"split {cfg.rl_split!r} has {len(self.rl.records)} prompts, fewer than "
-                                f"--prompts-per-step {cfg.prompts_per_step}")  # fmt: skip
+                raise DataError(
+                    f"split {cfg.rl_split!r} has {len(self.rl.records)} prompts, fewer than "
+                    f"--prompts-per-step {cfg.prompts_per_step}"
+                )
         self.val = self.encode(cfg.val_split, cfg.fmt, cfg.val_limit)
         self.tests = {s: self.encode(s, cfg.fmt, cfg.test_limit) for s in cfg.test_list}
 
@@ -215,8 +241,10 @@ class Run(Session):
 
     def save_resumable(self, state: dict, opt, sched, generator=None) -> None:
         optimizer = self.model.optimizer_state(opt)
-        self.save_model(self.ckpt, trainer_state=self.trainer_state(state, generator, optimizer=optimizer,
-                                                                    scheduler=sched.state_dict()))  # fmt: skip
+        self.save_model(
+            self.ckpt,
+            trainer_state=self.trainer_state(state, generator, optimizer=optimizer, scheduler=sched.state_dict()),
+        )
 
     def restore(self, state: dict, opt, sched, generator=None) -> None:
         """Optimizer, scheduler and this rank's random states from a resumable checkpoint."""
@@ -234,14 +262,29 @@ class Run(Session):
         comparisons such as ablate.py's bootstrap), then eval_<stage>.json, both atomically. Returns the metrics."""
         results, lines = {}, []
         for split, enc in self.tests.items():
-            bar = tqdm(total=len(enc.records), desc=f"eval {stage} {split}", leave=False,
-                       disable=not (self.cfg.progress and self.dist.main))  # fmt: skip
-            results[split], preds = self.evaluate(model, enc, self.cfg.fmt, samples=self.cfg.eval_samples,
-                                                  progress=bar.update)  # fmt: skip
+            bar = tqdm(
+                total=len(enc.records),
+                desc=f"eval {stage} {split}",
+                leave=False,
+                disable=not (self.cfg.progress and self.dist.main),
+            )
+            results[split], preds = self.evaluate(
+                model, enc, self.cfg.fmt, samples=self.cfg.eval_samples, progress=bar.update
+            )
             bar.close()
-            lines += [json.dumps({"split": split, "id": p["id"], "label": p["label"], "predicted": p["predicted"],
-                                  "status": p["status"], **({"sample": p["sample"]} if "sample" in p else {})})
-                      for p in preds]  # fmt: skip
+            lines += [
+                json.dumps(
+                    {
+                        "split": split,
+                        "id": p["id"],
+                        "label": p["label"],
+                        "predicted": p["predicted"],
+                        "status": p["status"],
+                        **({"sample": p["sample"]} if "sample" in p else {}),
+                    }
+                )
+                for p in preds
+            ]
         if self.dist.main:
             write_text_atomic(self.dir / f"predictions_{stage}.jsonl", "".join(line + "\n" for line in lines))
             write_text_atomic(self.dir / f"eval_{stage}.json", json.dumps(results, indent=2) + "\n")
@@ -292,9 +335,16 @@ def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         sched.step()
         opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
-        row = {"stage": "sft", "step": step + 1, "loss": total_loss, "grad_norm": float(grad_norm),
-               "lr": sched.get_last_lr()[0], "tokens": int(num_tokens), "step_s": seconds,
-               "tokens_per_s": int(num_tokens) / seconds}  # fmt: skip
+        row = {
+            "stage": "sft",
+            "step": step + 1,
+            "loss": total_loss,
+            "grad_norm": float(grad_norm),
+            "lr": sched.get_last_lr()[0],
+            "tokens": int(num_tokens),
+            "step_s": seconds,
+            "tokens_per_s": int(num_tokens) / seconds,
+        }
         state["step"] = step + 1
         if state["step"] == total:
             row.update(scalars(run.validate(), "val/"))
@@ -317,8 +367,14 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
     """GRPO + SAM. Returns False when halted."""
     cfg, model, tok, dev, dist = run.cfg, run.model, run.tokenizer, run.device, run.dist
     P, G = cfg.prompts_per_step, cfg.group_size
-    opt, sched = make_optimizer(model.module, cfg.rl_lr, cfg.rl_steps * cfg.mu, cfg.rl_warmup,
-                                weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule)  # fmt: skip
+    opt, sched = make_optimizer(
+        model.module,
+        cfg.rl_lr,
+        cfg.rl_steps * cfg.mu,
+        cfg.rl_warmup,
+        weight_decay=cfg.weight_decay,
+        schedule=cfg.lr_schedule,
+    )
     # each rank samples from its own stream (rank 0's is the one-process stream)
     generator = torch.Generator(device=dev).manual_seed(cfg.seed + 1 + 1_000_003 * dist.rank)
     if state.get("optimizer") is not None:
@@ -338,12 +394,9 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         # 1. rollouts: G samples for each of this rank's P / K prompts, prompt-major so groups are contiguous
         idx = dist.shard(batch_indices(len(run.rl.records), P, step, cfg.seed))
         records = [run.rl.records[i] for i in idx for _ in range(G)]
-        p_ids, p_mask = pad_left([run.rl.prompts[i] for i in idx for _ in range(G)], tok.pad_token_id, dev)
-        with model.gathered():  # ranks stop sampling at different lengths: no communication inside
-            completion, response = model(generate, p_ids, p_mask, max_new_tokens=cfg.max_new_tokens,
-                                          eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                                          temperature=cfg.temperature, top_p=cfg.top_p, vocab_size=len(tok),
-                                          generator=generator)  # fmt: skip
+        prompts = [run.rl.prompts[i] for i in idx for _ in range(G)]
+        sampled = run.sample(model, prompts, temperature=cfg.temperature, generator=generator)
+        p_ids, p_mask, completion, response = sampled
         model.train()
         times["generate_s"] = time.perf_counter() - t0
         gen_tokens = int(dist.sum(response.sum()))
@@ -359,25 +412,41 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
 
         # 3. mu optimizer steps over micro-batches, one normaliser for the whole batch over every rank
         t3 = time.perf_counter()
-        loss_sum, metric_sums, grad_norms = rl_update(model, opt, sched, batch, cfg, dist=dist, ref=ref,
-                                                      where=f"rl step {step}", last_ckpt=str(run.ckpt))  # fmt: skip
+        loss_sum, metric_sums, grad_norms = rl_update(
+            model, opt, sched, batch, cfg, dist=dist, ref=ref, where=f"rl step {step}", last_ckpt=str(run.ckpt)
+        )
         times["update_s"] = time.perf_counter() - t3
         times["step_s"] = time.perf_counter() - t0
         solved = scored.correct.view(-1, G).float().mean(dim=1)  # (P,) share of each group answered right
-        rollout = dist.mean({"reward": float(scored.rewards.mean()), "accuracy": float(scored.correct.float().mean()),
-                             "pass_at_group": float((solved > 0).float().mean()),
-                             "informative_groups": float(((solved > 0) & (solved < 1)).float().mean()),
-                             "malformed_rate": 1 - float(scored.well_formed.float().mean()),
-                             **scalars(scored.diagnostics)})  # fmt: skip
+        rollout = dist.mean(
+            {
+                "reward": float(scored.rewards.mean()),
+                "accuracy": float(scored.correct.float().mean()),
+                "pass_at_group": float((solved > 0).float().mean()),
+                "informative_groups": float(((solved > 0) & (solved < 1)).float().mean()),
+                "malformed_rate": 1 - float(scored.well_formed.float().mean()),
+                **scalars(scored.diagnostics),
+            }
+        )
         B = completion.shape[0] * dist.world
 
         state["step"] = step + 1
-        row = {"stage": "rl", "step": step + 1, "loss": loss_sum, "reward": rollout.pop("reward"),
-               "accuracy": rollout.pop("accuracy"), "malformed_rate": rollout.pop("malformed_rate"),
-               "response_tokens": gen_tokens / B, "grad_norm": sum(grad_norms) / len(grad_norms),
-               "lr": sched.get_last_lr()[0], "generate_tokens_per_s": gen_tokens / times["generate_s"],
-               "update_tokens_per_s": gen_tokens * cfg.mu / times["update_s"], **times,
-               **scalars(metric_sums, "pl/"), **rollout}  # fmt: skip
+        row = {
+            "stage": "rl",
+            "step": step + 1,
+            "loss": loss_sum,
+            "reward": rollout.pop("reward"),
+            "accuracy": rollout.pop("accuracy"),
+            "malformed_rate": rollout.pop("malformed_rate"),
+            "response_tokens": gen_tokens / B,
+            "grad_norm": sum(grad_norms) / len(grad_norms),
+            "lr": sched.get_last_lr()[0],
+            "generate_tokens_per_s": gen_tokens / times["generate_s"],
+            "update_tokens_per_s": gen_tokens * cfg.mu / times["update_s"],
+            **times,
+            **scalars(metric_sums, "pl/"),
+            **rollout,
+        }
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.rl_steps:
             val = run.validate()
             model.train()
@@ -408,8 +477,12 @@ def plot_curves(run_dir: Path) -> Path | None:
     except ImportError:
         return None
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    panels = [("sft", "loss", "SFT loss"), ("rl", "reward", "RL reward"), ("rl", "val/accuracy", "RL val accuracy"),
-              ("rl", "pl/masked_frac", "RL masked token fraction")]  # fmt: skip
+    panels = [
+        ("sft", "loss", "SFT loss"),
+        ("rl", "reward", "RL reward"),
+        ("rl", "val/accuracy", "RL val accuracy"),
+        ("rl", "pl/masked_frac", "RL masked token fraction"),
+    ]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (stage, key, title) in zip(axes, panels):
         pts = [(r["step"], r[key]) for r in rows if r["stage"] == stage and key in r]
@@ -445,8 +518,9 @@ def paired_rl_vs_sft(run_dir: Path, resamples: int = 2000) -> dict[str, dict]:
     for split in rl:
         ids = [i for i in rl[split] if i in sft.get(split, {})]
         if ids:
-            out[split] = paired_difference(np.array([rl[split][i] for i in ids]),
-                                           np.array([sft[split][i] for i in ids]), resamples)  # fmt: skip
+            out[split] = paired_difference(
+                np.array([rl[split][i] for i in ids]), np.array([sft[split][i] for i in ids]), resamples
+            )
     return out
 
 
@@ -459,11 +533,18 @@ def report(run: Run, started: float) -> None:
         print(format_compact(rows))
     paired = paired_rl_vs_sft(run.dir)
     for split, d in paired.items():
-        print(f"RL - warm-up on {split}: accuracy {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (paired bootstrap "
-              f"95% interval over {d['n']} records; RL alone right on {d['a_better']}, warm-up alone on "
-              f"{d['b_better']})")  # fmt: skip
-    results = {"tests": rows, "rl_minus_sft": paired, "wall_s_this_invocation": time.perf_counter() - started,
-               "parameters": num_parameters(run.model.module), "config": json.loads(to_json(run.cfg))}  # fmt: skip
+        print(
+            f"RL - warm-up on {split}: accuracy {d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}] (paired bootstrap "
+            f"95% interval over {d['n']} records; RL alone right on {d['a_better']}, warm-up alone on "
+            f"{d['b_better']})"
+        )
+    results = {
+        "tests": rows,
+        "rl_minus_sft": paired,
+        "wall_s_this_invocation": time.perf_counter() - started,
+        "parameters": num_parameters(run.model.module),
+        "config": json.loads(to_json(run.cfg)),
+    }
     write_text_atomic(run.dir / "results.json", json.dumps(results, indent=2) + "\n")
     png = plot_curves(run.dir)
     print(f"wrote {run.dir}/results.json" + (f" and {png}" if png else ""))
@@ -511,8 +592,11 @@ def train(cfg: TrainConfig, given: set[str], dist: Dist, started: float) -> int:
                         run.say(f"after RL: testing the best validation checkpoint, RL step {state['best_step']}")
                     else:
                         run.evaluate_tests(run.model, "rl")
-                        run.say(f"after RL: testing the last step ({cfg.rl_steps}); the best validation accuracy was "
-                                f"at RL step {state['best_step']}", flush=True)  # fmt: skip
+                        run.say(
+                            f"after RL: testing the last step ({cfg.rl_steps}); the best validation accuracy was "
+                            f"at RL step {state['best_step']}",
+                            flush=True,
+                        )
     finally:
         logger.close()
     if dist.main:

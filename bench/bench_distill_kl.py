@@ -84,8 +84,17 @@ def bench_one(provider, fn, kind, beta, mode, N, Ds, Dt, V, dtype, device, error
     ht = torch.randn(N, Dt, device=device, generator=g).to(dtype)
     wt = (torch.randn(V, Dt, device=device, generator=g) * Dt**-0.5).to(dtype)
     kind_col = "-" if provider == "matmul" else kind
-    row = {"provider": provider, "kind": kind_col, "beta": beta if kind == "jsd" else math.nan, "mode": mode, "N": N,
-           "Ds": Ds, "Dt": Dt, "V": V, "dtype": str(dtype).replace("torch.", "")}  # fmt: skip
+    row = {
+        "provider": provider,
+        "kind": kind_col,
+        "beta": beta if kind == "jsd" else math.nan,
+        "mode": mode,
+        "N": N,
+        "Ds": Ds,
+        "Dt": Dt,
+        "V": V,
+        "dtype": str(dtype).replace("torch.", ""),
+    }
     sweeps = 2 if kind == "jsd" and provider != "matmul" else 1  # the matmul yardstick counts its real GEMMs
     recompute = 0 if provider == "matmul" else 1
     scalar = provider == "liger"
@@ -202,10 +211,29 @@ def main(argv=None) -> int:
                 for Ds, Dt in zip(args.dims, args.teacher_dims):
                     for V in args.vocab:
                         for N in args.tokens:
-                            rows.append({**env, **bench_one(name, fn, kind, args.beta, mode, N, Ds, Dt, V, dtype,
-                                                            device, args.error_rows)})  # fmt: skip
-    columns = ["provider", "kind", "mode", "N", "Ds", "Dt", "V", "dtype", "ms", "tflops", "extra_mib", "max_err",
-               "status"]  # fmt: skip
+                            rows.append(
+                                {
+                                    **env,
+                                    **bench_one(
+                                        name, fn, kind, args.beta, mode, N, Ds, Dt, V, dtype, device, args.error_rows
+                                    ),
+                                }
+                            )
+    columns = [
+        "provider",
+        "kind",
+        "mode",
+        "N",
+        "Ds",
+        "Dt",
+        "V",
+        "dtype",
+        "ms",
+        "tflops",
+        "extra_mib",
+        "max_err",
+        "status",
+    ]
     print_table(rows, columns)
     try:
         append_csv(Path(args.csv), rows)

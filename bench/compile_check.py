@@ -87,8 +87,10 @@ def capture(into: list, label: list, cc: int):
     finally:
         JITFunction.run, lmhead.capability, policy_mod.resolve_impl = saved
     if not asked:
-        raise RuntimeError(f"no launcher asked grm_kernels._lmhead.capability for its configuration: the launches "
-                           f"captured here would carry interpreter tiles, not sm_{cc} ones")  # fmt: skip
+        raise RuntimeError(
+            f"no launcher asked grm_kernels._lmhead.capability for its configuration: the launches "
+            f"captured here would carry interpreter tiles, not sm_{cc} ones"
+        )
 
 
 def meta(*shape, dtype=torch.bfloat16):
@@ -123,8 +125,9 @@ def launches(cc: int, quick: bool = False) -> list[Launch]:
                         label[0] = f"distill fwd {name}/{tname} {kind} N={n}"
                         student = meta(n, 896, dtype=dtype), meta(V, 896, dtype=dtype)
                         teacher = meta(n, D, dtype=t_dtype), meta(V, D, dtype=t_dtype)
-                        out_stats = distill_mod.distill_kl_forward(*student, *teacher, meta(n, dtype=torch.bool),
-                                                                   V, kind_id, 0.5, 1.0)  # fmt: skip
+                        out_stats = distill_mod.distill_kl_forward(
+                            *student, *teacher, meta(n, dtype=torch.bool), V, kind_id, 0.5, 1.0
+                        )
                 hs, ws = meta(N, 896, dtype=dtype), meta(V, 896, dtype=dtype)
                 ht, wt = meta(N, D, dtype=t_dtype), meta(V, D, dtype=t_dtype)
                 mask = meta(N, dtype=torch.bool)
@@ -137,9 +140,15 @@ def launches(cc: int, quick: bool = False) -> list[Launch]:
         T = 327680 if not quick else 4096
         logp = torch.zeros(T, device="meta", requires_grad=True)
         B, S = 320, 3
-        loss, _ = policy_mod.policy_loss(logp, logp.detach(), meta(B, dtype=torch.float32),
-                                         meta(T, dtype=torch.int64), meta(T, dtype=torch.int64),
-                                         meta(B, S, dtype=torch.float32), impl="triton")  # fmt: skip
+        loss, _ = policy_mod.policy_loss(
+            logp,
+            logp.detach(),
+            meta(B, dtype=torch.float32),
+            meta(T, dtype=torch.int64),
+            meta(T, dtype=torch.int64),
+            meta(B, S, dtype=torch.float32),
+            impl="triton",
+        )
         loss.backward()
     return out
 
@@ -149,8 +158,7 @@ def specialise(launch: Launch, target: GPUTarget):
     backend = make_backend(target)
     binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
     bound, specialization, options = binder(*launch.args, **launch.kwargs)
-    options, signature, constexprs, attrs = launch.fn._pack_args(backend, launch.kwargs, bound, specialization,
-                                                                 options)  # fmt: skip
+    options, signature, constexprs, attrs = launch.fn._pack_args(backend, launch.kwargs, bound, specialization, options)
     return signature, constexprs, attrs, options
 
 
@@ -159,8 +167,7 @@ def resources(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout  # fmt: skip
+        text = subprocess.run([str(CUOBJDUMP), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     return {k: int(v) for k, v in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
@@ -173,12 +180,20 @@ def check(targets: list[int], quick: bool = False) -> tuple[list[dict], list[str
                 failures.append(f"{launch.label}: {launch.fn.__name__} launched without enable_fp_fusion")
             target = GPUTarget("cuda", cc, 32)
             signature, constexprs, attrs, options = specialise(launch, target)
-            key = (launch.fn.__name__, cc, repr(sorted(signature.items())), repr(sorted(constexprs.items())),
-                   repr(sorted(attrs.items())), options.num_warps, options.num_stages)  # fmt: skip
+            key = (
+                launch.fn.__name__,
+                cc,
+                repr(sorted(signature.items())),
+                repr(sorted(constexprs.items())),
+                repr(sorted(attrs.items())),
+                options.num_warps,
+                options.num_stages,
+            )
             if key not in seen:
                 try:
-                    k = triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=target,
-                                       options=options.__dict__)  # fmt: skip
+                    k = triton.compile(
+                        ASTSource(launch.fn, signature, constexprs, attrs), target=target, options=options.__dict__
+                    )
                     seen[key] = k
                 except Exception as exc:  # a compile error is the finding: report it, keep checking the rest
                     failures.append(f"{launch.label} sm_{cc}: compile error {type(exc).__name__}: {exc}"[:400])
@@ -196,17 +211,29 @@ def check(targets: list[int], quick: bool = False) -> tuple[list[dict], list[str
             shared = k.metadata.shared
             by_regs = REGS_PER_SM // max(1, res.get("REG", 1) * 32 * options.num_warps)
             by_shared = SHARED_LIMIT[cc] // shared if shared else MAX_BLOCKS_PER_SM
-            row = dict(key=key, kernel=launch.fn.__name__, case=launch.label, target=f"sm_{cc}",
-                       num_warps=options.num_warps, num_stages=options.num_stages, registers=res.get("REG"),
-                       local_bytes=res.get("LOCAL", 0), stack_bytes=res.get("STACK", 0), shared_bytes=shared,
-                       shared_limit=SHARED_LIMIT[cc], programs_per_sm=min(by_regs, by_shared, MAX_BLOCKS_PER_SM),
-                       mma=next((m for m in ("tcgen05", "wgmma", "mma.sync") if m in ptx), "none"),
-                       pipelined="cp.async" in ptx or "cp.async.bulk" in ptx)  # fmt: skip
+            row = dict(
+                key=key,
+                kernel=launch.fn.__name__,
+                case=launch.label,
+                target=f"sm_{cc}",
+                num_warps=options.num_warps,
+                num_stages=options.num_stages,
+                registers=res.get("REG"),
+                local_bytes=res.get("LOCAL", 0),
+                stack_bytes=res.get("STACK", 0),
+                shared_bytes=shared,
+                shared_limit=SHARED_LIMIT[cc],
+                programs_per_sm=min(by_regs, by_shared, MAX_BLOCKS_PER_SM),
+                mma=next((m for m in ("tcgen05", "wgmma", "mma.sync") if m in ptx), "none"),
+                pipelined="cp.async" in ptx or "cp.async.bulk" in ptx,
+            )
             rows.append(row)
             sixteen = "float32" not in launch.label and "policy_loss" not in launch.label  # every float input 16-bit
             if sixteen and (row["local_bytes"] or row["stack_bytes"]):
-                failures.append(f"{launch.label} sm_{cc}: spills {row['local_bytes']} B local, "
-                                f"{row['stack_bytes']} B stack in a 16-bit configuration")  # fmt: skip
+                failures.append(
+                    f"{launch.label} sm_{cc}: spills {row['local_bytes']} B local, "
+                    f"{row['stack_bytes']} B stack in a 16-bit configuration"
+                )
             if shared > SHARED_LIMIT[cc]:
                 failures.append(f"{launch.label} sm_{cc}: {shared} B of shared memory, limit {SHARED_LIMIT[cc]}")
     for (_, cc, case), cubins in fwd_cubins.items():
@@ -217,8 +244,21 @@ def check(targets: list[int], quick: bool = False) -> tuple[list[dict], list[str
     return rows, failures
 
 
-COLUMNS = ("kernel", "case", "target", "num_warps", "num_stages", "registers", "local_bytes", "stack_bytes",
-           "shared_bytes", "shared_limit", "programs_per_sm", "mma", "pipelined")  # fmt: skip
+COLUMNS = (
+    "kernel",
+    "case",
+    "target",
+    "num_warps",
+    "num_stages",
+    "registers",
+    "local_bytes",
+    "stack_bytes",
+    "shared_bytes",
+    "shared_limit",
+    "programs_per_sm",
+    "mma",
+    "pipelined",
+)
 
 
 def main(argv=None) -> int:

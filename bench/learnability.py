@@ -82,8 +82,12 @@ def main(argv=None) -> int:
     tok = load_tokenizer(f"{args.data_dir}/tokenizer")
     sft = [encode(tok, r, r.reasoning or render_gold_reasoning(r)) for r in read_jsonl(f"{args.data_dir}/sft.jsonl")]
     val = [encode(tok, r, render_gold_reasoning(r)) for r in read_jsonl(f"{args.data_dir}/val.jsonl")[: args.val]]
-    model = prepare(build_preset(args.preset, tok, seed=args.seed, max_positions=512), device="cpu",
-                    dtype=torch.float32, attention="sdpa")  # fmt: skip
+    model = prepare(
+        build_preset(args.preset, tok, seed=args.seed, max_positions=512),
+        device="cpu",
+        dtype=torch.float32,
+        attention="sdpa",
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     start = time.perf_counter()
     print("step  loss  line accuracy (steps 1-7)  seconds")

@@ -52,18 +52,30 @@ def main(argv=None) -> int:
     records = read_jsonl(f"{args.data_dir}/val.jsonl")[:64]
     prompts = [tok(render_prompt(r, "criteria", tokenizer=tok, with_instruction=True))["input_ids"] for r in records]
     lengths = sorted(len(ids) for ids in prompts)
-    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, fp32, "
-          f"{torch.get_num_threads()} threads")  # fmt: skip
-    print(f"prompt tokens with the full criteria instruction in the chat template ({len(lengths)} val records): "
-          f"min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}")  # fmt: skip
+    print(
+        f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, fp32, "
+        f"{torch.get_num_threads()} threads"
+    )
+    print(
+        f"prompt tokens with the full criteria instruction in the chat template ({len(lengths)} val records): "
+        f"min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}"
+    )
     never = len(tok) + 1  # an id no token has: rows never end, every step is timed
 
     for B in (int(b) for b in args.batches.split(",")):
         ids, mask = pad_left(prompts[:B], tok.pad_token_id, "cpu")
 
         def run(n, ids=ids, mask=mask):
-            return generate(model, ids, mask, max_new_tokens=n, eos_id=never, pad_id=tok.pad_token_id,
-                            temperature=1.0, generator=torch.Generator().manual_seed(0))  # fmt: skip
+            return generate(
+                model,
+                ids,
+                mask,
+                max_new_tokens=n,
+                eos_id=never,
+                pad_id=tok.pad_token_id,
+                temperature=1.0,
+                generator=torch.Generator().manual_seed(0),
+            )
 
         first = median_time(lambda: run(1), args.repeats)
         full = median_time(lambda: run(args.steps), args.repeats)
@@ -71,8 +83,9 @@ def main(argv=None) -> int:
         print(f"batch {B}: prefill + first token {first:.2f} s; decode {rate:.1f} tokens/s ({rate / B:.1f} per row)")
 
     batch = records[: args.sft_batch]
-    targets = [tok(sft_target(r, "criteria"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-               for r in batch]  # fmt: skip
+    targets = [
+        tok(sft_target(r, "criteria"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for r in batch
+    ]
     ids, mask = pad_left(prompts[: args.sft_batch], tok.pad_token_id, "cpu")
     comp, resp = pad_right(targets, tok.pad_token_id, "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
@@ -88,8 +101,10 @@ def main(argv=None) -> int:
 
     seconds = median_time(sft_step, args.repeats)
     tokens = int(mask.sum() + resp.sum())
-    print(f"SFT step, batch {args.sft_batch} ({tokens} tokens, {int(resp.sum())} trained): {seconds:.1f} s "
-          f"({tokens / seconds:.0f} tokens/s)")  # fmt: skip
+    print(
+        f"SFT step, batch {args.sft_batch} ({tokens} tokens, {int(resp.sum())} trained): {seconds:.1f} s "
+        f"({tokens / seconds:.0f} tokens/s)"
+    )
     return 0
 
 

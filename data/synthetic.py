@@ -43,23 +43,39 @@ from sam.prompt import FORMATS, LABELS, instruction, render_criteria_trace, rend
 # One word per entity: a query entity is matched against the note's sentences word for word (multi-word entities
 # sharing a word, such as "baby stroller" and "baby bottle", made the match a different task per pair).
 CATEGORIES = {
-    "food": (["ramen", "hotpot", "dumplings", "boba", "croissant", "sushi", "tacos", "curry", "cheesecake"],
-             ["vegan", "spicy", "homemade", "glutenfree", "midnight"]),
-    "travel": (["hiking", "resort", "market", "skiing", "roadtrip", "onsen", "cruise"],
-               ["budget", "family", "solo", "weekend", "luxury"]),
-    "beauty": (["sunscreen", "lipstick", "facemask", "hairdye", "eyeliner", "moisturizer", "perfume"],
-               ["waterproof", "natural", "longlasting", "gentle", "mini"]),
-    "fitness": (["yoga", "sneakers", "workout", "swimming", "pilates", "weights", "cycling"],
-                ["beginner", "lowimpact", "morning", "quick", "advanced"]),
-    "tech": (["laptop", "phonecase", "earbuds", "smartwatch", "camera", "keyboard", "tablet"],
-             ["wireless", "gaming", "lightweight", "refurbished", "foldable"]),
-    "parenting": (["stroller", "snacks", "storybook", "schoolbag", "bottle", "diapers"],
-                  ["organic", "safe", "portable", "twin", "newborn"]),
-    "home": (["sofa", "lamp", "ricecooker", "storage", "curtains", "plantpot", "purifier"],
-             ["small", "quiet", "wooden", "modern", "secondhand"]),
-    "fashion": (["jacket", "loafers", "coat", "dress", "handbag", "scarf", "boots"],
-                ["oversized", "vintage", "black", "linen", "plussize"]),
-}  # fmt: skip
+    "food": (
+        ["ramen", "hotpot", "dumplings", "boba", "croissant", "sushi", "tacos", "curry", "cheesecake"],
+        ["vegan", "spicy", "homemade", "glutenfree", "midnight"],
+    ),
+    "travel": (
+        ["hiking", "resort", "market", "skiing", "roadtrip", "onsen", "cruise"],
+        ["budget", "family", "solo", "weekend", "luxury"],
+    ),
+    "beauty": (
+        ["sunscreen", "lipstick", "facemask", "hairdye", "eyeliner", "moisturizer", "perfume"],
+        ["waterproof", "natural", "longlasting", "gentle", "mini"],
+    ),
+    "fitness": (
+        ["yoga", "sneakers", "workout", "swimming", "pilates", "weights", "cycling"],
+        ["beginner", "lowimpact", "morning", "quick", "advanced"],
+    ),
+    "tech": (
+        ["laptop", "phonecase", "earbuds", "smartwatch", "camera", "keyboard", "tablet"],
+        ["wireless", "gaming", "lightweight", "refurbished", "foldable"],
+    ),
+    "parenting": (
+        ["stroller", "snacks", "storybook", "schoolbag", "bottle", "diapers"],
+        ["organic", "safe", "portable", "twin", "newborn"],
+    ),
+    "home": (
+        ["sofa", "lamp", "ricecooker", "storage", "curtains", "plantpot", "purifier"],
+        ["small", "quiet", "wooden", "modern", "secondhand"],
+    ),
+    "fashion": (
+        ["jacket", "loafers", "coat", "dress", "handbag", "scarf", "boots"],
+        ["oversized", "vintage", "black", "linen", "plussize"],
+    ),
+}
 PLACES = ["Chengdu", "Kyoto", "Lisbon", "Seoul", "Bangkok", "Paris", "Hangzhou", "Osaka", "Bali", "Xiamen"]
 FIRST_NAMES = ["Mia", "Leo", "Ava", "Max", "Ivy", "Sam", "Zoe", "Ken"]
 LAST_NAMES = ["Chen", "Wang", "Liu", "Zhang", "Zhou", "Lin", "Xu", "Guo"]
@@ -89,16 +105,18 @@ QUALIFIERS = sorted({x for _, qualifiers in CATEGORIES.values() for x in qualifi
 HOWTO = ["choose", "clean", "store", "use"]
 DISTRIBUTIONS = {
     "random": {
-        "types": dict(plain=25, qualifier=15, comparison=5, ranking=5, question=12, numeric=5, place=15, product=12,
-                      author=6),
+        "types": dict(
+            plain=25, qualifier=15, comparison=5, ranking=5, question=12, numeric=5, place=15, product=12, author=6
+        ),
         "case_prob": 0.3,  # chance that a rule's evidence is a non-default case
     },
     "longtail": {
-        "types": dict(plain=4, qualifier=8, comparison=16, ranking=16, question=8, numeric=16, place=8, product=8,
-                      author=16),
+        "types": dict(
+            plain=4, qualifier=8, comparison=16, ranking=16, question=8, numeric=16, place=8, product=8, author=16
+        ),
         "case_prob": 0.7,
     },
-}  # fmt: skip
+}
 # Which entity of the note the query asks about, and so the coverage: every note has one entity in 4-5 of its 8
 # sentences (A), one in 2-3 (B) and one in exactly 1 (C); the query names A, B, C or an entity the note never names.
 ROLES = {"A": 35, "B": 25, "C": 15, "absent": 25}
@@ -199,8 +217,13 @@ def _make_note(rng: random.Random) -> dict:
     body += [(C, rng.choice(TOPIC_TEMPLATES))] + [(None, f) for f in rng.sample(FILLER, NUM_SENTENCES - a - b - 1)]
     rng.shuffle(body)
     author = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
-    return dict(category=cat, entities={"A": A, "B": B, "C": C}, counts={A: a, B: b, C: 1}, author=author,
-                sentences=[t.format(s=e) if e else t for e, t in body])  # fmt: skip
+    return dict(
+        category=cat,
+        entities={"A": A, "B": B, "C": C},
+        counts={A: a, B: b, C: 1},
+        author=author,
+        sentences=[t.format(s=e) if e else t for e, t in body],
+    )
 
 
 def _detail_value(rng: random.Random, kind: str, note: dict):
@@ -293,12 +316,21 @@ def _teacher(rng: random.Random, gold: dict, title_names_query: bool, teacher: d
     initial = _rubric(coverage, gold["query_category"] == gold["note_category"], gold["hits"])
     case = CASES[gold["rule"]][0] if err6 else gold["case"]
     calibrated = _calibrate(gold["rule"], case, initial) if gold["rule"] else initial
-    return {"coverage": coverage, "initial": initial, "case": case, "calibrated": calibrated, "hard5": hard5,
-            "hard6": hard6, "err5": err5, "err6": err6}  # fmt: skip
+    return {
+        "coverage": coverage,
+        "initial": initial,
+        "case": case,
+        "calibrated": calibrated,
+        "hard5": hard5,
+        "hard6": hard6,
+        "err5": err5,
+        "err6": err6,
+    }
 
 
-def make_record(rng: random.Random, split: str, index: int, dist: str, case_prob: float | None = None,
-                teacher: dict | None = None) -> Record:  # fmt: skip
+def make_record(
+    rng: random.Random, split: str, index: int, dist: str, case_prob: float | None = None, teacher: dict | None = None
+) -> Record:
     """One record of the world, with gold values for every step; sft records carry the teacher's trace.
 
     The note is drawn first and alone (so nothing on its surface depends on the label), then the query's role in it
@@ -377,15 +409,23 @@ def _draw_record(rng, split, index, spec, qtype, case_prob, teacher) -> Record:
     if split == "sft":
         record.gold["teacher"] = {k: t[k] for k in ("coverage", "initial", "case", "calibrated")}
         record.reasoning = render_criteria_trace(
-            need=q["need"], coverage=t["coverage"], match=note["category"] == q["category"], hits=len(hits),
-            keywords=len(q["keywords"]), initial=t["initial"], rule=gold["rule"], case=t["case"],
-            calibrated=t["calibrated"], final=t["calibrated"],
-        )  # fmt: skip
+            need=q["need"],
+            coverage=t["coverage"],
+            match=note["category"] == q["category"],
+            hits=len(hits),
+            keywords=len(q["keywords"]),
+            initial=t["initial"],
+            rule=gold["rule"],
+            case=t["case"],
+            calibrated=t["calibrated"],
+            final=t["calibrated"],
+        )
     return record
 
 
-def generate(seed: int = 0, sizes: dict | None = None, case_prob: float | None = None,
-             teacher: dict | None = None) -> dict[str, list[Record]]:  # fmt: skip
+def generate(
+    seed: int = 0, sizes: dict | None = None, case_prob: float | None = None, teacher: dict | None = None
+) -> dict[str, list[Record]]:
     """All splits; each split's stream depends only on (seed, split name, case_prob, teacher).
 
     `case_prob` is the difficulty knob of the RANDOM splits (sft, rl, val, test_random): the chance that a query
@@ -521,7 +561,7 @@ def split_stats(records: list[Record], train_majority: int, type_majority: dict)
             "majority_label": round(sum(r.label == train_majority for r in records) / n, 4),
             "query_type_majority": round(
                 sum(r.label == type_majority.get(x["query_type"]) for r, x in zip(records, g)) / n, 4
-            ),  # fmt: skip
+            ),
             "initial_score_no_calibration": round(sum(r.label == x["initial"] for r, x in zip(records, g)) / n, 4),
         },
     }
@@ -533,13 +573,14 @@ def split_stats(records: list[Record], train_majority: int, type_majority: dict)
             "calibration_error_rate": round(sum(t["case"] != x["case"] for t, x in zip(teacher, g)) / n, 4),
             "both_steps_wrong_rate": round(
                 sum(t["initial"] != x["initial"] and t["case"] != x["case"] for t, x in zip(teacher, g)) / n, 4
-            ),  # fmt: skip
+            ),
         }
     return out
 
 
-def compute_stats(splits: dict[str, list[Record]], seed: int, case_prob: float | None = None,
-                  teacher: dict | None = None) -> dict:  # fmt: skip
+def compute_stats(
+    splits: dict[str, list[Record]], seed: int, case_prob: float | None = None, teacher: dict | None = None
+) -> dict:
     """Distributions, the teacher's error rates and trivial baselines; the majority labels and the bag-of-words
     baselines are fit on the rl split (the training data) and scored on every split."""
     train = splits.get("rl") or next(iter(splits.values()))
@@ -555,14 +596,18 @@ def compute_stats(splits: dict[str, list[Record]], seed: int, case_prob: float |
         "case_prob": {
             "random": DISTRIBUTIONS["random"]["case_prob"] if case_prob is None else case_prob,
             "longtail": DISTRIBUTIONS["longtail"]["case_prob"],
-        },  # fmt: skip
+        },
         "teacher": check_teacher(teacher),
         "train_majority_label": majority,
         "splits": {name: split_stats(recs, majority, type_majority) for name, recs in splits.items()},
     }
     if train:
-        views = {"note_only_bow": _note_text, "query_only_bow": _query_text, "detail_line_only_bow": _detail_line,
-                 "query_and_note_bow": lambda r: _query_text(r) + " " + _note_text(r)}  # fmt: skip
+        views = {
+            "note_only_bow": _note_text,
+            "query_only_bow": _query_text,
+            "detail_line_only_bow": _detail_line,
+            "query_and_note_bow": lambda r: _query_text(r) + " " + _note_text(r),
+        }
         for key, view in views.items():
             for name, acc in bow_baseline(train, splits, view).items():
                 stats["splits"][name]["baseline_acc"][key] = acc
@@ -591,8 +636,13 @@ def vocabulary_corpus():
     yield from tokenizer_corpus(generate(0))
 
 
-def write_benchmark(out: str | Path, seed: int = 0, sizes: dict | None = None, case_prob: float | None = None,
-                    teacher: dict | None = None) -> dict:  # fmt: skip
+def write_benchmark(
+    out: str | Path,
+    seed: int = 0,
+    sizes: dict | None = None,
+    case_prob: float | None = None,
+    teacher: dict | None = None,
+) -> dict:
     """Generate and write `out`/{split}.jsonl, stats.json and tokenizer/; returns the stats."""
     out = Path(out)
     splits = generate(seed, sizes, case_prob, teacher)
@@ -623,21 +673,34 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sizes", type=parse_sizes, default=dict(DEFAULT_SIZES), help="e.g. sft=2000,rl=8000,val=1000")
-    p.add_argument("--case-prob", type=float, default=None, help="difficulty: chance of a non-default business-rule "
-                   f"case in the random splits (default {DISTRIBUTIONS['random']['case_prob']}; test_longtail keeps "
-                   f"{DISTRIBUTIONS['longtail']['case_prob']})")  # fmt: skip
-    p.add_argument("--teacher-initial-error", type=float, default=TEACHER["initial_error"],
-                   help="rate at which the warm-up traces' teacher falls for the title bias at step 5 (on the "
-                   "records where it can)")  # fmt: skip
+    p.add_argument(
+        "--case-prob",
+        type=float,
+        default=None,
+        help="difficulty: chance of a non-default business-rule "
+        f"case in the random splits (default {DISTRIBUTIONS['random']['case_prob']}; test_longtail keeps "
+        f"{DISTRIBUTIONS['longtail']['case_prob']})",
+    )
+    p.add_argument(
+        "--teacher-initial-error",
+        type=float,
+        default=TEACHER["initial_error"],
+        help="rate at which the warm-up traces' teacher falls for the title bias at step 5 (on the "
+        "records where it can)",
+    )
     p.add_argument(
         "--teacher-calibration-error",
         type=float,
         default=TEACHER["calibration_error"],
         help="rate at which the teacher misses a non-default business-rule case at step 6",
     )
-    p.add_argument("--teacher-errors", choices=TEACHER_MODES, default=TEACHER["errors"],
-                   help="independent (the two blind spots on their own records), correlated (the control world: "
-                   "they coincide, one draw decides both), none (a perfect teacher)")  # fmt: skip
+    p.add_argument(
+        "--teacher-errors",
+        choices=TEACHER_MODES,
+        default=TEACHER["errors"],
+        help="independent (the two blind spots on their own records), correlated (the control world: "
+        "they coincide, one draw decides both), none (a perfect teacher)",
+    )
     args = p.parse_args(argv)
     if Path(args.out).exists() and not Path(args.out).is_dir():
         p.error(f"--out {args.out} exists and is not a folder")
@@ -645,8 +708,11 @@ def main(argv=None) -> int:
         value = getattr(args, flag)
         if value is not None and not 0 <= value <= 1:  # also refuses nan
             p.error(f"--{flag.replace('_', '-')} must be in [0, 1], got {value}")
-    teacher = {"initial_error": args.teacher_initial_error, "calibration_error": args.teacher_calibration_error,
-               "errors": args.teacher_errors}  # fmt: skip
+    teacher = {
+        "initial_error": args.teacher_initial_error,
+        "calibration_error": args.teacher_calibration_error,
+        "errors": args.teacher_errors,
+    }
     try:
         stats = write_benchmark(args.out, args.seed, args.sizes, args.case_prob, teacher)
     except OSError as exc:
@@ -661,7 +727,7 @@ def main(argv=None) -> int:
         )
         if "teacher" in s:
             line += f"; teacher label acc {s['teacher']['label_acc']:.1%}"
-        print(line)  # fmt: skip
+        print(line)
     print(f"wrote {args.out}/{{{','.join(stats['splits'])}}}.jsonl, stats.json, tokenizer/ (version {VERSION})")
     return 0
 

@@ -135,10 +135,12 @@ def _matmul_kernel(
         rk = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         k_mask = rk < K
         # other=0.0: masked lanes are undefined without it, and they enter the dot product
-        a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0)  # fmt: skip
-        b = tl.load(b_ptr + rk[:, None] * stride_bk + rp[None, :] * stride_bp, mask=k_mask[:, None] & p_mask[None, :],
-                    other=0.0)  # fmt: skip
+        a = tl.load(
+            a_ptr + rm[:, None] * stride_am + rk[None, :] * stride_ak, mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        b = tl.load(
+            b_ptr + rk[:, None] * stride_bk + rp[None, :] * stride_bp, mask=k_mask[:, None] & p_mask[None, :], other=0.0
+        )
         if UPCAST:
             a = a.to(tl.float32)
             b = b.to(tl.float32)
@@ -211,14 +213,31 @@ def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, *, accumulate: b
     precision = "tf32" if upcast else dot_precision(a.dtype)
     grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(P, cfg["BLOCK_P"]),)
     _matmul_kernel[grid](
-        a, b, out,
-        M, P, K,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        ACCUMULATE=accumulate, UPCAST=upcast, INTERPRET_DOT=interpret_dot(), DOT_PRECISION=precision,
-        ROUND_BF16=emulate_bf16_rounding(out.dtype), GROUP=cfg["GROUP"],
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+        a,
+        b,
+        out,
+        M,
+        P,
+        K,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        out.stride(0),
+        out.stride(1),
+        ACCUMULATE=accumulate,
+        UPCAST=upcast,
+        INTERPRET_DOT=interpret_dot(),
+        DOT_PRECISION=precision,
+        ROUND_BF16=emulate_bf16_rounding(out.dtype),
+        GROUP=cfg["GROUP"],
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_P=cfg["BLOCK_P"],
+        BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        enable_fp_fusion=FP_FUSION,
+    )
 
 
 def dz_dtype(dtype: torch.dtype) -> torch.dtype:

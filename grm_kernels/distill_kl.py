@@ -134,22 +134,71 @@ def distill_kl_ref(
 
 @triton.jit
 def _student_teacher_tiles(
-    s_hidden_ptr, s_weight_ptr, t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Ds, Dt,
-    stride_shn, stride_shd, stride_swv, stride_swd, stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
-    INTERPRET_DOT: tl.constexpr, S_PRECISION: tl.constexpr, T_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
+    s_hidden_ptr,
+    s_weight_ptr,
+    t_hidden_ptr,
+    t_weight_ptr,
+    rows,
+    cols,
+    row_mask,
+    col_mask,
+    Ds,
+    Dt,
+    stride_shn,
+    stride_shd,
+    stride_swv,
+    stride_swd,
+    stride_thn,
+    stride_thd,
+    stride_twv,
+    stride_twd,
+    inv_temp,
+    INTERPRET_DOT: tl.constexpr,
+    S_PRECISION: tl.constexpr,
+    T_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """(student, teacher) logit tiles (BLOCK_N, BLOCK_V) fp32 of the same rows and vocabulary columns."""
     zs = logits_tile(
-        s_hidden_ptr, s_weight_ptr, rows, cols, row_mask, col_mask, Ds,
-        stride_shn, stride_shd, stride_swv, stride_swd, inv_temp,
-        INTERPRET_DOT, S_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-    )  # fmt: skip
+        s_hidden_ptr,
+        s_weight_ptr,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        Ds,
+        stride_shn,
+        stride_shd,
+        stride_swv,
+        stride_swd,
+        inv_temp,
+        INTERPRET_DOT,
+        S_PRECISION,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
+    )
     zt = logits_tile(
-        t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Dt,
-        stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
-        INTERPRET_DOT, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-    )  # fmt: skip
+        t_hidden_ptr,
+        t_weight_ptr,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        Dt,
+        stride_thn,
+        stride_thd,
+        stride_twv,
+        stride_twd,
+        inv_temp,
+        INTERPRET_DOT,
+        T_PRECISION,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
+    )
     return zs, zt
 
 
@@ -212,10 +261,32 @@ def _distill_fwd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V  # a tile never crosses a range boundary
         zs, zt = _student_teacher_tiles(
-            s_hidden_ptr, s_weight_ptr, t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Ds, Dt,
-            stride_shn, stride_shd, stride_swv, stride_swd, stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
-            INTERPRET_DOT, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-        )  # fmt: skip
+            s_hidden_ptr,
+            s_weight_ptr,
+            t_hidden_ptr,
+            t_weight_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            Ds,
+            Dt,
+            stride_shn,
+            stride_shd,
+            stride_swv,
+            stride_swd,
+            stride_thn,
+            stride_thd,
+            stride_twv,
+            stride_twd,
+            inv_temp,
+            INTERPRET_DOT,
+            S_PRECISION,
+            T_PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+        )
         ms_new = tl.maximum(ms, tl.max(zs, axis=1))
         mt_new = tl.maximum(mt, tl.max(zt, axis=1))
         alpha_s = tl.exp(ms - ms_new)  # 0 on the first tile
@@ -373,10 +444,32 @@ def _distill_jsd_kernel(
         cols = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
         col_mask = cols < V
         zs, zt = _student_teacher_tiles(
-            s_hidden_ptr, s_weight_ptr, t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Ds, Dt,
-            stride_shn, stride_shd, stride_swv, stride_swd, stride_thn, stride_thd, stride_twv, stride_twd,
-            inv_temp, INTERPRET_DOT, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-        )  # fmt: skip
+            s_hidden_ptr,
+            s_weight_ptr,
+            t_hidden_ptr,
+            t_weight_ptr,
+            rows,
+            cols,
+            row_mask,
+            col_mask,
+            Ds,
+            Dt,
+            stride_shn,
+            stride_shd,
+            stride_swv,
+            stride_swd,
+            stride_thn,
+            stride_thd,
+            stride_twv,
+            stride_twd,
+            inv_temp,
+            INTERPRET_DOT,
+            S_PRECISION,
+            T_PRECISION,
+            BLOCK_N,
+            BLOCK_V,
+            BLOCK_D,
+        )
         log_q = tl.where(col_mask[None, :], (zs - ms[:, None]) - log_ss[:, None], 0.0)
         log_p = tl.where(col_mask[None, :], (zt - mt[:, None]) - log_st[:, None], 0.0)
         log_m = _log_mixture(log_p, log_q, log_beta, log_1m_beta)
@@ -481,10 +574,32 @@ def _distill_bwd_dz_kernel(
         valid = valid & (tl.load(mask_ptr + rows, mask=row_mask, other=0) != 0)
 
     zs, zt = _student_teacher_tiles(
-        s_hidden_ptr, s_weight_ptr, t_hidden_ptr, t_weight_ptr, rows, cols, row_mask, col_mask, Ds, Dt,
-        stride_shn, stride_shd, stride_swv, stride_swd, stride_thn, stride_thd, stride_twv, stride_twd, inv_temp,
-        INTERPRET_DOT, S_PRECISION, T_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-    )  # fmt: skip
+        s_hidden_ptr,
+        s_weight_ptr,
+        t_hidden_ptr,
+        t_weight_ptr,
+        rows,
+        cols,
+        row_mask,
+        col_mask,
+        Ds,
+        Dt,
+        stride_shn,
+        stride_shd,
+        stride_swv,
+        stride_swd,
+        stride_thn,
+        stride_thd,
+        stride_twv,
+        stride_twd,
+        inv_temp,
+        INTERPRET_DOT,
+        S_PRECISION,
+        T_PRECISION,
+        BLOCK_N,
+        BLOCK_V,
+        BLOCK_D,
+    )
     ms = tl.load(s_max_ptr + rows, mask=row_mask, other=0.0)
     mt = tl.load(t_max_ptr + rows, mask=row_mask, other=0.0)
     log_ss = tl.load(s_logsum_ptr + rows, mask=row_mask, other=0.0)
@@ -520,8 +635,16 @@ def _distill_bwd_dz_kernel(
 
 
 def _strides(hs, ws, ht, wt):
-    return (hs.stride(0), hs.stride(1), ws.stride(0), ws.stride(1), ht.stride(0), ht.stride(1), wt.stride(0),
-            wt.stride(1))  # fmt: skip
+    return (
+        hs.stride(0),
+        hs.stride(1),
+        ws.stride(0),
+        ws.stride(1),
+        ht.stride(0),
+        ht.stride(1),
+        wt.stride(0),
+        wt.stride(1),
+    )
 
 
 def _beta_args(kind_id: int, beta: float) -> tuple[float, float, float]:
@@ -562,25 +685,52 @@ def distill_kl_forward(hs, ws, ht, wt, mask, V: int, kind_id: int, beta: float, 
     mask_arg = mask if mask is not None else loss  # placeholder pointer, never read without HAS_MASK
     heads = (hs, ws, ht, wt)
     sizes = (N, V, hs.shape[1], ht.shape[1], n_ranges, range_cols)
-    tiles = dict(INTERPRET_DOT=interpret_dot(), S_PRECISION=dot_precision(hs.dtype),
-                 T_PRECISION=dot_precision(ht.dtype), GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"],
-                 BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"],
-                 num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)  # fmt: skip
+    tiles = dict(
+        INTERPRET_DOT=interpret_dot(),
+        S_PRECISION=dot_precision(hs.dtype),
+        T_PRECISION=dot_precision(ht.dtype),
+        GROUP=cfg["GROUP"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        enable_fp_fusion=FP_FUSION,
+    )
     part = torch.empty(5 if kind_id < 2 else 4, n_ranges, N, **f32)  # O(R N) between the kernels
     _distill_fwd_kernel[grid](*heads, part, *sizes, *_strides(*heads), inv_temp, KIND=kind_id, **tiles)
     _distill_merge_kernel[merge_grid](
-        part, mask_arg, loss, *stats, N, n_ranges,
-        KIND=kind_id, HAS_MASK=mask is not None, BLOCK=MERGE_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+        part,
+        mask_arg,
+        loss,
+        *stats,
+        N,
+        n_ranges,
+        KIND=kind_id,
+        HAS_MASK=mask is not None,
+        BLOCK=MERGE_BLOCK,
+        num_warps=4,
+        enable_fp_fusion=FP_FUSION,
+    )
     if kind_id == _KIND_ID["jsd"]:
         _, log_beta, log_1m_beta = _beta_args(kind_id, beta)
         kl_part = torch.empty(2, n_ranges, N, **f32)
-        _distill_jsd_kernel[grid](*heads, *stats[:4], kl_part, *sizes, *_strides(*heads), inv_temp, log_beta,
-                                  log_1m_beta, **tiles)  # fmt: skip
+        _distill_jsd_kernel[grid](
+            *heads, *stats[:4], kl_part, *sizes, *_strides(*heads), inv_temp, log_beta, log_1m_beta, **tiles
+        )
         _distill_jsd_merge_kernel[merge_grid](
-            kl_part, mask_arg, loss, aux, N, n_ranges, beta,
-            HAS_MASK=mask is not None, BLOCK=MERGE_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+            kl_part,
+            mask_arg,
+            loss,
+            aux,
+            N,
+            n_ranges,
+            beta,
+            HAS_MASK=mask is not None,
+            BLOCK=MERGE_BLOCK,
+            num_warps=4,
+            enable_fp_fusion=FP_FUSION,
+        )
     return loss, stats
 
 
@@ -596,15 +746,38 @@ def distill_kl_backward(hs, ws, ht, wt, mask, stats, grad, V, kind_id, beta, inv
         ws_chunk, wt_chunk = ws[v0 : v0 + c], wt[v0 : v0 + c]
         grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(c, cfg["BLOCK_V"]),)
         _distill_bwd_dz_kernel[grid](
-            hs, ws_chunk, ht, wt_chunk, mask if mask is not None else grad, *stats, grad, dz_chunk,
-            N, c, hs.shape[1], ht.shape[1], *_strides(hs, ws_chunk, ht, wt_chunk), dz_chunk.stride(0),
-            dz_chunk.stride(1), inv_temp, *_beta_args(kind_id, beta),
-            KIND=kind_id, HAS_MASK=mask is not None, INTERPRET_DOT=interpret_dot(),
-            S_PRECISION=dot_precision(hs.dtype), T_PRECISION=dot_precision(ht.dtype),
-            ROUND_BF16=emulate_bf16_rounding(dz_chunk.dtype), ROUND_TF32=dz_chunk.dtype != hs.dtype,
-            GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+            hs,
+            ws_chunk,
+            ht,
+            wt_chunk,
+            mask if mask is not None else grad,
+            *stats,
+            grad,
+            dz_chunk,
+            N,
+            c,
+            hs.shape[1],
+            ht.shape[1],
+            *_strides(hs, ws_chunk, ht, wt_chunk),
+            dz_chunk.stride(0),
+            dz_chunk.stride(1),
+            inv_temp,
+            *_beta_args(kind_id, beta),
+            KIND=kind_id,
+            HAS_MASK=mask is not None,
+            INTERPRET_DOT=interpret_dot(),
+            S_PRECISION=dot_precision(hs.dtype),
+            T_PRECISION=dot_precision(ht.dtype),
+            ROUND_BF16=emulate_bf16_rounding(dz_chunk.dtype),
+            ROUND_TF32=dz_chunk.dtype != hs.dtype,
+            GROUP=cfg["GROUP"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_V=cfg["BLOCK_V"],
+            BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+            enable_fp_fusion=FP_FUSION,
+        )
 
     return chunked_backward(hs, ws, V, need_dh, need_dw, launch_dz)
 
@@ -661,8 +834,10 @@ def _check_inputs(hs, ws, ht, wt, kind, beta, temperature, mask, vocab_size) -> 
     if hs.shape[0] != ht.shape[0]:
         raise ValueError(f"{op}: student has {hs.shape[0]} tokens, teacher {ht.shape[0]}; they must be aligned")
     if hs.dtype != ws.dtype or ht.dtype != wt.dtype:
-        raise TypeError(f"{op}: hidden and weight must share a dtype per model: student {hs.dtype}/{ws.dtype}, "
-                        f"teacher {ht.dtype}/{wt.dtype}")  # fmt: skip
+        raise TypeError(
+            f"{op}: hidden and weight must share a dtype per model: student {hs.dtype}/{ws.dtype}, "
+            f"teacher {ht.dtype}/{wt.dtype}"
+        )
     if len({hs.device, ws.device, ht.device, wt.device}) != 1:
         raise ValueError(f"{op}: tensors on different devices: {hs.device}, {ws.device}, {ht.device}, {wt.device}")
     if min(ws.shape[0], wt.shape[0]) == 0:
@@ -676,8 +851,10 @@ def _check_inputs(hs, ws, ht, wt, kind, beta, temperature, mask, vocab_size) -> 
     if vocab_size is not None and not (
         isinstance(vocab_size, int) and 1 <= vocab_size <= min(ws.shape[0], wt.shape[0])
     ):
-        raise ValueError(f"{op}: vocab_size must be an int in [1, {min(ws.shape[0], wt.shape[0])}] (the smaller "
-                         f"head), got {vocab_size!r}")  # fmt: skip
+        raise ValueError(
+            f"{op}: vocab_size must be an int in [1, {min(ws.shape[0], wt.shape[0])}] (the smaller "
+            f"head), got {vocab_size!r}"
+        )
     if mask is not None:
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != (hs.shape[0],):
             what = (mask.dtype, tuple(mask.shape)) if isinstance(mask, torch.Tensor) else type(mask).__name__
@@ -709,15 +886,34 @@ def distill_kl(
     w.r.t. the student's hidden states and head only. impl: "auto" (Triton on CUDA, reference otherwise), "triton",
     "ref".
     """
-    _check_inputs(student_hidden, student_weight, teacher_hidden, teacher_weight, kind, beta, temperature, mask,
-                  vocab_size)  # fmt: skip
+    _check_inputs(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, kind, beta, temperature, mask, vocab_size
+    )
     V = _shared_vocab(student_weight, teacher_weight, vocab_size)
     impl = resolve_impl(impl, student_hidden, "distill_kl")
     if impl == "ref":
-        return distill_kl_ref(student_hidden, student_weight, teacher_hidden, teacher_weight, kind=kind, beta=beta,
-                              temperature=temperature, mask=mask, vocab_size=V)  # fmt: skip
+        return distill_kl_ref(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            kind=kind,
+            beta=beta,
+            temperature=temperature,
+            mask=mask,
+            vocab_size=V,
+        )
     if torch.float64 in (student_hidden.dtype, teacher_hidden.dtype):
         raise TypeError("distill_kl: fp64 is supported by impl='ref' only")
     kind = _effective_kind(kind, float(beta))
-    return _DistillKL.apply(student_hidden, student_weight, teacher_hidden.detach(), teacher_weight.detach(), mask,
-                            V, _KIND_ID[kind], float(beta), 1.0 / float(temperature))  # fmt: skip
+    return _DistillKL.apply(
+        student_hidden,
+        student_weight,
+        teacher_hidden.detach(),
+        teacher_weight.detach(),
+        mask,
+        V,
+        _KIND_ID[kind],
+        float(beta),
+        1.0 / float(temperature),
+    )

@@ -379,19 +379,48 @@ def token_logprobs_forward(hidden, weight, targets, inv_temp: float, ignore_inde
     part = torch.empty(4, n_ranges, N, dtype=torch.float32, device=hidden.device)  # O(R N) between the two kernels
     grid = (triton.cdiv(N, cfg["BLOCK_N"]) * n_ranges,)
     _logprob_fwd_kernel[grid](
-        hidden, weight, targets, part,
-        N, V, D, n_ranges, range_cols,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        inv_temp, ignore_index,
-        WITH_ENTROPY=with_entropy, INTERPRET_DOT=interpret_dot(), DOT_PRECISION=dot_precision(hidden.dtype),
-        GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+        hidden,
+        weight,
+        targets,
+        part,
+        N,
+        V,
+        D,
+        n_ranges,
+        range_cols,
+        hidden.stride(0),
+        hidden.stride(1),
+        weight.stride(0),
+        weight.stride(1),
+        inv_temp,
+        ignore_index,
+        WITH_ENTROPY=with_entropy,
+        INTERPRET_DOT=interpret_dot(),
+        DOT_PRECISION=dot_precision(hidden.dtype),
+        GROUP=cfg["GROUP"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_V=cfg["BLOCK_V"],
+        BLOCK_D=cfg["BLOCK_D"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
+        enable_fp_fusion=FP_FUSION,
+    )
     _logprob_merge_kernel[(triton.cdiv(N, MERGE_BLOCK),)](
-        part, targets, logp, row_max, log_sum, entropy if with_entropy else log_sum,
-        N, V, n_ranges, ignore_index,
-        WITH_ENTROPY=with_entropy, BLOCK=MERGE_BLOCK, num_warps=4, enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+        part,
+        targets,
+        logp,
+        row_max,
+        log_sum,
+        entropy if with_entropy else log_sum,
+        N,
+        V,
+        n_ranges,
+        ignore_index,
+        WITH_ENTROPY=with_entropy,
+        BLOCK=MERGE_BLOCK,
+        num_warps=4,
+        enable_fp_fusion=FP_FUSION,
+    )
     return logp, row_max, log_sum, entropy
 
 
@@ -424,16 +453,40 @@ def token_logprobs_backward(
         w_chunk = weight[v0 : v0 + c]  # (C, D) view
         grid = (triton.cdiv(N, cfg["BLOCK_N"]) * triton.cdiv(c, cfg["BLOCK_V"]),)
         _logprob_bwd_dz_kernel[grid](
-            hidden, w_chunk, targets, row_max, log_sum, entropy, grad_logp, grad_entropy, dz_chunk,
-            N, c, D, v0,
-            hidden.stride(0), hidden.stride(1), w_chunk.stride(0), w_chunk.stride(1),
-            dz_chunk.stride(0), dz_chunk.stride(1),
-            inv_temp, ignore_index,
-            WITH_ENTROPY=with_entropy, INTERPRET_DOT=interpret_dot(), DOT_PRECISION=precision,
-            ROUND_BF16=emulate_bf16_rounding(dz_chunk.dtype), ROUND_TF32=dz_chunk.dtype != hidden.dtype,
-            GROUP=cfg["GROUP"], BLOCK_N=cfg["BLOCK_N"], BLOCK_V=cfg["BLOCK_V"], BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+            hidden,
+            w_chunk,
+            targets,
+            row_max,
+            log_sum,
+            entropy,
+            grad_logp,
+            grad_entropy,
+            dz_chunk,
+            N,
+            c,
+            D,
+            v0,
+            hidden.stride(0),
+            hidden.stride(1),
+            w_chunk.stride(0),
+            w_chunk.stride(1),
+            dz_chunk.stride(0),
+            dz_chunk.stride(1),
+            inv_temp,
+            ignore_index,
+            WITH_ENTROPY=with_entropy,
+            INTERPRET_DOT=interpret_dot(),
+            DOT_PRECISION=precision,
+            ROUND_BF16=emulate_bf16_rounding(dz_chunk.dtype),
+            ROUND_TF32=dz_chunk.dtype != hidden.dtype,
+            GROUP=cfg["GROUP"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_V=cfg["BLOCK_V"],
+            BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"],
+            enable_fp_fusion=FP_FUSION,
+        )
 
     return chunked_backward(hidden, weight, weight.shape[0], need_dh, need_dw, launch_dz)
 
@@ -456,10 +509,19 @@ class _TokenLogprobs(torch.autograd.Function):
         hidden, weight, targets, row_max, log_sum, entropy = ctx.saved_tensors
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         d_hidden, d_weight = token_logprobs_backward(
-            hidden, weight, targets, row_max, log_sum, entropy, grad_logp,
+            hidden,
+            weight,
+            targets,
+            row_max,
+            log_sum,
+            entropy,
+            grad_logp,
             grad_entropy if ctx.return_entropy else None,
-            ctx.inv_temp, ctx.ignore_index, need_dh, need_dw,
-        )  # fmt: skip
+            ctx.inv_temp,
+            ctx.ignore_index,
+            need_dh,
+            need_dw,
+        )
         return d_hidden, d_weight, None, None, None, None
 
 

@@ -305,10 +305,29 @@ def _policy_loss_fwd_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < N
     pg, d_pg, w_pg, kl, d_kl, w_kl, adv, ratio, log_ratio, resp, kept, keep, clipped, dual = _token_terms(
-        offs, mask, logp_ptr, old_logp_ptr, ref_logp_ptr, seq_adv_ptr, seq_id_ptr, step_id_ptr, keep_ptr,
-        seq_w_pg_ptr, seq_w_kl_ptr, B, S, stride_kb, stride_ks, clip_low, clip_high, dual_clip, log_ratio_clamp,
-        HAS_REF, HAS_DUAL, HAS_CLAMP,
-    )  # fmt: skip
+        offs,
+        mask,
+        logp_ptr,
+        old_logp_ptr,
+        ref_logp_ptr,
+        seq_adv_ptr,
+        seq_id_ptr,
+        step_id_ptr,
+        keep_ptr,
+        seq_w_pg_ptr,
+        seq_w_kl_ptr,
+        B,
+        S,
+        stride_kb,
+        stride_ks,
+        clip_low,
+        clip_high,
+        dual_clip,
+        log_ratio_clamp,
+        HAS_REF,
+        HAS_DUAL,
+        HAS_CLAMP,
+    )
     kept_f = kept.to(tl.float32)
     resp_f = resp.to(tl.float32)
     out = partials_ptr + pid * NUM_PARTIALS
@@ -365,10 +384,29 @@ def _policy_loss_bwd_kernel(
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < N
     pg, d_pg, w_pg, kl, d_kl, w_kl, adv, ratio, log_ratio, resp, kept, keep, clipped, dual = _token_terms(
-        offs, mask, logp_ptr, old_logp_ptr, ref_logp_ptr, seq_adv_ptr, seq_id_ptr, step_id_ptr, keep_ptr,
-        seq_w_pg_ptr, seq_w_kl_ptr, B, S, stride_kb, stride_ks, clip_low, clip_high, dual_clip, log_ratio_clamp,
-        HAS_REF, HAS_DUAL, HAS_CLAMP,
-    )  # fmt: skip
+        offs,
+        mask,
+        logp_ptr,
+        old_logp_ptr,
+        ref_logp_ptr,
+        seq_adv_ptr,
+        seq_id_ptr,
+        step_id_ptr,
+        keep_ptr,
+        seq_w_pg_ptr,
+        seq_w_kl_ptr,
+        B,
+        S,
+        stride_kb,
+        stride_ks,
+        clip_low,
+        clip_high,
+        dual_clip,
+        log_ratio_clamp,
+        HAS_REF,
+        HAS_DUAL,
+        HAS_CLAMP,
+    )
     g = tl.load(grad_loss_ptr)
     grad = g * (d_pg * w_pg + kl_coef * d_kl * w_kl)
     tl.store(grad_logp_ptr + offs, grad, mask=mask)
@@ -403,13 +441,33 @@ class _PolicyLoss(torch.autograd.Function):
         has_ref = ref_logp is not None
         if N > 0:
             _policy_loss_fwd_kernel[(num_blocks,)](
-                logp, old_logp, ref_logp if has_ref else logp, seq_adv, seq_id, step_id, keep, seq_w_pg, seq_w_kl,
-                partials, ratio_max,
-                N, B, S, keep.stride(0), keep.stride(1),
-                opts["clip_low"], opts["clip_high"], opts["dual_clip"], opts["log_ratio_clamp"],
-                HAS_REF=has_ref, HAS_DUAL=opts["has_dual"], HAS_CLAMP=opts["has_clamp"],
-                NUM_PARTIALS=_NUM_PARTIALS, BLOCK=_BLOCK, enable_fp_fusion=FP_FUSION,
-            )  # fmt: skip
+                logp,
+                old_logp,
+                ref_logp if has_ref else logp,
+                seq_adv,
+                seq_id,
+                step_id,
+                keep,
+                seq_w_pg,
+                seq_w_kl,
+                partials,
+                ratio_max,
+                N,
+                B,
+                S,
+                keep.stride(0),
+                keep.stride(1),
+                opts["clip_low"],
+                opts["clip_high"],
+                opts["dual_clip"],
+                opts["log_ratio_clamp"],
+                HAS_REF=has_ref,
+                HAS_DUAL=opts["has_dual"],
+                HAS_CLAMP=opts["has_clamp"],
+                NUM_PARTIALS=_NUM_PARTIALS,
+                BLOCK=_BLOCK,
+                enable_fp_fusion=FP_FUSION,
+            )
         sums = partials.sum(dim=0)  # (NUM_PARTIALS,) fixed-order reduction: deterministic
         loss = sums[_PG] + opts["kl_coef"] * sums[_KL]
         ctx.save_for_backward(logp, old_logp, ref_logp, seq_adv, seq_id, step_id, keep, seq_w_pg, seq_w_kl)
@@ -428,13 +486,33 @@ class _PolicyLoss(torch.autograd.Function):
         if N > 0:
             has_ref = ref_logp is not None
             _policy_loss_bwd_kernel[(triton.cdiv(N, _BLOCK),)](
-                logp, old_logp, ref_logp if has_ref else logp, seq_adv, seq_id, step_id, keep, seq_w_pg, seq_w_kl,
-                grad_loss.contiguous(), grad_logp,
-                N, B, S, keep.stride(0), keep.stride(1),
-                opts["clip_low"], opts["clip_high"], opts["dual_clip"], opts["log_ratio_clamp"], opts["kl_coef"],
-                HAS_REF=has_ref, HAS_DUAL=opts["has_dual"], HAS_CLAMP=opts["has_clamp"], BLOCK=_BLOCK,
+                logp,
+                old_logp,
+                ref_logp if has_ref else logp,
+                seq_adv,
+                seq_id,
+                step_id,
+                keep,
+                seq_w_pg,
+                seq_w_kl,
+                grad_loss.contiguous(),
+                grad_logp,
+                N,
+                B,
+                S,
+                keep.stride(0),
+                keep.stride(1),
+                opts["clip_low"],
+                opts["clip_high"],
+                opts["dual_clip"],
+                opts["log_ratio_clamp"],
+                opts["kl_coef"],
+                HAS_REF=has_ref,
+                HAS_DUAL=opts["has_dual"],
+                HAS_CLAMP=opts["has_clamp"],
+                BLOCK=_BLOCK,
                 enable_fp_fusion=FP_FUSION,
-            )  # fmt: skip
+            )
         return grad_logp, None, None, None, None, None, None, None, None, None
 
 
@@ -542,10 +620,21 @@ def policy_loss(
     impl = resolve_impl(impl, logp, "policy_loss")
     if impl == "ref":
         return policy_loss_ref(
-            logp, old_logp, seq_adv, seq_id, step_id, keep, ref_logp=ref_logp, clip_low=clip_low,
-            clip_high=clip_high, dual_clip=dual_clip, log_ratio_clamp=log_ratio_clamp, kl_coef=kl_coef, agg=agg,
+            logp,
+            old_logp,
+            seq_adv,
+            seq_id,
+            step_id,
+            keep,
+            ref_logp=ref_logp,
+            clip_low=clip_low,
+            clip_high=clip_high,
+            dual_clip=dual_clip,
+            log_ratio_clamp=log_ratio_clamp,
+            kl_coef=kl_coef,
+            agg=agg,
             normalizer=normalizer,
-        )  # fmt: skip
+        )
     if normalizer is None:
         normalizer = policy_loss_normalizer(seq_id, step_id, keep, agg=agg)
     seq_w_pg, seq_w_kl = _sequence_weights(normalizer, agg)
@@ -553,8 +642,15 @@ def policy_loss(
     opts["dual_clip"] = opts["dual_clip"] or 0.0
     opts["log_ratio_clamp"] = opts["log_ratio_clamp"] or 0.0
     loss, stats = _PolicyLoss.apply(
-        logp.contiguous(), old_logp.contiguous(), None if ref_logp is None else ref_logp.contiguous(),
-        seq_adv.contiguous(), seq_id.contiguous(), step_id.contiguous(), keep, seq_w_pg.contiguous(),
-        seq_w_kl.contiguous(), opts,
-    )  # fmt: skip
+        logp.contiguous(),
+        old_logp.contiguous(),
+        None if ref_logp is None else ref_logp.contiguous(),
+        seq_adv.contiguous(),
+        seq_id.contiguous(),
+        step_id.contiguous(),
+        keep,
+        seq_w_pg.contiguous(),
+        seq_w_kl.contiguous(),
+        opts,
+    )
     return loss, _stats_to_metrics(stats.detach())

@@ -48,8 +48,10 @@ def convert(gguf_file: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
         raise ModelLoadError(f"{gguf_file}: GGUF file not found")
     missing = missing_packages()
     if missing:
-        raise ModelLoadError(f"reading GGUF needs the package(s) {', '.join(missing)}: pip install -e '.[gguf]' "
-                             f"(or pip install {' '.join(missing)})")  # fmt: skip
+        raise ModelLoadError(
+            f"reading GGUF needs the package(s) {', '.join(missing)}: pip install -e '.[gguf]' "
+            f"(or pip install {' '.join(missing)})"
+        )
     if out_dir.exists():
         raise ModelLoadError(f"{out_dir} already exists; choose a new folder (nothing is overwritten)")
     folder, name = str(gguf_file.parent), gguf_file.name
@@ -58,8 +60,9 @@ def convert(gguf_file: str | Path, out_dir: str | Path, *, dtype: torch.dtype = 
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
         read = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True, dtype=torch.float32)
     except Exception as exc:  # transformers raises ValueError / KeyError / RuntimeError for what it cannot read
-        raise ModelLoadError(f"{gguf_file}: transformers cannot read this GGUF file as a causal LM: "
-                             f"{type(exc).__name__}: {exc}") from None  # fmt: skip
+        raise ModelLoadError(
+            f"{gguf_file}: transformers cannot read this GGUF file as a causal LM: {type(exc).__name__}: {exc}"
+        ) from None
     # an ordinary model of the same config: the GGUF quantisation entry is what makes save_pretrained refuse
     config = copy.deepcopy(read.config)
     if hasattr(config, "quantization_config"):

@@ -22,13 +22,16 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 PRESETS = {  # smallest first; `nano` is the default distillation student of a `tiny` teacher
-    "nano": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=192),
-    "tiny": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=384),
-    "small": dict(hidden_size=320, num_hidden_layers=8, num_attention_heads=5, num_key_value_heads=5,
-                  intermediate_size=1024),
-}  # fmt: skip
+    "nano": dict(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192
+    ),
+    "tiny": dict(
+        hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=384
+    ),
+    "small": dict(
+        hidden_size=320, num_hidden_layers=8, num_attention_heads=5, num_key_value_heads=5, intermediate_size=1024
+    ),
+}
 _GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
 _UNSUPPORTED_HEAD = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
@@ -146,8 +149,10 @@ def load_model(
         keys = sorted(str(k) for k in info.get(kind) or ())
         if keys:
             shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-            raise ModelLoadError(f"{path}: the checkpoint does not match the model's config: {len(keys)} "
-                                 f"{kind.replace('_keys', '').replace('_', ' ')} tensor(s): {shown}")  # fmt: skip
+            raise ModelLoadError(
+                f"{path}: the checkpoint does not match the model's config: {len(keys)} "
+                f"{kind.replace('_keys', '').replace('_', ' ')} tensor(s): {shown}"
+            )
     check_model(model, where=str(path))
     return model.to(device)
 

@@ -173,6 +173,7 @@ def response_logprobs(
     outside the response never reach the kernel."""
     hidden = response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask)  # (B, T, D)
     rows = response_rows(response_mask)  # (N,)
-    logp = token_logprobs(take_rows(hidden, rows), head_weight(model), take_rows(completion_ids, rows),
-                          temperature=temperature, impl=impl)  # fmt: skip
+    logp = token_logprobs(
+        take_rows(hidden, rows), head_weight(model), take_rows(completion_ids, rows), temperature=temperature, impl=impl
+    )
     return scatter_rows(logp, response_mask)

@@ -95,8 +95,14 @@ def write_model(folder: Path, model, tokenizer, state_dict=None, prompt: PromptS
         write_prompt_settings(folder, prompt)
 
 
-def save_checkpoint(path: Path, model, tokenizer, trainer_state: dict | None = None, state_dict=None,
-                    prompt: PromptSettings | None = None) -> None:  # fmt: skip
+def save_checkpoint(
+    path: Path,
+    model,
+    tokenizer,
+    trainer_state: dict | None = None,
+    state_dict=None,
+    prompt: PromptSettings | None = None,
+) -> None:
     """Write the model (`write_model`) and optionally the trainer state to `path`, atomically."""
     with atomic_folder(path) as tmp:
         write_model(tmp, model, tokenizer, state_dict, prompt)
@@ -114,9 +120,11 @@ def load_trainer_state(path: Path) -> dict:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise ConfigError(f"{file}: refused: it holds objects other than tensors, numbers, strings and containers, and "
-                          "loading them could run code (or it was written by an older version that stored numpy "
-                          "objects)") from None  # fmt: skip
+        raise ConfigError(
+            f"{file}: refused: it holds objects other than tensors, numbers, strings and containers, and "
+            "loading them could run code (or it was written by an older version that stored numpy "
+            "objects)"
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise ConfigError(
             f"{file}: not a readable trainer state (truncated or corrupt: {type(exc).__name__})"

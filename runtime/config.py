@@ -52,8 +52,9 @@ def build_parser(cls, description: str = "", parser_class=OneLineParser) -> argp
         # argparse expands %-formats in help texts: a literal % must be doubled
         help_text = f"{helps.get(f.name, '')} (default: {default!r})".replace("%", "%%")
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)  # fmt: skip
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_text
+            )
         else:
             kind = finite_float if isinstance(default, float) else type(default)
             parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
@@ -115,7 +116,13 @@ def check_run_name(name: str, flag: str = "--name") -> None:
     """A run (or sweep) name is one plain folder name under the output folder: not empty, no path separator, no
     leading dot (so neither '.', '..', nor a hidden folder), no NUL, at most 255 bytes. Anything else could write
     outside the runs folder (`../../elsewhere`, an absolute path) or into it (an empty name)."""
-    bad = (not name or "/" in name or "\\" in name or "\0" in name or name.startswith(".")
-           or len(name.encode("utf-8", "surrogatepass")) > 255)  # fmt: skip
+    bad = (
+        not name
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or name.startswith(".")
+        or len(name.encode("utf-8", "surrogatepass")) > 255
+    )
     if bad:
         raise ConfigError(f"{flag} must be a plain folder name (no '/', no leading '.', not empty), got {name!r}")

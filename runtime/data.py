@@ -71,11 +71,16 @@ def check_same_data(saved: dict | None, current: dict, where: str) -> None:
     def show(f: dict | None) -> str:
         return "not read" if f is None else f"{f['lines']} lines, {f['bytes']} bytes, sha256 {f['sha256'][:12]}"
 
-    changed = [f"{split!r} was {show(saved.get(split))}, now {show(current.get(split))}"
-               for split in sorted(set(saved) | set(current)) if saved.get(split) != current.get(split)]  # fmt: skip
+    changed = [
+        f"{split!r} was {show(saved.get(split))}, now {show(current.get(split))}"
+        for split in sorted(set(saved) | set(current))
+        if saved.get(split) != current.get(split)
+    ]
     if changed:
-        raise DataError(f"--resume: the data changed since {where} was written ({'; '.join(changed)}); a resumed run "
-                        "must read the same data: restore it, or start a new run under another --name")  # fmt: skip
+        raise DataError(
+            f"--resume: the data changed since {where} was written ({'; '.join(changed)}); a resumed run "
+            "must read the same data: restore it, or start a new run under another --name"
+        )
 
 
 def load_split(data_dir: str | Path, name: str, fingerprints: dict | None = None) -> list[Record]:
@@ -101,8 +106,9 @@ class Encoded:
 
 def encode_prompts(records, tokenizer, *, fmt, with_instruction, rules, max_prompt_tokens, long_prompts, split):
     """Prompt ids per record, after the length policy."""
-    texts = [render_prompt(r, fmt, tokenizer=tokenizer, rules=rules, with_instruction=with_instruction)
-             for r in records]  # fmt: skip
+    texts = [
+        render_prompt(r, fmt, tokenizer=tokenizer, rules=rules, with_instruction=with_instruction) for r in records
+    ]
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     long = [r.id for r, p in zip(records, ids) if len(p) > max_prompt_tokens]
     if long and long_prompts == "error":

@@ -45,8 +45,10 @@ def lock_run_dir(run_dir: Path) -> None:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
-        raise ConfigError(f"{run_dir} is in use by another running process (it holds {LOCK_FILE}); wait for it to end "
-                          "or choose another --name") from None  # fmt: skip
+        raise ConfigError(
+            f"{run_dir} is in use by another running process (it holds {LOCK_FILE}); wait for it to end "
+            "or choose another --name"
+        ) from None
     _HELD[key] = (handle, run_dir, created)
 
 
@@ -86,8 +88,9 @@ def setup_run_dir(cfg, given: set[str], folders: tuple[str, ...], dist: Dist | N
         kept += [f.name for f in sorted(run_dir.glob("eval_*.json"))]
         kept += [name for name in RESULT_FILES if (run_dir / name).exists()]
         if kept:
-            raise ConfigError(f"{run_dir} already holds a run ({', '.join(kept)}); continue it with --resume or choose "
-                              "another --name")  # fmt: skip
+            raise ConfigError(
+                f"{run_dir} already holds a run ({', '.join(kept)}); continue it with --resume or choose another --name"
+            )
         stale = (run_dir / "metrics.jsonl").exists()
         dist.barrier()  # every rank has looked before rank 0 removes anything
         if stale and dist.main:
@@ -96,18 +99,24 @@ def setup_run_dir(cfg, given: set[str], folders: tuple[str, ...], dist: Dist | N
             (run_dir / "metrics.jsonl").unlink()
         return cfg, None
     if not (run_dir / "config.json").exists() or not ckpt.exists():
-        raise ConfigError(f"--resume: no resumable checkpoint in {ckpt} (a run interrupted before its first checkpoint "
-                          "starts afresh without --resume)")  # fmt: skip
+        raise ConfigError(
+            f"--resume: no resumable checkpoint in {ckpt} (a run interrupted before its first checkpoint "
+            "starts afresh without --resume)"
+        )
     saved = from_dict(type(cfg), json.loads((run_dir / "config.json").read_text()), where=str(run_dir / "config.json"))
     differ = sorted(f for f in given - RESUME_FREE if getattr(cfg, f) != getattr(saved, f))
     if differ:
-        raise ConfigError(f"--resume: {', '.join('--' + f.replace('_', '-') for f in differ)} differ from the saved "
-                          f"run {run_dir}; a resumed run keeps its settings")  # fmt: skip
+        raise ConfigError(
+            f"--resume: {', '.join('--' + f.replace('_', '-') for f in differ)} differ from the saved "
+            f"run {run_dir}; a resumed run keeps its settings"
+        )
     state = load_trainer_state(ckpt)
     if state.get("world_size", 1) != dist.world:
-        raise ConfigError(f"--resume: {ckpt} was written by {state.get('world_size', 1)} process(es) and this run has "
-                          f"{dist.world}; an exact resume needs the same world size (torchrun --nnodes x "
-                          "--nproc-per-node)")  # fmt: skip
+        raise ConfigError(
+            f"--resume: {ckpt} was written by {state.get('world_size', 1)} process(es) and this run has "
+            f"{dist.world}; an exact resume needs the same world size (torchrun --nnodes x "
+            "--nproc-per-node)"
+        )
     return replace(saved, resume=True, halt_after=cfg.halt_after, progress=cfg.progress), state
 
 
@@ -122,8 +131,10 @@ def device_settings(cfg, dist: Dist | None = None) -> tuple[torch.device, torch.
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda, but CUDA is not available")
     if cfg.impl == "triton" and device.type != "cuda" and not INTERPRET:
-        raise ConfigError("--impl triton needs a CUDA device (or TRITON_INTERPRET=1 set before the run, to use the "
-                          "slow CPU interpreter)")  # fmt: skip
+        raise ConfigError(
+            "--impl triton needs a CUDA device (or TRITON_INTERPRET=1 set before the run, to use the "
+            "slow CPU interpreter)"
+        )
     dtype = {"auto": default_dtype(device), "fp32": torch.float32, "bf16": torch.bfloat16}[cfg.dtype]
     return device, dtype, None if cfg.attention == "auto" else cfg.attention
 
@@ -151,8 +162,10 @@ def make_optimizer(model, lr: float, total: int, warmup: int, *, weight_decay: f
     """AdamW (betas 0.9 / 0.95) with a LambdaLR schedule from `lr_lambda`."""
     # no weight decay on norms and biases (1-D parameters)
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]  # fmt: skip
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total, warmup, schedule))
     return opt, sched
@@ -177,8 +190,10 @@ def shard_check(dist: Dist, **batches: int) -> None:
     """Every rank takes an equal share of each batch: the world size must divide them (flag name -> size)."""
     for flag, size in batches.items():
         if size % dist.world:
-            raise ConfigError(f"--{flag.replace('_', '-')} {size} is not divisible by the world size {dist.world}: "
-                              "each rank takes an equal share")  # fmt: skip
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} {size} is not divisible by the world size {dist.world}: "
+                "each rank takes an equal share"
+            )
 
 
 def _restart_advice(last_ckpt: str, init_flag: str) -> str:
@@ -189,20 +204,32 @@ def _restart_advice(last_ckpt: str, init_flag: str) -> str:
             "no checkpoint had been written yet. Check the data, or start a new run (another --name) with a "
             "lower learning rate (--resume keeps the run's settings)."
         )
-    restart = (f"start a new run from it with {init_flag} {last_ckpt} --name <new name> and a lower learning rate"
-               if init_flag else "start a new run with a lower learning rate")  # fmt: skip
+    restart = (
+        f"start a new run from it with {init_flag} {last_ckpt} --name <new name> and a lower learning rate"
+        if init_flag
+        else "start a new run with a lower learning rate"
+    )
     return f"the last good checkpoint is {last_ckpt}. Check the data, or {restart} (--resume keeps the run's settings)."
 
 
 def check_finite(loss: torch.Tensor, where: str, last_ckpt: str, *, init_flag: str = "--init") -> None:
     """Raise NonFiniteLoss for a NaN / inf loss, before the update is applied."""
     if not bool(torch.isfinite(loss)):  # host sync: once per micro-batch, to stop before a bad update
-        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at {where}: the update was not applied; "
-                            f"{_restart_advice(last_ckpt, init_flag)}")  # fmt: skip
+        raise NonFiniteLoss(
+            f"non-finite loss ({loss.item()}) at {where}: the update was not applied; "
+            f"{_restart_advice(last_ckpt, init_flag)}"
+        )
 
 
-def check_update(params, grad_norm: float | torch.Tensor, where: str, last_ckpt: str, dist: Dist | None = None, *,
-                 init_flag: str = "--init") -> None:  # fmt: skip
+def check_update(
+    params,
+    grad_norm: float | torch.Tensor,
+    where: str,
+    last_ckpt: str,
+    dist: Dist | None = None,
+    *,
+    init_flag: str = "--init",
+) -> None:
     """Raise NonFiniteLoss when an optimizer step left a non-finite gradient norm or parameter: a finite loss does not
     make a finite update (a huge learning rate with weight decay sends weights to inf). Call it after each step and
     before anything is saved; one host sync, and every rank stops together (sharded parameters are checked where
@@ -215,9 +242,11 @@ def check_update(params, grad_norm: float | torch.Tensor, where: str, last_ckpt:
         bad = (~torch.isfinite(total)).float() + float(not math.isfinite(norm))
         bad = (dist or Dist()).sum(bad)
     if bool(bad > 0):  # host sync: once per optimizer step
-        raise NonFiniteLoss(f"non-finite update at {where} (gradient norm {norm:.4g}, or a parameter became inf / "
-                            f"nan): stopped before it reached a checkpoint; "
-                            f"{_restart_advice(last_ckpt, init_flag)}")  # fmt: skip
+        raise NonFiniteLoss(
+            f"non-finite update at {where} (gradient norm {norm:.4g}, or a parameter became inf / "
+            f"nan): stopped before it reached a checkpoint; "
+            f"{_restart_advice(last_ckpt, init_flag)}"
+        )
 
 
 class Logger:
@@ -248,14 +277,17 @@ class Logger:
             except ValueError:
                 if i == len(lines) and not text.endswith("\n"):
                     break  # the process was killed while writing this line: it is after the checkpoint anyway
-                raise ConfigError(f"{self.path}:{i}: not a JSON line; the log is damaged (restore it or start a new "
-                                  "run)") from None  # fmt: skip
+                raise ConfigError(
+                    f"{self.path}:{i}: not a JSON line; the log is damaged (restore it or start a new run)"
+                ) from None
             try:
                 if keep(row):
                     kept.append(line)
             except (KeyError, TypeError, ValueError, AttributeError):  # valid JSON, but not a row this loop wrote
-                raise ConfigError(f"{self.path}:{i}: not a row of this run's log ({line[:60]!r}); the log is damaged "
-                                  "(restore it or start a new run)") from None  # fmt: skip
+                raise ConfigError(
+                    f"{self.path}:{i}: not a row of this run's log ({line[:60]!r}); the log is damaged "
+                    "(restore it or start a new run)"
+                ) from None
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def resume(self, keep: Callable[[dict], bool], dist: Dist) -> None:

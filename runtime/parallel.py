@@ -89,8 +89,7 @@ class Dist:
         if self.world == 1:
             return values
         parts = self.gather(values)
-        return {k: max(p[k] for p in parts) if k in maxima else sum(p[k] for p in parts) / self.world
-                for k in values}  # fmt: skip
+        return {k: max(p[k] for p in parts) if k in maxima else sum(p[k] for p in parts) / self.world for k in values}
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -117,8 +116,10 @@ def init_distributed(device: str = "auto") -> Dist:
     backend = "nccl" if cuda else "gloo"
     if cuda:
         if local >= torch.cuda.device_count():
-            raise ConfigError(f"LOCAL_RANK {local}, but this node has {torch.cuda.device_count()} GPU(s): start at "
-                              "most one process per GPU (torchrun --nproc-per-node)")  # fmt: skip
+            raise ConfigError(
+                f"LOCAL_RANK {local}, but this node has {torch.cuda.device_count()} GPU(s): start at "
+                "most one process per GPU (torchrun --nproc-per-node)"
+            )
         torch.cuda.set_device(local)
     if not dist.is_initialized():
         dist.init_process_group(backend)
@@ -192,8 +193,9 @@ class Sharded:
     `module` is the Hugging Face model itself (under FSDP its parameters are DTensor shards): use it for the
     optimizer and for anything that does not compute with the weights."""
 
-    def __init__(self, model: torch.nn.Module, dist_: Dist | None = None, strategy: str = "none", *,
-                 trainable: bool = True):  # fmt: skip
+    def __init__(
+        self, model: torch.nn.Module, dist_: Dist | None = None, strategy: str = "none", *, trainable: bool = True
+    ):
         self.module = model
         self.dist = dist_ or Dist()
         self.strategy = strategy if self.dist.world > 1 else "none"
@@ -312,8 +314,9 @@ class Sharded:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(self.module, opt, optim_state_dict=state,
-                                 options=StateDictOptions(full_state_dict=True))  # fmt: skip
+        set_optimizer_state_dict(
+            self.module, opt, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+        )
 
 
 @contextmanager

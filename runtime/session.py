@@ -30,6 +30,7 @@ from model.hf import (
     load_model,
     prepare,
 )
+from model.sampling import generate, pad_left
 from runtime.checkpoint import (
     STATE_FILE,
     PromptSettings,
@@ -192,6 +193,31 @@ class Session:
 
     def restore_rng(self, state: dict, generator=None) -> None:
         set_rank_rng_states(state, self.dist, generator)
+
+    # sampling -------------------------------------------------------------------------------------------------
+
+    def sample(self, model: Sharded, prompts: list[list[int]], *, temperature: float, generator=None):
+        """(prompt ids, prompt mask, completion, response mask) of one sample per prompt (a prompt repeated G times
+        gives a group), at `temperature` with --top-p, up to --max-new-tokens; None without prompts. Collective
+        (under FSDP the weights are gathered for it), so every rank calls it, with or without prompts."""
+        tok = self.tokenizer
+        with model.gathered():  # ranks stop sampling at different lengths: no communication inside
+            if not prompts:
+                return None
+            p_ids, p_mask = pad_left(prompts, tok.pad_token_id, self.device)
+            completion, response = model(
+                generate,
+                p_ids,
+                p_mask,
+                max_new_tokens=self.cfg.max_new_tokens,
+                eos_id=tok.eos_token_id,
+                pad_id=tok.pad_token_id,
+                temperature=temperature,
+                top_p=self.cfg.top_p,
+                vocab_size=len(tok),
+                generator=generator,
+            )
+        return p_ids, p_mask, completion, response
 
     # evaluation and reporting -------------------------------------------------------------------------------
 

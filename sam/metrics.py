@@ -103,8 +103,13 @@ def paired_bootstrap(arm: list, base: list, metric: str, resamples: int, seed: i
     picks = rng.integers(0, k, size=(resamples, k))
     boot = diffs[picks, np.arange(resamples)[:, None]].mean(axis=1)
     lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"diff": float(np.mean(per_seed)), "lo": float(lo), "hi": float(hi), "per_seed": per_seed,
-            "p_le_0": float((boot <= 0).mean())}  # fmt: skip
+    return {
+        "diff": float(np.mean(per_seed)),
+        "lo": float(lo),
+        "hi": float(hi),
+        "per_seed": per_seed,
+        "p_le_0": float((boot <= 0).mean()),
+    }
 
 
 def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict:
@@ -117,5 +122,11 @@ def paired_difference(a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed:
     d = a - b
     idx = np.random.default_rng(seed).integers(0, len(d), size=(resamples, len(d)))
     lo, hi = np.percentile(d[idx].mean(axis=1), [2.5, 97.5])
-    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": len(d), "a_better": int((d > 0).sum()),
-            "b_better": int((d < 0).sum())}  # fmt: skip
+    return {
+        "diff": float(d.mean()),
+        "lo": float(lo),
+        "hi": float(hi),
+        "n": len(d),
+        "a_better": int((d > 0).sum()),
+        "b_better": int((d < 0).sum()),
+    }

@@ -34,17 +34,25 @@ RUBRIC = {
 # The seven steps of the criteria format: (short name, instruction). Each step's answer is a closed word or number
 # (render_criteria_trace shows the exact wording), so every step can be checked against gold values.
 CRITERIA_STEPS = (
-    ("query need", "Write `need precise` if the query has one clear intent (a question, a product, a price), "
-     "else `need broad`."),
-    ("coverage", "Write `coverage` and how much of the note is about the query: large (4 or more of its 8 "
-     "sentences), partial (2 or 3), mention (1) or none (0)."),
+    (
+        "query need",
+        "Write `need precise` if the query has one clear intent (a question, a product, a price), else `need broad`.",
+    ),
+    (
+        "coverage",
+        "Write `coverage` and how much of the note is about the query: large (4 or more of its 8 "
+        "sentences), partial (2 or 3), mention (1) or none (0).",
+    ),
     ("category", "Write `category match` if the note's category is the query's, else `category differ`."),
     ("keywords", "Write `keywords H of K`: how many of the query's K keywords appear in the note."),
     ("initial score", "Write `initial` and the rubric score as \\boxed{k}. Do not use the special cases here."),
-    ("calibration", "Write the business special case and its outcome (e.g. `qualifier dropped`), or `no case`, "
-     "then the calibrated score as \\boxed{k} (the initial score again if the case keeps it)."),
+    (
+        "calibration",
+        "Write the business special case and its outcome (e.g. `qualifier dropped`), or `no case`, "
+        "then the calibrated score as \\boxed{k} (the initial score again if the case keeps it).",
+    ),
     ("final score", "Write `final` and the final score as \\boxed{k}."),
-)  # fmt: skip
+)
 
 GENERIC_STEPS = (
     ("query", "Work out what the query asks for."),
@@ -128,9 +136,12 @@ def instruction(fmt: str = "criteria", rules: dict[str, str] | None = None) -> s
         return head + "Answer with the score only, as \\boxed{k}."
     if fmt == "generic":
         steps = "\n".join(f"Step {i}: ({name}) {text}" for i, (name, text) in enumerate(GENERIC_STEPS, 1))
-        return head + "Reason in three steps, each on a new line starting with its header:\n" + steps + (
-            "\nWrite nothing after the final box."
-        )  # fmt: skip
+        return (
+            head
+            + "Reason in three steps, each on a new line starting with its header:\n"
+            + steps
+            + ("\nWrite nothing after the final box.")
+        )
     rules = BUSINESS_RULES if rules is None else rules
     steps = "\n".join(f"Step {i}: ({name}) {text}" for i, (name, text) in enumerate(CRITERIA_STEPS, 1))
     cases = "\n".join(f"- {name}: {text}" for name, text in rules.items())
@@ -170,8 +181,19 @@ def render_label(label: int) -> str:
     return f"\\boxed{{{label}}}"
 
 
-def render_criteria_trace(*, need: str, coverage: str, match: bool, hits: int, keywords: int, initial: int,
-                          rule: str | None, case: str | None, calibrated: int, final: int) -> str:  # fmt: skip
+def render_criteria_trace(
+    *,
+    need: str,
+    coverage: str,
+    match: bool,
+    hits: int,
+    keywords: int,
+    initial: int,
+    rule: str | None,
+    case: str | None,
+    calibrated: int,
+    final: int,
+) -> str:
     """The criteria format's 7 steps from step values, in closed words (no free text copied from the prompt):
 
         Step 1: need broad                 (precise | broad)
@@ -221,6 +243,15 @@ def render_gold_reasoning(record, fmt: str = "criteria") -> str:
             f"{keywords}\n"
             f"Step 3: final \\boxed{{{record.label}}}"
         )
-    return render_criteria_trace(need=gold["need"], coverage=gold["coverage"], match=match, hits=hits,
-                                 keywords=keywords, initial=gold["initial"], rule=gold.get("rule"),
-                                 case=gold.get("case"), calibrated=gold["calibrated"], final=record.label)  # fmt: skip
+    return render_criteria_trace(
+        need=gold["need"],
+        coverage=gold["coverage"],
+        match=match,
+        hits=hits,
+        keywords=keywords,
+        initial=gold["initial"],
+        rule=gold.get("rule"),
+        case=gold.get("case"),
+        calibrated=gold["calibrated"],
+        final=record.label,
+    )

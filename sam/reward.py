@@ -33,5 +33,10 @@ def outcome_reward(
         partial = torch.where(well_formed & ~is_correct, correct * (1 - distance / 4).clamp(min=0), 0.0)
     penalty = (~well_formed).float() * malformed_penalty
     rewards = base + partial - penalty
-    return rewards, {"correct": is_correct, "well_formed": well_formed, "predicted": predicted,
-                     "ordinal_credit": partial, "malformed_penalty": penalty}  # fmt: skip
+    return rewards, {
+        "correct": is_correct,
+        "well_formed": well_formed,
+        "predicted": predicted,
+        "ordinal_credit": partial,
+        "malformed_penalty": penalty,
+    }

@@ -165,8 +165,9 @@ def segment_completion(ids: list[int], tokenizer, *, segmenter: str = "boxes", f
     return seg, parse, text
 
 
-def segment_batch(completion_ids: torch.Tensor, response_mask: torch.Tensor, tokenizer, *, segmenter="boxes",
-                  fmt="criteria"):  # fmt: skip
+def segment_batch(
+    completion_ids: torch.Tensor, response_mask: torch.Tensor, tokenizer, *, segmenter="boxes", fmt="criteria"
+):
     """Per-token step ids for a batch of completions.
 
     completion_ids (B, T) int, response_mask (B, T) bool (True on the real response tokens, EOS included; False on
@@ -175,8 +176,10 @@ def segment_batch(completion_ids: torch.Tensor, response_mask: torch.Tensor, tok
     batch, outside the loss.
     """
     if completion_ids.shape != response_mask.shape or completion_ids.dim() != 2:
-        raise ValueError(f"completion_ids {tuple(completion_ids.shape)} and response_mask "
-                         f"{tuple(response_mask.shape)} must be the same (B, T) shape")  # fmt: skip
+        raise ValueError(
+            f"completion_ids {tuple(completion_ids.shape)} and response_mask "
+            f"{tuple(response_mask.shape)} must be the same (B, T) shape"
+        )
     ids_cpu, mask_cpu = completion_ids.cpu(), response_mask.cpu().bool()
     step_id = torch.full(ids_cpu.shape, -1, dtype=torch.int32)
     parses, texts = [], []

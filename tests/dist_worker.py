@@ -34,8 +34,15 @@ V = 96  # the policy's vocabulary: small, so that the interpreted Triton kernels
 
 def small_model():
     """A `nano`-shaped Qwen2 policy over the first V token ids, seeded."""
-    config = Qwen2Config(vocab_size=V, tie_word_embeddings=True, max_position_embeddings=256, pad_token_id=0,
-                         eos_token_id=1, bos_token_id=None, **PRESETS["nano"])  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=V,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+        **PRESETS["nano"],
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         return Qwen2ForCausalLM(config)
@@ -58,8 +65,10 @@ def rl_batch(prompts) -> train.Rollouts:
 
 def params(policy: Sharded) -> dict:
     """Full copies of the parameters (gathered from the shards under FSDP)."""
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-            for k, v in policy.module.named_parameters()}  # fmt: skip
+    return {
+        k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+        for k, v in policy.module.named_parameters()
+    }
 
 
 def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_impl: str) -> None:
@@ -69,8 +78,9 @@ def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_i
     result = {"world": dist.world, "strategy": strategy}
 
     # GRPO + SAM: rl_update with a frozen KL reference, 2 inner epochs, micro-batches that split the rank's rows
-    cfg = parse_flags(TrainConfig, ["--impl", impl, "--mu", "2", "--micro-batch", "3", "--kl-coef", "0.05",
-                                     "--grad-clip", "0.5"])[0]  # fmt: skip
+    cfg = parse_flags(
+        TrainConfig, ["--impl", impl, "--mu", "2", "--micro-batch", "3", "--kl-coef", "0.05", "--grad-clip", "0.5"]
+    )[0]
     fresh = lambda: prepare(small_model(), device="cpu")  # noqa: E731
     policy = Sharded(fresh(), dist, strategy)
     ref = Sharded(fresh().requires_grad_(False), dist, strategy, trainable=False)
@@ -86,13 +96,33 @@ def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_i
 
     # distillation: both students (token-level rkl), fixed teacher traces; on rank 1 (rows 2, 3 of the combined
     # batch) the traces never end, so its label student has no rows and must run zero-weighted micro-batches
-    dcfg = parse_flags(DistillConfig, ["--teacher", teacher, "--data-dir", bench, "--loss", "rkl", "--micro-batch",
-                                        "1", "--prompts-per-step", "4", "--lr", "1e-2", "--impl", distill_impl,
-                                        "--parallel", strategy if strategy != "none" else "auto"])[0]  # fmt: skip
+    dcfg = parse_flags(
+        DistillConfig,
+        [
+            "--teacher",
+            teacher,
+            "--data-dir",
+            bench,
+            "--loss",
+            "rkl",
+            "--micro-batch",
+            "1",
+            "--prompts-per-step",
+            "4",
+            "--lr",
+            "1e-2",
+            "--impl",
+            distill_impl,
+            "--parallel",
+            strategy if strategy != "none" else "auto",
+        ],
+    )[0]
     run = distill.Run(dcfg, None, dist)
     records = run.train[run.fmt].records[:4]
-    traces = [tok(render_gold_reasoning(r, run.fmt), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-              for r in records]  # fmt: skip
+    traces = [
+        tok(render_gold_reasoning(r, run.fmt), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        for r in records
+    ]
     traces[2:] = [t[: len(t) // 2] for t in traces[2:]]
     p_ids, p_mask = pad_left(run.train[run.fmt].prompts[:4], tok.pad_token_id, "cpu")
     c_ids, c_mask = pad_right(traces, tok.pad_token_id, "cpu")
@@ -106,8 +136,9 @@ def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_i
             loss, _ = distill.reasoning_step(run, student, teacher_batch, hidden, "worker")
             counts = {}
         else:
-            loss, counts = distill.label_step(run, student, teacher_batch, hidden, label_prompts, label_prompts[0],
-                                              "worker")  # fmt: skip
+            loss, counts = distill.label_step(
+                run, student, teacher_batch, hidden, label_prompts, label_prompts[0], "worker"
+            )
         norm = student.clip_grad_norm(dcfg.grad_clip)
         opt.step()
         result["distill"][kind] = {"loss": loss, "grad_norm": norm, "counts": counts, "params": params(student)}

@@ -14,8 +14,10 @@ from sam import metrics
 from sam.metrics import relevance_metrics
 
 SIZES = {"sft": 24, "rl": 16, "val": 6, "test_random": 8, "test_longtail": 8}
-TINY = ("--model nano --sft-epochs 0.33 --sft-batch-size 4 --rl-steps 2 --prompts-per-step 2 --group-size 2 "
-        "--val-limit 4 --eval-every 1 --micro-batch 4 --max-new-tokens 136 --test-limit 6")  # fmt: skip
+TINY = (
+    "--model nano --sft-epochs 0.33 --sft-batch-size 4 --rl-steps 2 --prompts-per-step 2 --group-size 2 "
+    "--val-limit 4 --eval-every 1 --micro-batch 4 --max-new-tokens 136 --test-limit 6"
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,13 +31,30 @@ def arms_file(tmp_path, arms):
     return str(path)
 
 
-ARMS = {"warm": {"warmup": [], "rl": None, "about": "warm-up only"}, "outcome": {"rl": ["--policy", "none"]},
-        "sam": {"rl": "--policy sam"}}  # fmt: skip
+ARMS = {
+    "warm": {"warmup": [], "rl": None, "about": "warm-up only"},
+    "outcome": {"rl": ["--policy", "none"]},
+    "sam": {"rl": "--policy sam"},
+}
 
 
 def sweep_args(bench, tmp_path, *extra):
-    return ["--preset", "none", "--arms-file", arms_file(tmp_path, ARMS), "--out-dir", str(tmp_path), "--seeds",
-            "0,1", "--base", f"{TINY} --data-dir {bench}", "--bootstrap", "200", "--no-progress", *extra]  # fmt: skip
+    return [
+        "--preset",
+        "none",
+        "--arms-file",
+        arms_file(tmp_path, ARMS),
+        "--out-dir",
+        str(tmp_path),
+        "--seeds",
+        "0,1",
+        "--base",
+        f"{TINY} --data-dir {bench}",
+        "--bootstrap",
+        "200",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def test_sweep_end_to_end_resumable(bench, tmp_path, capsys):
@@ -57,8 +76,11 @@ def test_sweep_end_to_end_resumable(bench, tmp_path, capsys):
                     assert (arm, seed, split, metric) in keys
     # the csv holds what the run's own evaluation file says
     ev = json.loads((d / "runs/outcome-s1/eval_rl.json").read_text())
-    got = [float(r["value"]) for r in rows if (r["arm"], r["seed"], r["split"], r["metric"]) ==
-           ("outcome", "1", "test_longtail", "macro_f1")]  # fmt: skip
+    got = [
+        float(r["value"])
+        for r in rows
+        if (r["arm"], r["seed"], r["split"], r["metric"]) == ("outcome", "1", "test_longtail", "macro_f1")
+    ]
     assert got == [pytest.approx(ev["test_longtail"]["macro_f1"])]
     curves = list(csv.DictReader((d / "curves.csv").open()))
     steps = sorted({int(r["step"]) for r in curves if r["arm"] == "sam" and r["metric"] == "val/accuracy"})
@@ -74,8 +96,11 @@ def test_sweep_end_to_end_resumable(bench, tmp_path, capsys):
     # the table's columns are in HEADLINE's order: the last cell of an arm is its mean step agreement
     header = next(line for line in md.splitlines() if line.startswith("| arm | seeds |"))
     assert header.split("|")[-3:-1] == [" malformed ", " step agreement "]
-    bad = [float(r["value"]) for r in rows if (r["arm"], r["split"], r["metric"]) ==
-           ("sam", "test_random", "malformed_rate")]  # fmt: skip
+    bad = [
+        float(r["value"])
+        for r in rows
+        if (r["arm"], r["split"], r["metric"]) == ("sam", "test_random", "malformed_rate")
+    ]
     assert len(bad) == 2
     row = next(line for line in md.split("## test_random")[1].splitlines() if line.startswith("| sam |"))
     assert row.split("|")[-3].strip().startswith(f"{np.mean(bad):.3f} ±")
@@ -111,10 +136,25 @@ def test_sweep_end_to_end_resumable(bench, tmp_path, capsys):
 
 
 def test_failed_warmup_skips_its_arms_and_exits_1(bench, tmp_path, capsys):
-    arms = {"warm": {"warmup": ["--sft-split", "no-such-split"], "rl": None}, "rl": {"warmup": ["--sft-split",
-            "no-such-split"], "rl": []}}  # fmt: skip
-    argv = ["--preset", "none", "--arms-file", arms_file(tmp_path, arms), "--baseline", "warm", "--out-dir",
-            str(tmp_path), "--seeds", "0", "--base", f"{TINY} --data-dir {bench}", "--no-progress"]  # fmt: skip
+    arms = {
+        "warm": {"warmup": ["--sft-split", "no-such-split"], "rl": None},
+        "rl": {"warmup": ["--sft-split", "no-such-split"], "rl": []},
+    }
+    argv = [
+        "--preset",
+        "none",
+        "--arms-file",
+        arms_file(tmp_path, arms),
+        "--baseline",
+        "warm",
+        "--out-dir",
+        str(tmp_path),
+        "--seeds",
+        "0",
+        "--base",
+        f"{TINY} --data-dir {bench}",
+        "--no-progress",
+    ]
     assert ablate.main(argv) == 1
     err = capsys.readouterr().err
     assert "FAILED warmup-sft-split-no-such-split-s0" in err and "no-such-split" in err
@@ -158,13 +198,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
 
 @pytest.mark.parametrize(
     "arms,message",
-    [({"a": {"warmup": [], "rl": 3}}, "expected a list of flag strings"), ({"a b": {"rl": []}}, "arm name 'a b'"),
-     ({"a": {"rl": [], "extra": 1}}, "expected an object with keys"), ([], "non-empty object"),
-     ({"a": {"rl": ["--init", "x"]}}, "leave out --init")],
-)  # fmt: skip
+    [
+        ({"a": {"warmup": [], "rl": 3}}, "expected a list of flag strings"),
+        ({"a b": {"rl": []}}, "arm name 'a b'"),
+        ({"a": {"rl": [], "extra": 1}}, "expected an object with keys"),
+        ([], "non-empty object"),
+        ({"a": {"rl": ["--init", "x"]}}, "leave out --init"),
+    ],
+)
 def test_bad_arms_file(tmp_path, capsys, arms, message):
-    argv = ["--preset", "none", "--arms-file", arms_file(tmp_path, arms), "--baseline", "a", "--out-dir",
-            str(tmp_path)]  # fmt: skip
+    argv = ["--preset", "none", "--arms-file", arms_file(tmp_path, arms), "--baseline", "a", "--out-dir", str(tmp_path)]
     assert ablate.main(argv) == 2
     assert message in capsys.readouterr().err
 

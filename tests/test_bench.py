@@ -34,8 +34,11 @@ def test_bench_policy_loss_smoke(tmp_path):
     assert bench_policy_loss.main(["--smoke", "--tokens", "500", "--rollouts", "8", "--csv", str(out)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert [(r["provider"], r["mode"]) for r in rows] == [
-        ("ref", "fwd"), ("ref", "fwd+bwd"), ("ours", "fwd"), ("ours", "fwd+bwd"),
-    ]  # fmt: skip
+        ("ref", "fwd"),
+        ("ref", "fwd+bwd"),
+        ("ours", "fwd"),
+        ("ours", "fwd+bwd"),
+    ]
     assert all(r["status"] == "ok" and float(r["loss_err"]) < 1e-5 for r in rows)
 
 
@@ -43,8 +46,21 @@ def test_bench_distill_kl_smoke(tmp_path):
     from bench import bench_distill_kl
 
     out = tmp_path / "rows.csv"
-    argv = ["--smoke", "--providers", "matmul,naive,ours", "--kinds", "rkl", "--modes", "fwd+bwd", "--tokens", "20",
-            "--vocab", "130", "--csv", str(out)]  # fmt: skip
+    argv = [
+        "--smoke",
+        "--providers",
+        "matmul,naive,ours",
+        "--kinds",
+        "rkl",
+        "--modes",
+        "fwd+bwd",
+        "--tokens",
+        "20",
+        "--vocab",
+        "130",
+        "--csv",
+        str(out),
+    ]
     assert bench_distill_kl.main(argv) == 0
     rows = list(csv.DictReader(out.open()))
     assert [(r["provider"], r["kind"]) for r in rows] == [("matmul", "-"), ("naive", "rkl"), ("ours", "rkl")]
@@ -67,9 +83,19 @@ def test_compile_check_for_sm90_passes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = list(csv.DictReader(out.open()))
     kernels = {r["kernel"] for r in rows}
-    assert {"_logprob_fwd_kernel", "_logprob_merge_kernel", "_logprob_bwd_dz_kernel", "_matmul_kernel",
-            "_distill_fwd_kernel", "_distill_merge_kernel", "_distill_jsd_kernel", "_distill_jsd_merge_kernel",
-            "_distill_bwd_dz_kernel", "_policy_loss_fwd_kernel", "_policy_loss_bwd_kernel"} <= kernels  # fmt: skip
+    assert {
+        "_logprob_fwd_kernel",
+        "_logprob_merge_kernel",
+        "_logprob_bwd_dz_kernel",
+        "_matmul_kernel",
+        "_distill_fwd_kernel",
+        "_distill_merge_kernel",
+        "_distill_jsd_kernel",
+        "_distill_jsd_merge_kernel",
+        "_distill_bwd_dz_kernel",
+        "_policy_loss_fwd_kernel",
+        "_policy_loss_bwd_kernel",
+    } <= kernels
     # the kernels with a dot product (the merges have none)
     bf16 = [
         r for r in rows if "bfloat16" in r["case"] and r["kernel"] != "_matmul_kernel" and "merge" not in r["kernel"]
@@ -86,8 +112,13 @@ def test_gpu_check_script_smoke_mode(tmp_path):
 
     out = tmp_path / "gpu"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(out), "--smoke"], capture_output=True, text=True,
-                          env=dict(env, GPU_CHECK_LIMIT_S="400"), timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", str(out), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=dict(env, GPU_CHECK_LIMIT_S="400"),
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     summary = (out / "summary.md").read_text()
     for stage in ("tests", "bench_logprob", "bench_policy_loss", "bench_distill_kl"):
@@ -96,8 +127,13 @@ def test_gpu_check_script_smoke_mode(tmp_path):
         rows = list(csv.DictReader((out / f"{name}.csv").open()))
         assert rows and all(r["status"] == "ok" for r in rows)
     late = tmp_path / "late"
-    proc = subprocess.run(["bash", "bench/gpu_check.sh", str(late), "--smoke"], capture_output=True, text=True,
-                          env=dict(env, GPU_CHECK_LIMIT_S="0"), timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        ["bash", "bench/gpu_check.sh", str(late), "--smoke"],
+        capture_output=True,
+        text=True,
+        env=dict(env, GPU_CHECK_LIMIT_S="0"),
+        timeout=120,
+    )
     assert proc.returncode == 3 and (late / "summary.md").read_text().count("skipped (time limit)") == 4
     bad = subprocess.run(["bash", "bench/gpu_check.sh", str(tmp_path / "x"), "--fast"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown option" in bad.stderr

@@ -34,10 +34,34 @@ def teacher(bench, make_teacher):
 
 
 def args(bench, teacher, out, *extra):
-    return ["--teacher", str(teacher), "--data-dir", str(bench), "--out-dir", str(out), "--no-progress",
-            "--steps", "3", "--prompts-per-step", "4", "--max-new-tokens", "24", "--micro-batch", "3",
-            "--val-limit", "2", "--eval-every", "2", "--test-limit", "3", "--latency-examples", "1",
-            "--eval-batch-size", "8", *extra]  # fmt: skip
+    return [
+        "--teacher",
+        str(teacher),
+        "--data-dir",
+        str(bench),
+        "--out-dir",
+        str(out),
+        "--no-progress",
+        "--steps",
+        "3",
+        "--prompts-per-step",
+        "4",
+        "--max-new-tokens",
+        "24",
+        "--micro-batch",
+        "3",
+        "--val-limit",
+        "2",
+        "--eval-every",
+        "2",
+        "--test-limit",
+        "3",
+        "--latency-examples",
+        "1",
+        "--eval-batch-size",
+        "8",
+        *extra,
+    ]
 
 
 def rows_of(run_dir):
@@ -48,9 +72,19 @@ def rows_of(run_dir):
 def test_end_to_end_report(bench, teacher, tmp_path, capsys):
     assert distill.main(args(bench, teacher, tmp_path, "--name", "e2e")) == 0
     run = tmp_path / "e2e"
-    for name in ("config.json", "metrics.jsonl", "ckpt/trainer_state.pt", "ckpt/reasoning/model.safetensors",
-                 "ckpt/label/model.safetensors", "reasoning/prompt.json", "label/prompt.json", "eval_teacher.json",
-                 "eval_reasoning.json", "eval_label.json", "report.json"):  # fmt: skip
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "ckpt/trainer_state.pt",
+        "ckpt/reasoning/model.safetensors",
+        "ckpt/label/model.safetensors",
+        "reasoning/prompt.json",
+        "label/prompt.json",
+        "eval_teacher.json",
+        "eval_reasoning.json",
+        "eval_label.json",
+        "report.json",
+    ):
         assert (run / name).exists(), name
     assert json.loads((run / "label" / "prompt.json").read_text())["fmt"] == "label"
     rows = rows_of(run)
@@ -76,9 +110,33 @@ def test_a_few_steps_lower_the_kl(bench, teacher, tmp_path, monkeypatch):
 
     real = distill.distill_kl
     monkeypatch.setattr(distill, "distill_kl", recording)
-    argv = args(bench, teacher, tmp_path, "--name", "kl", "--loss", "fkl", "--students", "reasoning", "--steps", "8",
-                "--prompts-per-step", "16", "--micro-batch", "16", "--lr", "1e-2", "--warmup", "0",
-                "--lr-schedule", "constant", "--eval-every", "100", "--test-splits", "")  # fmt: skip
+    argv = args(
+        bench,
+        teacher,
+        tmp_path,
+        "--name",
+        "kl",
+        "--loss",
+        "fkl",
+        "--students",
+        "reasoning",
+        "--steps",
+        "8",
+        "--prompts-per-step",
+        "16",
+        "--micro-batch",
+        "16",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "0",
+        "--lr-schedule",
+        "constant",
+        "--eval-every",
+        "100",
+        "--test-splits",
+        "",
+    )
     assert distill.main(argv) == 0
     assert len(calls) >= 8 and all(n > 0 for n in calls)
     losses = [r["reasoning/loss"] for r in rows_of(tmp_path / "kl")]
@@ -102,8 +160,22 @@ def test_resume_is_exact(bench, teacher, tmp_path, loss):
 
 def test_triton_kernel_inside_the_loop_matches_the_reference(bench, teacher, tmp_path):
     """Two steps with the fused kernel (interpreter) and with the reference: the same losses, the same students."""
-    extra = ["--loss", "jsd", "--on-policy", "0.5", "--steps", "2", "--prompts-per-step", "2", "--max-new-tokens",
-             "12", "--test-splits", "", "--eval-every", "100"]  # fmt: skip
+    extra = [
+        "--loss",
+        "jsd",
+        "--on-policy",
+        "0.5",
+        "--steps",
+        "2",
+        "--prompts-per-step",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--test-splits",
+        "",
+        "--eval-every",
+        "100",
+    ]
     for impl in ("ref", "triton"):
         assert distill.main(args(bench, teacher, tmp_path, "--name", impl, "--impl", impl, *extra)) == 0
     for ref, tri in zip(rows_of(tmp_path / "ref"), rows_of(tmp_path / "triton")):
@@ -145,8 +217,10 @@ def test_label_student_rows_align_with_the_teachers_answer_positions(bench, teac
     run = make_run(bench, teacher, tmp_path, "--loss", "rkl")
     tok, student = run.tokenizer, run.students["label"]
     recs = run.train["criteria"].records[:2]
-    traces = [tok(render_gold_reasoning(r, "criteria"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-              for r in recs]  # fmt: skip
+    traces = [
+        tok(render_gold_reasoning(r, "criteria"), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        for r in recs
+    ]
     p_ids, p_mask = distill.pad_left(run.train["criteria"].prompts[:2], tok.pad_token_id, run.device)
     c_ids, c_mask = distill.pad_right(traces, tok.pad_token_id, run.device)
     teacher_batch = (p_ids, p_mask, c_ids, c_mask)
@@ -186,8 +260,12 @@ def test_concat_samples_keeps_the_packed_layout():
     """On-policy and teacher traces of different prompt (P) and completion (T) widths stack into one batch whose
     prompts stay right-aligned (left padding) and completions left-aligned (right padding)."""
     a = (torch.tensor([[5, 6]]), torch.tensor([[True, True]]), torch.tensor([[7]]), torch.tensor([[True]]))
-    b = (torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.bool), torch.tensor([[4, 4, 9]]),
-         torch.tensor([[True, True, False]]))  # fmt: skip
+    b = (
+        torch.tensor([[1, 2, 3]]),
+        torch.ones(1, 3, dtype=torch.bool),
+        torch.tensor([[4, 4, 9]]),
+        torch.tensor([[True, True, False]]),
+    )
     p_ids, p_mask, c_ids, c_mask = distill.concat_samples(a, b, pad_id=0)
     assert p_ids.tolist() == [[0, 5, 6], [1, 2, 3]] and p_mask.tolist() == [[False, True, True], [True] * 3]
     assert c_ids.tolist() == [[7, 0, 0], [4, 4, 9]] and c_mask.tolist() == [[True, False, False], [True, True, False]]

@@ -128,8 +128,16 @@ def test_jsd_end_points_are_the_two_kls(impl):
     inputs = make_inputs(*SMALL, seed=4, scale=0.5)  # p/q ratios stay moderate, so beta = 1e-3 is "near"
     fn = triton_fn if impl == "triton" else distill_kl_ref
     out = {}
-    for kind, beta in (("fkl", 0.5), ("rkl", 0.5), ("jsd", 0.0), ("jsd", 1.0), ("jsd", 1e-2), ("jsd", 1e-3),
-                       ("jsd", 1 - 1e-2), ("jsd", 1 - 1e-3)):  # fmt: skip
+    for kind, beta in (
+        ("fkl", 0.5),
+        ("rkl", 0.5),
+        ("jsd", 0.0),
+        ("jsd", 1.0),
+        ("jsd", 1e-2),
+        ("jsd", 1e-3),
+        ("jsd", 1 - 1e-2),
+        ("jsd", 1 - 1e-3),
+    ):
         out[kind, beta] = run(fn, *inputs, kind=kind, beta=beta)
     for end, kl in ((0.0, "fkl"), (1.0, "rkl")):
         assert all(torch.equal(x, y) for x, y in zip(out["jsd", end], out[kl, 0.5]))

@@ -252,14 +252,26 @@ def test_reference_gradcheck():
         (torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(3, dtype=torch.int64), {}, ValueError, "targets must be"),
         (torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(4, dtype=torch.int32), {}, TypeError, "int64"),
         (torch.zeros(4, 8), torch.zeros(10, 8).bfloat16(), torch.zeros(4, dtype=torch.int64), {}, TypeError, "dtype"),
-        (torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(4, dtype=torch.int64), {"temperature": 0.0}, ValueError,
-         "temperature"),
-        (torch.zeros(4, 8), torch.zeros(10, 8), torch.zeros(4, dtype=torch.int64), {"impl": "cuda"}, ValueError,
-         "impl must be"),
+        (
+            torch.zeros(4, 8),
+            torch.zeros(10, 8),
+            torch.zeros(4, dtype=torch.int64),
+            {"temperature": 0.0},
+            ValueError,
+            "temperature",
+        ),
+        (
+            torch.zeros(4, 8),
+            torch.zeros(10, 8),
+            torch.zeros(4, dtype=torch.int64),
+            {"impl": "cuda"},
+            ValueError,
+            "impl must be",
+        ),
         (torch.zeros(8), torch.zeros(10, 8), torch.zeros(4, dtype=torch.int64), {}, ValueError, r"\(N, D\)"),
         (torch.zeros(4, 8), torch.zeros(0, 8), torch.zeros(4, dtype=torch.int64), {}, ValueError, "empty vocabulary"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_is_rejected(hidden, weight, targets, kw, err, match):
     with pytest.raises(err, match=match):
         token_logprobs(hidden, weight, targets, **kw)
@@ -337,8 +349,10 @@ def test_tl_dot_path_in_fp32(monkeypatch, shape):
 # The split forward: vocabulary ranges and their merge
 
 
-@pytest.mark.parametrize("V,block,max_ranges", [(1, 64, 3), (65, 64, 3), (300, 64, 4), (1271, 64, 3),
-                                                (151936, 128, 32), (151937, 128, 32), (32000, 64, 32)])  # fmt: skip
+@pytest.mark.parametrize(
+    "V,block,max_ranges",
+    [(1, 64, 3), (65, 64, 3), (300, 64, 4), (1271, 64, 3), (151936, 128, 32), (151937, 128, 32), (32000, 64, 32)],
+)
 def test_vocab_ranges_cover_the_vocabulary_once(V, block, max_ranges):
     n, per = vocab_ranges(V, block, max_ranges)
     assert 1 <= n <= max_ranges and per % block == 0

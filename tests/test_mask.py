@@ -89,8 +89,9 @@ def test_diagnostics_on_a_hand_built_batch():
     outcome = torch.tensor([True, False, True])
     tokens = torch.tensor([[10, 5, 5], [8, 4, 8], [6, 6, 8]])
     adv = torch.tensor([1.0, -2.0, 0.5])
-    weights, d = keep_weights(verdicts, outcome, torch.ones(3, dtype=torch.bool), exception=False,
-                              segment_tokens=tokens, seq_adv=adv)  # fmt: skip
+    weights, d = keep_weights(
+        verdicts, outcome, torch.ones(3, dtype=torch.bool), exception=False, segment_tokens=tokens, seq_adv=adv
+    )
     assert weights.tolist() == [[0, 1, 1], [0, 0, 1], [1, 1, 1]]
     assert d["seg_masked_frac_pos"].item() == pytest.approx(1 / 6)
     assert d["seg_masked_frac_neg"].item() == pytest.approx(2 / 3)
@@ -132,8 +133,15 @@ def random_batch(B, S, seed=0):
 def test_random_matches_sam_rate_per_column_and_outcome(S):
     v, outcome, wf, known = random_batch(20000, S)
     sam, _ = keep_weights(v, outcome, wf, known=known, exception_segments=(S - 3, S - 2))
-    rnd, _ = keep_weights(v, outcome, wf, known=known, exception_segments=(S - 3, S - 2), policy="random",
-                          generator=torch.Generator().manual_seed(1))  # fmt: skip
+    rnd, _ = keep_weights(
+        v,
+        outcome,
+        wf,
+        known=known,
+        exception_segments=(S - 3, S - 2),
+        policy="random",
+        generator=torch.Generator().manual_seed(1),
+    )
     assert set(rnd.unique().tolist()) == {0.0, 1.0} and rnd.dtype == torch.float32
     eligible = wf[:, None] & known
     eligible[:, -1] = False
@@ -195,8 +203,15 @@ ADV = torch.tensor([1.0, -0.5])
 
 def two_rollouts(agg):
     v = torch.tensor([[False, True, True], [False, False, False]])
-    weights, d = keep_weights(v, torch.tensor([True, False]), torch.ones(2, dtype=torch.bool), exception=False,
-                              segment_tokens=TOKENS, seq_adv=ADV, agg=agg)  # fmt: skip
+    weights, d = keep_weights(
+        v,
+        torch.tensor([True, False]),
+        torch.ones(2, dtype=torch.bool),
+        exception=False,
+        segment_tokens=TOKENS,
+        seq_adv=ADV,
+        agg=agg,
+    )
     assert weights.tolist() == [[0, 1, 1], [1, 1, 1]]
     return d
 

@@ -30,9 +30,17 @@ def tok():
 
 
 def micro_model(tok, seed=0, layers=2):
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     torch.manual_seed(seed)
     return prepare(Qwen2ForCausalLM(config), device="cpu", attention="sdpa").eval()
 
@@ -166,8 +174,7 @@ def test_greedy_with_cache_and_left_padding_equals_one_by_one(tok):
     model = micro_model(tok)
     prompts = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]]
     p_ids, p_mask = pad_left(prompts, tok.pad_token_id, "cpu")
-    out, mask = generate(model, p_ids, p_mask, max_new_tokens=6, eos_id=-1, pad_id=tok.pad_token_id,
-                         temperature=0.0)  # fmt: skip
+    out, mask = generate(model, p_ids, p_mask, max_new_tokens=6, eos_id=-1, pad_id=tok.pad_token_id, temperature=0.0)
     assert out.shape == (3, 6) and mask.all()
     for b, p in enumerate(prompts):
         assert out[b].tolist() == _greedy_no_cache(model, p, 6)

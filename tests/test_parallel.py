@@ -42,8 +42,15 @@ def teacher(bench, make_teacher):
 def torchrun(*args, nproc=2, timeout=300):
     """A torchrun launch on this machine; each rank gets one CPU thread."""
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           *map(str, args)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        *map(str, args),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     return done
@@ -127,11 +134,44 @@ def test_the_two_rank_checkpoint_loads_in_one_process(single, two_ranks):
 
 
 def train_args(bench, out, *extra):
-    return ["--data-dir", str(bench), "--out-dir", str(out), "--no-progress", "--sft-epochs", "0.5",
-            "--sft-batch-size", "4", "--rl-steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--val-limit",
-            "4", "--test-limit", "3", "--eval-every", "1", "--micro-batch", "3", "--save-every", "1",
-            "--fmt", "label", "--policy", "none", "--segmenter", "none", "--max-new-tokens", "8",
-            "--eval-batch-size", "3", *extra]  # fmt: skip
+    return [
+        "--data-dir",
+        str(bench),
+        "--out-dir",
+        str(out),
+        "--no-progress",
+        "--sft-epochs",
+        "0.5",
+        "--sft-batch-size",
+        "4",
+        "--rl-steps",
+        "2",
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--val-limit",
+        "4",
+        "--test-limit",
+        "3",
+        "--eval-every",
+        "1",
+        "--micro-batch",
+        "3",
+        "--save-every",
+        "1",
+        "--fmt",
+        "label",
+        "--policy",
+        "none",
+        "--segmenter",
+        "none",
+        "--max-new-tokens",
+        "8",
+        "--eval-batch-size",
+        "3",
+        *extra,
+    ]
 
 
 def metric_rows(run_dir):
@@ -158,10 +198,38 @@ def test_train_and_distill_under_torchrun_and_an_exact_two_rank_resume(bench, te
         )
     assert load_model(full / "best", device="cpu") is not None
     # distill.py: the 2-rank run's students load in one process
-    torchrun(ROOT / "distill.py", "--teacher", teacher, "--data-dir", bench, "--out-dir", tmp_path, "--name", "d",
-             "--no-progress", "--steps", "2", "--prompts-per-step", "4", "--max-new-tokens", "24", "--micro-batch", "1",
-             "--loss", "jsd", "--on-policy", "0.5", "--val-limit", "2", "--test-limit", "2", "--eval-every", "2",
-             "--latency-examples", "2")  # fmt: skip
+    torchrun(
+        ROOT / "distill.py",
+        "--teacher",
+        teacher,
+        "--data-dir",
+        bench,
+        "--out-dir",
+        tmp_path,
+        "--name",
+        "d",
+        "--no-progress",
+        "--steps",
+        "2",
+        "--prompts-per-step",
+        "4",
+        "--max-new-tokens",
+        "24",
+        "--micro-batch",
+        "1",
+        "--loss",
+        "jsd",
+        "--on-policy",
+        "0.5",
+        "--val-limit",
+        "2",
+        "--test-limit",
+        "2",
+        "--eval-every",
+        "2",
+        "--latency-examples",
+        "2",
+    )
     assert len(metric_rows(tmp_path / "d")) == 2 and (tmp_path / "d" / "report.json").exists()
     assert load_model(tmp_path / "d" / "label", device="cpu") is not None
 

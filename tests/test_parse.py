@@ -52,7 +52,7 @@ MALFORMED = [
     (criteria().replace("Step 6:", "Step 6 -"), "missing_steps"),  # a missing header
     (criteria().replace("\nStep 3:", " Step 3:"), "missing_steps"),  # a header not at a line start
     (criteria(b6="no box here", b7="\\boxed{2} \\boxed{2}"), "box_outside_step"),  # two boxes in step 7
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("text,status", MALFORMED)

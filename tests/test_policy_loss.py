@@ -36,9 +36,14 @@ def make_batch(B=6, S=3, N=200, *, seed=0, spread=0.3, device="cpu"):
     keep[:, -1] = 1.0  # the last segment is always kept under SAM
     to = dict(device=device)
     return dict(
-        logp=logp.to(**to), old_logp=old.to(**to), seq_adv=seq_adv.to(**to), seq_id=seq_id.to(**to),
-        step_id=step_id.to(**to), keep=keep.to(**to), ref_logp=ref.to(**to),
-    )  # fmt: skip
+        logp=logp.to(**to),
+        old_logp=old.to(**to),
+        seq_adv=seq_adv.to(**to),
+        seq_id=seq_id.to(**to),
+        step_id=step_id.to(**to),
+        keep=keep.to(**to),
+        ref_logp=ref.to(**to),
+    )
 
 
 def loss_and_grad(fn, batch, **kw):
@@ -152,8 +157,15 @@ def implementation_ratio(log_ratio: float, impl: str) -> float:
     """The fp32 ratio exp(log_ratio) exactly as `impl` computes it (read back through the ratio_max metric):
     exp may differ by an ulp between implementations, and the boundary test needs the exact value."""
     one = torch.ones(1)
-    _, m = policy_loss(torch.tensor([log_ratio]), torch.zeros(1), one, torch.zeros(1, dtype=torch.int64),
-                       torch.zeros(1, dtype=torch.int64), one[:, None], impl=impl)  # fmt: skip
+    _, m = policy_loss(
+        torch.tensor([log_ratio]),
+        torch.zeros(1),
+        one,
+        torch.zeros(1, dtype=torch.int64),
+        torch.zeros(1, dtype=torch.int64),
+        one[:, None],
+        impl=impl,
+    )
     return m["ratio_max"].item()
 
 
@@ -169,9 +181,18 @@ def test_clip_boundaries(impl):
     seq_adv = torch.tensor([1.0, 1.0, -1.0, -1.0])
     seq_id, step_id = torch.arange(4), torch.zeros(4, dtype=torch.int64)
     loss, m = policy_loss(
-        logp, torch.zeros(4), seq_adv, seq_id, step_id, torch.ones(4, 1), clip_low=clip_low, clip_high=clip_high,
-        dual_clip=None, agg="token-mean", impl=impl,
-    )  # fmt: skip
+        logp,
+        torch.zeros(4),
+        seq_adv,
+        seq_id,
+        step_id,
+        torch.ones(4, 1),
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=None,
+        agg="token-mean",
+        impl=impl,
+    )
     loss.backward()
     g = logp.grad
     assert g[0] == pytest.approx(-(1 + clip_high) / 4, rel=1e-6)  # boundary: gradient flows
@@ -187,9 +208,17 @@ def test_dual_clip_and_log_ratio_clamp(impl):
     old = torch.zeros(3)
     seq_adv = torch.tensor([-1.0, 1.0, 1.0])
     loss, m = policy_loss(
-        logp, old, seq_adv, torch.arange(3), torch.zeros(3, dtype=torch.int64), torch.ones(3, 1),
-        clip_high=10.0, log_ratio_clamp=math.log(1e3), agg="token-mean", impl=impl,
-    )  # fmt: skip
+        logp,
+        old,
+        seq_adv,
+        torch.arange(3),
+        torch.zeros(3, dtype=torch.int64),
+        torch.ones(3, 1),
+        clip_high=10.0,
+        log_ratio_clamp=math.log(1e3),
+        agg="token-mean",
+        impl=impl,
+    )
     loss.backward()
     # token 0: dual clip -> 3; token 1: ratio clamped to 1e3 (inside clip_high? no: 1 + 10 = 11) -> clipped at 11
     # token 2: unclipped -> -exp(0.1)
@@ -240,9 +269,13 @@ def test_soft_keep_scales_the_advantage():
 
 def test_single_token():
     batch = dict(
-        logp=torch.tensor([-0.5]), old_logp=torch.tensor([-0.7]), seq_adv=torch.tensor([2.0]),
-        seq_id=torch.tensor([0]), step_id=torch.tensor([0]), keep=torch.ones(1, 3),
-    )  # fmt: skip
+        logp=torch.tensor([-0.5]),
+        old_logp=torch.tensor([-0.7]),
+        seq_adv=torch.tensor([2.0]),
+        seq_id=torch.tensor([0]),
+        step_id=torch.tensor([0]),
+        keep=torch.ones(1, 3),
+    )
     loss, grad, _ = loss_and_grad(triton_fn, batch)
     ratio = math.exp(0.2)  # inside [0.8, 1.28]
     assert loss.item() == pytest.approx(-2.0 * ratio, rel=1e-6)

@@ -15,15 +15,31 @@ from sam.prompt import (
     render_prompt,
 )
 
-GOLD = {"need": "broad", "coverage": "partial", "query_category": "food", "note_category": "food",
-        "hits": ["ramen"], "misses": ["vegan"], "initial": 2, "rule": "qualifier",
-        "rule_text": "the note drops the qualifier vegan", "calibrated": 1}  # fmt: skip
+GOLD = {
+    "need": "broad",
+    "coverage": "partial",
+    "query_category": "food",
+    "note_category": "food",
+    "hits": ["ramen"],
+    "misses": ["vegan"],
+    "initial": 2,
+    "rule": "qualifier",
+    "rule_text": "the note drops the qualifier vegan",
+    "calibrated": 1,
+}
 
 
 def record(**over):
     note = {"title": "Ramen night", "content": "We ate ramen.", "tags": ["food"]}
-    base = dict(id="r", query="vegan ramen", note=note, label=1, query_extra={"category": "food"},
-                note_extra={"author": "Mia Chen"}, gold=GOLD)  # fmt: skip
+    base = dict(
+        id="r",
+        query="vegan ramen",
+        note=note,
+        label=1,
+        query_extra={"category": "food"},
+        note_extra={"author": "Mia Chen"},
+        gold=GOLD,
+    )
     base.update(over)
     return Record(**base)
 
@@ -36,8 +52,14 @@ def test_criteria_prompt_has_every_criterion_and_the_input():
         assert name in text and instruction in text
     for line in RUBRIC.values():
         assert line in text
-    for piece in ("Query: vegan ramen", "Query category: food", "Note title: Ramen night",
-                  "Note content: We ate ramen.", "Note tags: food", "Note author: Mia Chen"):  # fmt: skip
+    for piece in (
+        "Query: vegan ramen",
+        "Query category: food",
+        "Note title: Ramen night",
+        "Note content: We ate ramen.",
+        "Note tags: food",
+        "Note author: Mia Chen",
+    ):
         assert piece in text
     assert "Step 7:" in text and "Write nothing after the final box." in text
 

@@ -65,8 +65,12 @@ def test_conversion_writes_the_same_model_as_a_standard_folder(smol, gguf_file):
     assert model.generation_config.eos_token_id == tok.eos_token_id
     # the folder's model computes what transformers' own reading of the GGUF file computes
     read = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
-    ids = tok.apply_chat_template([{"role": "user", "content": "Is this note about ramen?"}], return_tensors="pt",
-                                  add_generation_prompt=True, return_dict=True)["input_ids"]  # fmt: skip
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Is this note about ramen?"}],
+        return_tensors="pt",
+        add_generation_prompt=True,
+        return_dict=True,
+    )["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, read.eval()(ids).logits)
 
@@ -75,8 +79,10 @@ def test_conversion_errors_are_one_line(tmp_path, capsys, monkeypatch):
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("not a GGUF file")
     (tmp_path / "taken").mkdir()
-    cases = [([str(tmp_path / "nope.gguf"), str(tmp_path / "a")], "GGUF file not found"),
-             ([str(not_gguf), str(tmp_path / "taken")], "already exists")]  # fmt: skip
+    cases = [
+        ([str(tmp_path / "nope.gguf"), str(tmp_path / "a")], "GGUF file not found"),
+        ([str(not_gguf), str(tmp_path / "taken")], "already exists"),
+    ]
     if not from_gguf.missing_packages():
         cases.append(([str(not_gguf), str(tmp_path / "b")], "transformers cannot read this GGUF file"))
     for argv, message in cases:
@@ -104,26 +110,64 @@ def test_conversion_errors_are_one_line(tmp_path, capsys, monkeypatch):
 
 
 # completion -> its tokens under SmolLM2's tokenizer and the segment of each token, token by token
-CRITERIA = ("Step 1: need broad\nStep 2: coverage none\nStep 3: category differ\nStep 4: keywords 0 of 2\n"
-            "Step 5: initial \\boxed{-1}\nStep 6: no case \\boxed{-1}\nStep 7: final \\boxed{-1}")  # fmt: skip
+CRITERIA = (
+    "Step 1: need broad\nStep 2: coverage none\nStep 3: category differ\nStep 4: keywords 0 of 2\n"
+    "Step 5: initial \\boxed{-1}\nStep 6: no case \\boxed{-1}\nStep 7: final \\boxed{-1}"
+)
 HEAD = (
     "Step Ġ 1 : Ġneed Ġbroad Ċ Step Ġ 2 : Ġcoverage Ġnone Ċ Step Ġ 3 : Ġcategory Ġdiffer Ċ Step Ġ 4 : Ġkeywords "
     "Ġ 0 Ġof Ġ 2 Ċ"
 ).split()
 BOX = ["Ġ\\", "box", "ed", "{", "-", "1", "}"]  # a box is 7 tokens; its first carries the space before it
 TABLE = {
-    "criteria": (CRITERIA, "criteria",
-                 HEAD + ["Step", "Ġ", "5", ":", "Ġinitial", *BOX, "Ċ", "Step", "Ġ", "6", ":", "Ġno", "Ġcase", *BOX, "Ċ",
-                         "Step", "Ġ", "7", ":", "Ġfinal", *BOX, "<|im_end|>"],
-                 # boxes: S1 ends with box 1's "}", S2 with box 2's; the EOS joins S3
-                 {"boxes": [0] * 44 + [1] * 14 + [2] * 14,
-                  # box_tokens: [text][box 1][text][box 2][text][box 3 + EOS]; each box keeps its Ġ\ token
-                  "box_tokens": [0] * 37 + [1] * 7 + [2] * 7 + [3] * 7 + [4] * 6 + [5] * 8}),
-    "a box at the very start": ("\\boxed{-1}", "label", ["\\", "box", "ed", "{", "-", "1", "}", "<|im_end|>"],
-                                {"boxes": [0] * 8, "box_tokens": [1] * 8}),
-    "a space-carrying first token": (" \\boxed{3}", "label", ["Ġ\\", "box", "ed", "{", "3", "}", "<|im_end|>"],
-                                     {"boxes": [0] * 7, "box_tokens": [1] * 7}),
-}  # fmt: skip
+    "criteria": (
+        CRITERIA,
+        "criteria",
+        HEAD
+        + [
+            "Step",
+            "Ġ",
+            "5",
+            ":",
+            "Ġinitial",
+            *BOX,
+            "Ċ",
+            "Step",
+            "Ġ",
+            "6",
+            ":",
+            "Ġno",
+            "Ġcase",
+            *BOX,
+            "Ċ",
+            "Step",
+            "Ġ",
+            "7",
+            ":",
+            "Ġfinal",
+            *BOX,
+            "<|im_end|>",
+        ],
+        # boxes: S1 ends with box 1's "}", S2 with box 2's; the EOS joins S3
+        {
+            "boxes": [0] * 44 + [1] * 14 + [2] * 14,
+            # box_tokens: [text][box 1][text][box 2][text][box 3 + EOS]; each box keeps its Ġ\ token
+            "box_tokens": [0] * 37 + [1] * 7 + [2] * 7 + [3] * 7 + [4] * 6 + [5] * 8,
+        },
+    ),
+    "a box at the very start": (
+        "\\boxed{-1}",
+        "label",
+        ["\\", "box", "ed", "{", "-", "1", "}", "<|im_end|>"],
+        {"boxes": [0] * 8, "box_tokens": [1] * 8},
+    ),
+    "a space-carrying first token": (
+        " \\boxed{3}",
+        "label",
+        ["Ġ\\", "box", "ed", "{", "3", "}", "<|im_end|>"],
+        {"boxes": [0] * 7, "box_tokens": [1] * 7},
+    ),
+}
 
 
 @pytest.mark.parametrize("case", sorted(TABLE))
@@ -140,8 +184,9 @@ def test_segmentation_with_the_real_tokenizer_token_by_token(smol, case):
 
 def test_chat_template_special_tokens_stay_outside_the_response(smol):
     tok = load_tokenizer(smol)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "query and note"}], tokenize=False,
-                                     add_generation_prompt=True)  # fmt: skip
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "query and note"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt.startswith("<|im_start|>system") and prompt.endswith("<|im_start|>assistant\n")
     # a completion that ends with EOS then padding (pad = EOS here): the EOS is in the last segment, padding is -1
     ids = tok(CRITERIA, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] * 3
@@ -160,12 +205,49 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
 
     prompt = render_prompt(validate(record), "criteria", tokenizer=tok, with_instruction=True)
     assert "<|im_start|>user" in prompt and "Step 7" in prompt  # the full criteria instruction, in the chat template
-    common = ["--data-dir", str(data), "--out-dir", str(tmp_path / "runs"), "--no-progress", "--max-prompt-tokens",
-              "1024", "--max-new-tokens", "80", "--sft-batch-size", "2", "--micro-batch", "2", "--sft-lr", "1e-5",
-              "--val-limit", "1", "--test-limit", "1", "--eval-every", "100", "--eval-batch-size", "2"]  # fmt: skip
+    common = [
+        "--data-dir",
+        str(data),
+        "--out-dir",
+        str(tmp_path / "runs"),
+        "--no-progress",
+        "--max-prompt-tokens",
+        "1024",
+        "--max-new-tokens",
+        "80",
+        "--sft-batch-size",
+        "2",
+        "--micro-batch",
+        "2",
+        "--sft-lr",
+        "1e-5",
+        "--val-limit",
+        "1",
+        "--test-limit",
+        "1",
+        "--eval-every",
+        "100",
+        "--eval-batch-size",
+        "2",
+    ]
     # warm-up (one SFT step), then one RL step of 2 prompts x 2 samples; the checkpoints are HF folders
-    argv = [*common, "--model", str(smol), "--name", "smol", "--sft-epochs", "0.5", "--rl-steps", "1",
-            "--prompts-per-step", "2", "--group-size", "2", "--rl-lr", "1e-6"]  # fmt: skip
+    argv = [
+        *common,
+        "--model",
+        str(smol),
+        "--name",
+        "smol",
+        "--sft-epochs",
+        "0.5",
+        "--rl-steps",
+        "1",
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--rl-lr",
+        "1e-6",
+    ]
     assert train.main(argv) == 0
     run = tmp_path / "runs" / "smol"
     out = capsys.readouterr().out
@@ -174,13 +256,41 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
     assert load_trainer_state(run / "ckpt")["stage"] == "rl"
     # eval.py reloads the RL checkpoint (strictly) and scores 4 records with the saved prompt settings
     result = tmp_path / "eval.json"
-    ev = ["--checkpoint", str(run / "best"), "--data-dir", str(data), "--splits", "test_random,test_longtail",
-          "--max-new-tokens", "24", "--max-prompt-tokens", "1024", "--out", str(result)]  # fmt: skip
+    ev = [
+        "--checkpoint",
+        str(run / "best"),
+        "--data-dir",
+        str(data),
+        "--splits",
+        "test_random,test_longtail",
+        "--max-new-tokens",
+        "24",
+        "--max-prompt-tokens",
+        "1024",
+        "--out",
+        str(result),
+    ]
     assert eval_script.main(ev) == 0
     scored = json.loads(result.read_text())
     assert scored["with_instruction"] is True and sum(m["n"] for m in scored["results"].values()) == 4
     # --init from the warm-up checkpoint: a new run starts from those weights
-    assert train.main([*common, "--init", str(run / "sft"), "--name", "again", "--stages", "sft", "--sft-epochs",
-                       "0.5", "--test-splits", "test_random"]) == 0  # fmt: skip
+    assert (
+        train.main(
+            [
+                *common,
+                "--init",
+                str(run / "sft"),
+                "--name",
+                "again",
+                "--stages",
+                "sft",
+                "--sft-epochs",
+                "0.5",
+                "--test-splits",
+                "test_random",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "runs" / "again" / "eval_sft.json").exists()
     shutil.rmtree(tmp_path / "runs")  # about 3 GB of checkpoints (weights + AdamW state) that pytest would keep

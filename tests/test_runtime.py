@@ -148,8 +148,12 @@ def test_non_finite_numeric_flags_are_refused_at_parse_time(value, tmp_path, cap
     import eval as eval_script
     import train
 
-    calls = ((train, [f"--rl-lr={value}"]), (distill, [f"--lr={value}"]), (eval_script, [f"--temperature={value}"]),
-             (ablate, [f"--base=--rl-lr={value}", "--out-dir", str(tmp_path)]))  # fmt: skip
+    calls = (
+        (train, [f"--rl-lr={value}"]),
+        (distill, [f"--lr={value}"]),
+        (eval_script, [f"--temperature={value}"]),
+        (ablate, [f"--base=--rl-lr={value}", "--out-dir", str(tmp_path)]),
+    )
     for script, argv in calls:
         try:
             code = script.main(argv)

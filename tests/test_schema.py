@@ -20,9 +20,17 @@ def write_lines(path, objs):
 def test_round_trip(tmp_path):
     records = [
         Record("a", "q", {"title": "t", "content": "c", "tags": [], "ocr": "text"}, -1),
-        Record("b", "q2", {"title": "", "content": "c", "tags": ["x"]}, 3, {"category": "food"}, {"author": "A"},
-               {"initial": 3, "calibrated": 2, "hits": ["q2"]}, "Step 1: ..."),
-    ]  # fmt: skip
+        Record(
+            "b",
+            "q2",
+            {"title": "", "content": "c", "tags": ["x"]},
+            3,
+            {"category": "food"},
+            {"author": "A"},
+            {"initial": 3, "calibrated": 2, "hits": ["q2"]},
+            "Step 1: ...",
+        ),
+    ]
     write_jsonl(tmp_path / "x.jsonl", records)
     assert read_jsonl(tmp_path / "x.jsonl") == records
 
@@ -49,7 +57,7 @@ TWICE = '{"id": "a", "id": "b", "query": "q", "note": {"title": "t", "content": 
         (good(id=""), "'id' must be"),
         ("", "empty line"),
     ],
-)  # fmt: skip
+)
 def test_bad_line_names_file_line_and_reason(tmp_path, line, reason):
     path = tmp_path / "bad.jsonl"
     write_lines(path, [good(id="ok1"), line, good(id="ok2")])
@@ -131,8 +139,13 @@ def test_write_is_atomic_and_validates(tmp_path):
     write_jsonl(path, [Record("a", "q", {"title": "t", "content": "c", "tags": []}, 1)])
     before = path.read_bytes()
     with pytest.raises(RecordError, match="record 1"):
-        write_jsonl(path, [Record("a", "q", {"title": "t", "content": "c", "tags": []}, 1),
-                           Record("b", "q", {"title": "t", "content": "c", "tags": []}, 5)])  # fmt: skip
+        write_jsonl(
+            path,
+            [
+                Record("a", "q", {"title": "t", "content": "c", "tags": []}, 1),
+                Record("b", "q", {"title": "t", "content": "c", "tags": []}, 5),
+            ],
+        )
     assert path.read_bytes() == before  # the old file is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]  # no temporary left behind
 

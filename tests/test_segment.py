@@ -12,9 +12,20 @@ from sam.prompt import render_gold_reasoning
 from sam.segment import num_segments, segment_batch, segment_completion, token_char_spans
 from sam.verdict import box_verdicts, expand_to_segments, gold_verdicts
 
-GOLD = {"need": "broad", "coverage": "partial", "query_category": "food", "note_category": "travel",
-        "hits": ["ramen"], "misses": ["vegan"], "initial": -1, "rule": "qualifier", "case": "dropped",
-        "rule_text": "the note drops the qualifier vegan", "calibrated": 0, "final": 0}  # fmt: skip
+GOLD = {
+    "need": "broad",
+    "coverage": "partial",
+    "query_category": "food",
+    "note_category": "travel",
+    "hits": ["ramen"],
+    "misses": ["vegan"],
+    "initial": -1,
+    "rule": "qualifier",
+    "case": "dropped",
+    "rule_text": "the note drops the qualifier vegan",
+    "calibrated": 0,
+    "final": 0,
+}
 
 
 def record(label=0, **gold):

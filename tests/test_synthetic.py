@@ -47,11 +47,15 @@ def test_gold_traces_parse_to_gold_scores(full):
             assert parse_scores(render_gold_reasoning(r, "generic"), "generic").scores == (r.label,)
             assert g["final"] == r.label
     # the warm-up traces are the teacher's: gold where the teacher did not err
-    teacher_right = [r for r in full["sft"] if r.gold["teacher"]["calibrated"] == r.label
-                     and r.gold["teacher"]["initial"] == r.gold["initial"]]  # fmt: skip
+    teacher_right = [
+        r
+        for r in full["sft"]
+        if r.gold["teacher"]["calibrated"] == r.label and r.gold["teacher"]["initial"] == r.gold["initial"]
+    ]
     assert len(teacher_right) > 0.7 * len(full["sft"])
-    assert all(r.reasoning == render_gold_reasoning(r) for r in teacher_right if r.gold["teacher"]["case"] ==
-               r.gold["case"])  # fmt: skip
+    assert all(
+        r.reasoning == render_gold_reasoning(r) for r in teacher_right if r.gold["teacher"]["case"] == r.gold["case"]
+    )
     assert all(r.reasoning is None for r in full["rl"])
 
 
@@ -62,8 +66,9 @@ def test_gold_values_are_grounded_in_the_text(full):
             assert synthetic._contains(text, hit) or hit == r.note_extra["author"], (r.id, hit)
         for miss in r.gold["misses"]:
             assert not synthetic._contains(text, miss) and miss != r.note_extra["author"], (r.id, miss)
-        expected = synthetic._rubric(r.gold["coverage"], r.gold["query_category"] == r.gold["note_category"],
-                                     r.gold["hits"])  # fmt: skip
+        expected = synthetic._rubric(
+            r.gold["coverage"], r.gold["query_category"] == r.gold["note_category"], r.gold["hits"]
+        )
         assert r.gold["initial"] == expected
         assert r.gold["calibrated"] == synthetic._calibrate(r.gold["query_type"], r.gold["case"], r.gold["initial"])
 
@@ -122,10 +127,13 @@ def test_teacher_errs_at_its_rates_and_labels_stay_true(full):
     perfect = synthetic.generate(0, {"sft": 300}, teacher={"errors": "none"})["sft"]
     assert all(r.reasoning == render_gold_reasoning(r) for r in perfect)
     corr = synthetic.generate(0, {"sft": 2000}, teacher={"errors": "correlated"})["sft"]
-    one_step = sum((r.gold["teacher"]["initial"] != r.gold["initial"]) != (r.gold["teacher"]["case"] != r.gold["case"])
-                   for r in corr)  # fmt: skip
-    both = sum(r.gold["teacher"]["initial"] != r.gold["initial"] and r.gold["teacher"]["case"] != r.gold["case"]
-               for r in corr)  # fmt: skip
+    one_step = sum(
+        (r.gold["teacher"]["initial"] != r.gold["initial"]) != (r.gold["teacher"]["case"] != r.gold["case"])
+        for r in corr
+    )
+    both = sum(
+        r.gold["teacher"]["initial"] != r.gold["initial"] and r.gold["teacher"]["case"] != r.gold["case"] for r in corr
+    )
     assert both > 50 and one_step < 0.25 * both, (both, one_step)
 
 
@@ -184,8 +192,10 @@ def test_case_prob_knob_raises_calibration_changes_in_the_random_splits_only():
     ]  # the default knob is the distribution's own: the default benchmark is unchanged
     hard = synthetic.generate(seed=0, sizes=sizes, case_prob=0.9)
     assert [r.to_json() for r in hard["test_longtail"]] == [r.to_json() for r in base["test_longtail"]]
-    stats = {n: synthetic.compute_stats(s, 0)["splits"]["rl"]["calibration_changes_frac"] for n, s in
-             (("base", base), ("hard", hard))}  # fmt: skip
+    stats = {
+        n: synthetic.compute_stats(s, 0)["splits"]["rl"]["calibration_changes_frac"]
+        for n, s in (("base", base), ("hard", hard))
+    }
     assert 0.04 < stats["base"] < 0.15 and stats["hard"] > stats["base"] + 0.05
     for r in hard["rl"]:  # gold traces still parse to the gold scores under the knob
         g = r.gold
@@ -200,7 +210,18 @@ def test_cli_case_prob(tmp_path, capsys):
         synthetic.main(["--out", str(tmp_path / "x"), "--case-prob", "1.5"])
     assert exc.value.code == 2 and "--case-prob must be in [0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    assert synthetic.main(["--out", str(tmp_path / "y"), "--sizes", "sft=5,rl=40,val=5,test_random=5,test_longtail=5",
-                           "--case-prob", "0.5"]) == 0  # fmt: skip
+    assert (
+        synthetic.main(
+            [
+                "--out",
+                str(tmp_path / "y"),
+                "--sizes",
+                "sft=5,rl=40,val=5,test_random=5,test_longtail=5",
+                "--case-prob",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     stats = json.loads((tmp_path / "y/stats.json").read_text())
     assert stats["case_prob"] == {"random": 0.5, "longtail": 0.7} and stats["version"] == synthetic.VERSION

@@ -31,9 +31,32 @@ def bench(make_bench):
 
 
 def fast_args(bench, out, *extra):
-    return ["--data-dir", str(bench), "--out-dir", str(out), "--no-progress", "--sft-epochs", "0.33",
-            "--sft-batch-size", "4", "--rl-steps", "2", "--prompts-per-step", "2", "--group-size", "2",
-            "--val-limit", "4", "--test-limit", "3", "--eval-every", "100", "--micro-batch", "3", *extra]  # fmt: skip
+    return [
+        "--data-dir",
+        str(bench),
+        "--out-dir",
+        str(out),
+        "--no-progress",
+        "--sft-epochs",
+        "0.33",
+        "--sft-batch-size",
+        "4",
+        "--rl-steps",
+        "2",
+        "--prompts-per-step",
+        "2",
+        "--group-size",
+        "2",
+        "--val-limit",
+        "4",
+        "--test-limit",
+        "3",
+        "--eval-every",
+        "100",
+        "--micro-batch",
+        "3",
+        *extra,
+    ]
 
 
 GENERIC = ["--fmt", "generic", "--max-new-tokens", "64"]
@@ -60,16 +83,35 @@ def test_tiny_end_to_end_run_and_eval(bench, tmp_path, capsys, monkeypatch):
     assert train.main(fast_args(bench, tmp_path, "--name", "e2e", "--max-new-tokens", "136")) == 0
     assert len(sent) >= 4 and all(n > 0 for n in sent)
     run = tmp_path / "e2e"
-    for name in ("config.json", "metrics.jsonl", "eval_sft.json", "eval_rl.json", "results.json",
-                 "ckpt/trainer_state.pt", "ckpt/model.safetensors", "ckpt/tokenizer.json", "sft/prompt.json",
-                 "best/config.json"):  # fmt: skip
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "eval_sft.json",
+        "eval_rl.json",
+        "results.json",
+        "ckpt/trainer_state.pt",
+        "ckpt/model.safetensors",
+        "ckpt/tokenizer.json",
+        "sft/prompt.json",
+        "best/config.json",
+    ):
         assert (run / name).exists(), name
     rows = metric_rows(run)
     assert [r["step"] for r in rows if r["stage"] == "sft"] == [1, 2]
     rl = [r for r in rows if r["stage"] == "rl"]
     assert [r["step"] for r in rl] == [0, 1, 2]
-    for key in ("reward", "accuracy", "malformed_rate", "pl/masked_frac", "pl/clip_frac_low", "sam/seg_masked_frac_pos",
-                "adv/zero_variance_frac", "val/accuracy", "lr", "grad_norm"):  # fmt: skip
+    for key in (
+        "reward",
+        "accuracy",
+        "malformed_rate",
+        "pl/masked_frac",
+        "pl/clip_frac_low",
+        "sam/seg_masked_frac_pos",
+        "adv/zero_variance_frac",
+        "val/accuracy",
+        "lr",
+        "grad_norm",
+    ):
         assert key in rl[-1], key
     assert rows[0]["loss"] > 0 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
     if importlib.util.find_spec("matplotlib") is not None:
@@ -81,14 +123,33 @@ def test_tiny_end_to_end_run_and_eval(bench, tmp_path, capsys, monkeypatch):
 
     # eval.py on the best checkpoint, with the prompt settings saved beside it
     out_json = tmp_path / "eval.json"
-    argv = ["--checkpoint", str(run / "best"), "--data-dir", str(bench), "--limit", "3", "--out", str(out_json),
-            "--max-new-tokens", "136"]  # fmt: skip
+    argv = [
+        "--checkpoint",
+        str(run / "best"),
+        "--data-dir",
+        str(bench),
+        "--limit",
+        "3",
+        "--out",
+        str(out_json),
+        "--max-new-tokens",
+        "136",
+    ]
     assert eval_script.main(argv) == 0
     result = json.loads(out_json.read_text())
     assert result["with_instruction"] is False and result["fmt"] == "criteria"
     m = result["results"]["test_random"]
-    for key in ("accuracy", "macro_f1", "per_class_f1", "binary_accuracy", "binary_f1", "confusion", "malformed_rate",
-                "accuracy_by_type", "examples_per_s"):  # fmt: skip
+    for key in (
+        "accuracy",
+        "macro_f1",
+        "per_class_f1",
+        "binary_accuracy",
+        "binary_f1",
+        "confusion",
+        "malformed_rate",
+        "accuracy_by_type",
+        "examples_per_s",
+    ):
         assert key in m, key
 
     # eval.py's bad input: one line and exit 2, before any evaluation (no traceback, nothing written)
@@ -142,15 +203,36 @@ def test_resume_refuses_changed_data_and_survives_a_torn_log_line(bench, tmp_pat
 
 def test_controls_selection_sampled_eval_and_paired_interval(bench, tmp_path, capsys):
     # the random-mask control with gold-box verdicts, the best-validation checkpoint, 2 samples per test record
-    args = fast_args(bench, tmp_path, "--name", "ctl", "--max-new-tokens", "80", "--policy", "random", "--verdicts",
-                     "gold-box", "--select", "best", "--eval-temperature", "0.6", "--eval-samples", "2")  # fmt: skip
+    args = fast_args(
+        bench,
+        tmp_path,
+        "--name",
+        "ctl",
+        "--max-new-tokens",
+        "80",
+        "--policy",
+        "random",
+        "--verdicts",
+        "gold-box",
+        "--select",
+        "best",
+        "--eval-temperature",
+        "0.6",
+        "--eval-samples",
+        "2",
+    )
     assert train.main(args) == 0
     run = tmp_path / "ctl"
     out = capsys.readouterr().out
     assert "testing the best validation checkpoint" in out and "RL - warm-up on test_random: accuracy" in out
     rl = [r for r in metric_rows(run) if r["stage"] == "rl" and r["step"] > 0]
-    for key in ("sam/tok_masked_frac", "sam/kept_weight_gain", "sam/weight_change", "pass_at_group",
-                "informative_groups"):  # fmt: skip
+    for key in (
+        "sam/tok_masked_frac",
+        "sam/kept_weight_gain",
+        "sam/weight_change",
+        "pass_at_group",
+        "informative_groups",
+    ):
         assert key in rl[-1], key
     assert 0 <= rl[-1]["informative_groups"] <= rl[-1]["pass_at_group"] <= 1
     preds = [json.loads(line) for line in (run / "predictions_rl.jsonl").read_text().splitlines()]
@@ -164,8 +246,24 @@ def test_controls_selection_sampled_eval_and_paired_interval(bench, tmp_path, ca
         assert d["lo"] <= d["diff"] <= d["hi"] and d["n"] == 3
     # the pre-RL gate figures from eval.py: pass@K >= pass@1, informative groups <= pass@K
     out_json = tmp_path / "gate.json"
-    argv = ["--checkpoint", str(run / "sft"), "--data-dir", str(bench), "--splits", "rl", "--limit", "4",
-            "--temperature", "1", "--samples", "3", "--max-new-tokens", "80", "--out", str(out_json)]  # fmt: skip
+    argv = [
+        "--checkpoint",
+        str(run / "sft"),
+        "--data-dir",
+        str(bench),
+        "--splits",
+        "rl",
+        "--limit",
+        "4",
+        "--temperature",
+        "1",
+        "--samples",
+        "3",
+        "--max-new-tokens",
+        "80",
+        "--out",
+        str(out_json),
+    ]
     assert eval_script.main(argv) == 0
     m = json.loads(out_json.read_text())["results"]["rl"]
     assert m["samples"] == 3 and m["accuracy"] <= m["pass_at_k"] and m["informative_frac"] <= m["pass_at_k"]
@@ -338,13 +436,28 @@ def test_long_prompts_can_be_skipped_and_counted(bench, tmp_path):
     tok = load_tokenizer(bench / "tokenizer")
 
     def lengths(split, n):
-        return [len(tok(render_prompt(r, "generic", with_instruction=False))["input_ids"])
-                for r in read_jsonl(bench / f"{split}.jsonl")[:n]]  # fmt: skip
+        return [
+            len(tok(render_prompt(r, "generic", with_instruction=False))["input_ids"])
+            for r in read_jsonl(bench / f"{split}.jsonl")[:n]
+        ]
 
     val, test = lengths("val", 4), lengths("test_random", 3)
     limit = max(min(val), min(test), min(lengths("test_longtail", 3)), min(lengths("sft", 24)))  # each keeps one
-    argv = fast_args(bench, tmp_path, *GENERIC, "--name", "skip", "--stages", "sft", "--long-prompts", "skip",
-                     "--max-prompt-tokens", str(limit), "--sft-epochs", "0.2")  # fmt: skip
+    argv = fast_args(
+        bench,
+        tmp_path,
+        *GENERIC,
+        "--name",
+        "skip",
+        "--stages",
+        "sft",
+        "--long-prompts",
+        "skip",
+        "--max-prompt-tokens",
+        str(limit),
+        "--sft-epochs",
+        "0.2",
+    )
     assert sum(n > limit for n in test) > 0, "the chosen limit must skip something in test_random"
     assert train.main(argv) == 0
     result = json.loads((tmp_path / "skip" / "eval_sft.json").read_text())
@@ -373,33 +486,64 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(bench, tmp_path, monkeyp
     ckpt = str(tmp_path / "nan" / "ckpt")
     assert f"--init {ckpt} --name <new name>" in err
     monkeypatch.undo()
-    assert train.main([*fast_args(bench, tmp_path, *GENERIC, "--name", "nan2", "--init", ckpt, "--sft-lr", "1e-4"),
-                       "--halt-after", "1"]) == 0  # fmt: skip
+    assert (
+        train.main(
+            [
+                *fast_args(bench, tmp_path, *GENERIC, "--name", "nan2", "--init", ckpt, "--sft-lr", "1e-4"),
+                "--halt-after",
+                "1",
+            ]
+        )
+        == 0
+    )
 
 
 def _bpe_tokenizer(texts):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
 
 
 def test_hugging_face_model_with_bpe_tokenizer(bench, tmp_path):
     records = read_jsonl(bench / "sft.jsonl") + read_jsonl(bench / "rl.jsonl")
-    texts = [render_prompt(r, "generic", with_instruction=False) + render_gold_reasoning(r, "generic")
-             for r in records]  # fmt: skip
+    texts = [render_prompt(r, "generic", with_instruction=False) + render_gold_reasoning(r, "generic") for r in records]
     tok = _bpe_tokenizer(texts)
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=False,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        tie_word_embeddings=False,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model_dir = tmp_path / "hf"
     Qwen2ForCausalLM(config).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
-    argv = fast_args(bench, tmp_path, *GENERIC, "--name", "hf", "--model", str(model_dir), "--instruction", "none",
-                     "--max-prompt-tokens", "1024", "--max-new-tokens", "96")  # fmt: skip
+    argv = fast_args(
+        bench,
+        tmp_path,
+        *GENERIC,
+        "--name",
+        "hf",
+        "--model",
+        str(model_dir),
+        "--instruction",
+        "none",
+        "--max-prompt-tokens",
+        "1024",
+        "--max-new-tokens",
+        "96",
+    )
     assert train.main(argv) == 0
     rows = metric_rows(tmp_path / "hf")
     assert any(r["stage"] == "rl" and r["step"] == 2 for r in rows)
@@ -414,8 +558,15 @@ def test_mini_convergence_fused_equals_reference(bench):
     records = read_jsonl(bench / "sft.jsonl")[:4]
     prompts = [tok(render_prompt(r, "generic", with_instruction=False))["input_ids"] for r in records]
     targets = [tok(render_gold_reasoning(r, "generic"))["input_ids"] + [tok.eos_token_id] for r in records]
-    config = Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=1, intermediate_size=48, tie_word_embeddings=True)  # fmt: skip
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=48,
+        tie_word_embeddings=True,
+    )
     p_ids, p_mask = pad_left(prompts, tok.pad_token_id, "cpu")
     c_ids, c_mask = pad_right(targets, tok.pad_token_id, "cpu")
     B, T = c_ids.shape
