@@ -28,3 +28,30 @@ def assert_2x(name: str, out: torch.Tensor, ref: torch.Tensor, gold: torch.Tenso
     assert err_out <= 2 * err_ref + floor, (
         f"{name}: kernel error {err_out:.3e} > 2 x reference error {err_ref:.3e} + floor {floor:.1e}"
     )
+
+
+def record_chunks(monkeypatch):
+    """Spy on the shared chunked backward: the widths of the d_weight chunks it computes, in order."""
+    import grm_kernels._lmhead as lmhead  # the module whose name the launchers look up at call time
+
+    widths, matmul = [], lmhead.matmul
+
+    def spy(a, b, out, *, accumulate):
+        if not accumulate:  # d_weight[chunk] = dz^T @ hidden, a = dz^T (C, N)
+            widths.append(a.shape[0])
+        matmul(a, b, out, accumulate=accumulate)
+
+    monkeypatch.setattr(lmhead, "matmul", spy)
+    return widths
+
+
+def dirty_allocations(monkeypatch):
+    """Fresh float tensors from torch.empty_like hold NaN (on the CPU they are often zero pages by luck): rows a
+    kernel should have written, or zeroed, then show."""
+    empty_like = torch.empty_like
+
+    def dirty(*args, **kwargs):
+        t = empty_like(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty_like", dirty)

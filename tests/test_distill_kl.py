@@ -8,7 +8,7 @@ import torch
 
 import grm_kernels._lmhead as lmhead
 from grm_kernels.distill_kl import distill_kl, distill_kl_ref
-from tests.numerics import assert_2x, requires_cuda
+from tests.numerics import assert_2x, dirty_allocations, record_chunks, requires_cuda
 
 # (N, Ds, Dt, Vs, Vt). Interpreter tiles: BLOCK_N=16, BLOCK_V=64, BLOCK_D=32 (grm_kernels/_lmhead.py:lmhead_config).
 SMALL = (20, 40, 24, 200, 200)
@@ -43,31 +43,6 @@ def run(fn, hs, ws, ht, wt, mask, upstream, **kw):
 
 def triton_fn(*args, **kw):
     return distill_kl(*args, impl="triton", **kw)
-
-
-def record_chunks(monkeypatch):
-    """Spy on the shared chunked backward: the widths of the d_weight chunks it computes, in order."""
-    widths, matmul = [], lmhead.matmul
-
-    def spy(a, b, out, *, accumulate):
-        if not accumulate:  # d_weight[chunk] = dz^T @ hidden, a = dz^T (C, N)
-            widths.append(a.shape[0])
-        matmul(a, b, out, accumulate=accumulate)
-
-    monkeypatch.setattr(lmhead, "matmul", spy)
-    return widths
-
-
-def dirty_allocations(monkeypatch):
-    """Fresh float tensors from torch.empty_like hold NaN (on the CPU they are often zero pages by luck): rows a
-    kernel should have written, or zeroed, then show."""
-    empty_like = torch.empty_like
-
-    def dirty(*args, **kwargs):
-        t = empty_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty_like", dirty)
 
 
 def check_against_gold(hs, ws, ht, wt, mask, upstream, **kw):

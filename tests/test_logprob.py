@@ -7,7 +7,7 @@ import grm_kernels._lmhead as lmhead
 import grm_kernels.logprob as logprob_mod
 from grm_kernels._common import vocab_ranges
 from grm_kernels.logprob import token_logprobs, token_logprobs_ref
-from tests.numerics import assert_2x, requires_cuda
+from tests.numerics import assert_2x, dirty_allocations, record_chunks, requires_cuda
 
 IGNORE = -100
 
@@ -48,31 +48,6 @@ def run(fn, hidden, weight, targets, grad_logp, grad_entropy, **kw):
     logp, entropy = fn(h, w, targets, return_entropy=True, **kw)
     (logp * grad_logp.to(logp.dtype) + entropy * grad_entropy.to(entropy.dtype)).sum().backward()
     return logp.detach(), entropy.detach(), h.grad, w.grad
-
-
-def record_chunks(monkeypatch):
-    """Spy on the shared chunked backward: the widths of the d_weight chunks it computes, in order."""
-    widths, matmul = [], lmhead.matmul
-
-    def spy(a, b, out, *, accumulate):
-        if not accumulate:  # d_weight[chunk] = dz^T @ hidden, a = dz^T (C, N)
-            widths.append(a.shape[0])
-        matmul(a, b, out, accumulate=accumulate)
-
-    monkeypatch.setattr(lmhead, "matmul", spy)
-    return widths
-
-
-def dirty_allocations(monkeypatch):
-    """Fresh float tensors from torch.empty_like hold NaN (on the CPU they are often zero pages by luck): rows a
-    kernel should have written, or zeroed, then show."""
-    empty_like = torch.empty_like
-
-    def dirty(*args, **kwargs):
-        t = empty_like(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty_like", dirty)
 
 
 def check_against_gold(hidden, weight, targets, grad_logp, grad_entropy, temperature=1.0):
