@@ -247,16 +247,17 @@ def test_resume_under_another_world_size_is_a_clear_error(bench, tmp_path, monke
 
 
 def test_indivisible_batches_are_refused(bench, tmp_path, capsys, monkeypatch):
+    import runtime.session
     import train
 
-    monkeypatch.setattr(train, "process_group", lambda device: nullcontext(Dist(rank=0, world=2)))
+    monkeypatch.setattr(runtime.session, "process_group", lambda device: nullcontext(Dist(rank=0, world=2)))
     monkeypatch.setattr(Dist, "barrier", lambda self: None)
     assert train.main(train_args(bench, tmp_path, "--prompts-per-step", "3")) == 2
     assert "--prompts-per-step 3 is not divisible by the world size 2" in capsys.readouterr().err
     assert not (tmp_path / "default").exists()
 
 
-def test_one_process_policy_is_the_model_itself(bench):
+def test_one_process_sharded_is_the_model_itself(bench):
     tok = load_tokenizer(bench / "tokenizer")
     model = build_preset("nano", tok)
     policy = Sharded(model, Dist(), resolve_strategy("fsdp", 1))
