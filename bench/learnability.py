@@ -1,9 +1,11 @@
 """Can a preset learn a benchmark's traces? Teacher-forced accuracy of each trace line while SFT runs.
 
     python -m bench.learnability --data-dir data/builtin --lr 3e-3 --steps 1000      # a few minutes on 2 CPU cores
+    python -m bench.learnability --model models/smollm2-135m --lr 5e-5 --batch 8 --steps 100 --every 25 --val 100
 
-Trains a random-initialised preset on the `sft` traces (AdamW, batch 16, constant learning rate after 20 warm-up
-steps; `--prompt-loss` adds the prompt's tokens to the loss) and every `--every` steps prints, for each line of
+Trains a random-initialised preset, or with `--model` a local Hugging Face model (its own tokenizer; a pretrained
+one), on the `sft` traces (AdamW, batch `--batch`, constant learning rate after 20 warm-up steps; `--prompt-loss`
+adds the prompt's tokens to the loss) and every `--every` steps prints, for each line of
 the 7-step criteria format, the share of `val` gold traces (first `--val` records) whose every token on that line
 is the model's argmax given the gold prefix. A line that stays at its majority rate means the model has not
 learned to compute it: line 2 (the coverage) and line 3 (the category match) need the note compared with the
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 
 from data.schema import read_jsonl
-from model.hf import PRESETS, build_preset, load_tokenizer, prepare
+from model.hf import PRESETS, build_preset, load_model, load_tokenizer, prepare
 from sam.prompt import render_gold_reasoning, render_prompt
 
 
@@ -39,9 +41,18 @@ def batch(items, pad_id, prompt_loss=False):
     return ids, labels
 
 
+def line_of_tokens(tok, ids: list[int]) -> list[int]:
+    """The trace line (0-based) each token starts on, from the decoded text: a byte-level BPE token may carry a
+    newline together with other characters ("}\n"), so the newline is not always a token of its own."""
+    lines, text = [], ""
+    for k in range(len(ids)):
+        lines.append(text.count("\n"))
+        text = tok.decode(ids[: k + 1], skip_special_tokens=True)
+    return lines
+
+
 @torch.no_grad()
 def line_accuracy(model, tok, val, lines=7) -> list[float]:
-    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
     model.eval()
     right, n = [0] * lines, 0
     for lo in range(0, len(val), 100):
@@ -49,11 +60,11 @@ def line_accuracy(model, tok, val, lines=7) -> list[float]:
         pred = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits[:, :-1].argmax(-1)
         target = labels[:, 1:]
         for b in range(ids.shape[0]):
-            line, ok = 0, [True] * lines
-            for j in (target[b] != -100).nonzero().flatten().tolist():
+            ok = [True] * lines
+            positions = (target[b] != -100).nonzero().flatten().tolist()
+            for j, line in zip(positions, line_of_tokens(tok, target[b, positions].tolist())):
                 if line < lines and pred[b, j] != target[b, j]:
                     ok[line] = False
-                line += int(target[b, j] == newline)
             right = [r + o for r, o in zip(right, ok)]
             n += 1
     model.train()
@@ -64,6 +75,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", default="data/builtin")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--model", default="", help="a local Hugging Face model folder instead of --preset")
+    p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--every", type=int, default=250)
@@ -71,30 +84,31 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-loss", action="store_true", help="train on the prompt's tokens too (plain LM loss)")
     args = p.parse_args(argv)
-    if not (args.lr > 0 and args.steps > 0 and args.every > 0 and args.val > 0):  # also refuses nan
-        p.error("--lr, --steps, --every and --val must be > 0")
+    if not (args.lr > 0 and args.steps > 0 and args.every > 0 and args.val > 0 and args.batch > 0):  # refuses nan
+        p.error("--lr, --steps, --every, --val and --batch must be > 0")
+    if args.model and not Path(args.model).is_dir():
+        p.error(f"--model {args.model}: not a folder")
     for name in ("tokenizer/tokenizer.json", "sft.jsonl", "val.jsonl"):
         if not (Path(args.data_dir) / name).exists():
             p.error(
                 f"--data-dir {args.data_dir}: no {name} (write a benchmark with python -m data.synthetic --out DIR)"
             )
     torch.manual_seed(args.seed)
-    tok = load_tokenizer(f"{args.data_dir}/tokenizer")
+    tok = load_tokenizer(args.model or f"{args.data_dir}/tokenizer")
     sft = [encode(tok, r, r.reasoning or render_gold_reasoning(r)) for r in read_jsonl(f"{args.data_dir}/sft.jsonl")]
     val = [encode(tok, r, render_gold_reasoning(r)) for r in read_jsonl(f"{args.data_dir}/val.jsonl")[: args.val]]
-    model = prepare(
-        build_preset(args.preset, tok, seed=args.seed, max_positions=512),
-        device="cpu",
-        dtype=torch.float32,
-        attention="sdpa",
-    )
+    if args.model:
+        model = load_model(args.model, device="cpu", dtype=torch.float32, attention="sdpa")
+    else:
+        model = build_preset(args.preset, tok, seed=args.seed, max_positions=512)
+        model = prepare(model, device="cpu", dtype=torch.float32, attention="sdpa")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     start = time.perf_counter()
     print("step  loss  line accuracy (steps 1-7)  seconds")
     for step in range(1, args.steps + 1):
         for group in opt.param_groups:
             group["lr"] = args.lr * min(1.0, step / 20)
-        items = [sft[i] for i in torch.randint(0, len(sft), (16,)).tolist()]
+        items = [sft[i] for i in torch.randint(0, len(sft), (args.batch,)).tolist()]
         ids, labels = batch(items, tok.pad_token_id, args.prompt_loss)
         loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long(), labels=labels).loss
         loss.backward()
