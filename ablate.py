@@ -1,13 +1,15 @@
 """Masking-granularity ablation: arms x seeds of train.py runs -> ablation.csv, ablation.md and plots.
 
-    python ablate.py                                    # the `granularity` preset, seeds 0,1,2, into runs/ablation/
+    python ablate.py --seeds 0,1,2,3,4                  # the `fair` preset (docs/ablation.md), into runs/ablation/
     python ablate.py --arms outcome,sam --seeds 0,1     # a subset of the preset's arms
     python ablate.py --arms-file my_arms.json --name my-sweep --base "--rl-lr 1e-4"
     python ablate.py --dry-run                          # print the plan (every train.py command line) and stop
     python ablate.py --report-only                      # tables and plots from the runs finished so far
 
 An arm is a named pair of train.py flag lists: `warmup` (the warm-up SFT; also passed to the RL run, so `--fmt`
-belongs here) and `rl` (the RL stage; null for an arm that is its warm-up alone). Arms that share warm-up flags
+belongs here) and `rl` (the RL stage; null for an arm that is its warm-up alone). An arm of kind `more-sft`
+continues SFT from its warm-up for as many optimizer steps as an RL run takes instead (the control "does RL beat
+more SFT?"), and `seeds` N limits an arm to the first N seeds. Arms that share warm-up flags
 share one warm-up run per seed, so they start RL from the same checkpoint; every RL arm gets the same base flags,
 hence the same RL budget. An arms file is JSON: {"name": {"warmup": [...], "rl": [...] or null, "about": "..."}}
 (a flag list may also be one string). The flags that place a run (--name, --out-dir, --seed, --stages, --init,
@@ -18,6 +20,11 @@ resumable: a finished run (results.json and its evaluation files present) is ski
 with train.py --resume, and plan.json remembers every run's command line so a rerun with different settings for
 an existing run is refused instead of mixing results. Up to --jobs runs go in parallel, each limited to --threads
 threads.
+
+The gate (--gate, on by default): the warm-ups run first, and the runs that start from them only when every
+finished warm-up beats the majority label on validation by the margin (gate.json records the verdict). From a
+warm-up that answers a near-constant label every arm answers alike, and the sweep could not come out either way;
+then the script reports the warm-ups and exits with code 4.
 
 The report compares each arm with --baseline, paired: the same test examples and the same seeds (so the same
 warm-up). The interval is a two-level bootstrap: resample seeds, then test examples, and take the mean over the
@@ -35,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
@@ -44,7 +52,7 @@ import numpy as np
 from data.schema import write_text_atomic
 from runtime.config import ConfigError, check_run_name, parse_config, parse_flags
 from runtime.configs import TrainConfig
-from runtime.data import BUILTIN_DIR, DataError, ensure_builtin
+from runtime.data import BUILTIN_DIR, DataError, ensure_builtin, load_split
 from sam.metrics import paired_bootstrap
 
 ROOT = Path(__file__).resolve().parent
@@ -59,11 +67,18 @@ DIAGNOSTICS = (*CURVES, "accuracy", "malformed_rate")
 BOOTSTRAP_METRICS = ("accuracy", "macro_f1")
 
 
+ARM_KINDS = ("rl", "more-sft")
+
+
 @dataclass(frozen=True)
 class Arm:
     warmup: tuple[str, ...] = ()  # train.py flags of the warm-up (and of the RL run)
     rl: tuple[str, ...] | None = ()  # train.py flags of the RL stage; None: the arm is its warm-up alone
     about: str = ""
+    # rl: an RL stage from the warm-up; more-sft: the control "more SFT instead of RL", SFT continued from the
+    # warm-up for as many optimizer steps as an RL run takes (--rl-steps x --mu of the base flags)
+    kind: str = "rl"
+    seeds: int = 0  # run the first N seeds of --seeds only (0 = all)
 
 
 # The first full ablation (issue 8). Base flags: train.py's defaults, with an RL budget cut to fit the sweep into
@@ -71,6 +86,37 @@ class Arm:
 # samples, validation (200 records) every 5 steps for the learning curves, and the first 500 records of each test
 # split.
 PRESETS = {
+    # The study on the fair world (benchmark v2; issue 23, protocol in docs/ablation.md): 5 seeds for the arms the
+    # conclusions rest on (outcome, sam, random, gold-box), 3 for the others; RL budget and evaluation as the
+    # protocol fixes them. The correlated-errors control is the same preset on another world: --arms
+    # outcome,sam,random --base=--data-dir=DIR (a benchmark written with --teacher-errors correlated).
+    "fair": (
+        ("--rl-steps", "30", "--eval-every", "5", "--val-limit", "500", "--test-limit", "0"),
+        {
+            "sft-label": Arm(("--fmt", "label"), None, "warm-up SFT on the label alone, no reasoning", seeds=3),
+            "sft-reasoning": Arm(
+                (), None, "warm-up SFT on the teacher's 7-step traces (every RL arm's start)", seeds=3
+            ),
+            "more-sft": Arm(
+                (), (), "SFT continued on the teacher traces, as many steps as RL", kind="more-sft", seeds=3
+            ),
+            "outcome": Arm((), ("--policy", "none"), "GRPO on the outcome, no masking (OutcomeRL)"),
+            "sam": Arm((), ("--policy", "sam"), "GRPO + SAM, the paper's rule on the 3 box segments"),
+            "random": Arm((), ("--policy", "random"), "control: SAM's masked fraction, segments drawn at random"),
+            "gold-box": Arm((), ("--policy", "sam", "--verdicts", "gold-box"), "oracle: boxes judged by gold values"),
+            "sam-noexc": Arm((), ("--policy", "sam", "--no-exception"), "SAM without the exception", seeds=3),
+            "sam-soft": Arm((), ("--policy", "soft", "--alpha", "0.5"), "SAM, masked segments keep half", seeds=3),
+            "sequence": Arm((), ("--policy", "sequence"), "the whole rollout when SAM masks a segment", seeds=3),
+            "token": Arm((), ("--policy", "token", "--segmenter", "box_tokens"), "SAM on the box tokens", seeds=3),
+            "steps-gold": Arm(
+                (),
+                ("--policy", "sam", "--segmenter", "steps", "--verdicts", "gold"),
+                "SAM on the 7 steps, each judged against its gold value",
+                seeds=3,
+            ),
+            "generic": Arm(("--fmt", "generic"), ("--policy", "none"), "generic 3-step prompt, outcome GRPO", seeds=3),
+        },
+    ),
     "granularity": (
         ("--rl-steps", "15", "--eval-every", "5", "--test-limit", "500"),
         {
@@ -101,7 +147,7 @@ PRESETS = {
 class AblateConfig:
     name: str = "ablation"  # sweep name: everything is written under <out_dir>/<name>/
     out_dir: str = "runs"  # parent folder of the sweep
-    preset: str = "granularity"  # named arms and base flags (granularity), or none (with --arms-file)
+    preset: str = "fair"  # named arms and base flags (fair, granularity), or none (with --arms-file)
     arms_file: str = ""  # JSON file of arms, used instead of the preset's arms
     arms: str = ""  # comma list: run only these arms (default: all)
     seeds: str = "0,1,2"  # comma list of seeds; each seed has its own warm-up runs
@@ -110,6 +156,7 @@ class AblateConfig:
     jobs: int = 2  # runs in parallel (0 = CPU cores / --threads)
     threads: int = 1  # torch threads per run (OMP_NUM_THREADS)
     bootstrap: int = 2000  # bootstrap resamples for the paired intervals
+    gate: float = 0.05  # RL arms run only from warm-ups beating the majority label on validation by this (-1 = off)
     report_only: bool = False  # do not run anything: report the runs finished so far
     dry_run: bool = False  # print the plan and stop
     progress: bool = True  # print a line as each run starts and ends
@@ -121,6 +168,8 @@ class AblateConfig:
             raise ConfigError("--preset none needs --arms-file")
         if self.jobs < 0 or self.threads < 1 or self.bootstrap < 100:
             raise ConfigError("need --jobs >= 0, --threads >= 1 and --bootstrap >= 100")
+        if not -1 <= self.gate < 1:
+            raise ConfigError(f"--gate must be a margin in [0, 1), or -1 to turn the gate off, got {self.gate}")
         try:
             seeds = self.seed_list
         except ValueError:
@@ -162,13 +211,19 @@ def load_arms_file(path: str) -> dict[str, Arm]:
     arms = {}
     for name, spec in data.items():
         where = f"--arms-file {path}, arm {name!r}"
-        if not isinstance(spec, dict) or set(spec) - {"warmup", "rl", "about"}:
-            raise ConfigError(f"{where}: expected an object with keys warmup, rl, about")
-        rl = spec.get("rl", [])
+        if not isinstance(spec, dict) or set(spec) - {"warmup", "rl", "about", "kind", "seeds"}:
+            raise ConfigError(f"{where}: expected an object with keys warmup, rl, about, kind, seeds")
+        rl, kind, seeds = spec.get("rl", []), spec.get("kind", "rl"), spec.get("seeds", 0)
+        if kind not in ARM_KINDS or (kind == "more-sft" and rl is None):
+            raise ConfigError(f"{where}: kind must be one of {ARM_KINDS} (more-sft with an rl flag list), got {kind!r}")
+        if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 0:
+            raise ConfigError(f"{where}: seeds must be an integer >= 0 (0 = every seed), got {seeds!r}")
         arms[name] = Arm(
             _flags(spec.get("warmup", []), where + " warmup"),
             None if rl is None else _flags(rl, where + " rl"),
             str(spec.get("about", "")),
+            kind,
+            seeds,
         )
     return arms
 
@@ -210,12 +265,23 @@ def _slug(flags: tuple[str, ...]) -> str:
     return text if len(text) <= 40 else f"{text[:31]}-{hashlib.sha1(' '.join(flags).encode()).hexdigest()[:8]}"
 
 
+def arm_seeds(cfg: AblateConfig, arm: Arm) -> list[int]:
+    return cfg.seed_list[: arm.seeds] if arm.seeds else cfg.seed_list
+
+
 def plan(cfg: AblateConfig, base: tuple[str, ...], arms: dict[str, Arm]) -> tuple[dict[str, Job], dict]:
     """(jobs by name, {(arm, seed): job name that holds the arm's result}). Warm-ups come first."""
     runs_dir = str(cfg.sweep_dir / "runs")
     warmups, rls, result_of = {}, {}, {}
+    try:
+        base_cfg, _ = parse_flags(TrainConfig, list(base))
+    except ConfigError as exc:
+        raise ConfigError(f"--base: bad train.py flags {' '.join(base)!r}: {exc}") from None
+    rl_budget = base_cfg.rl_steps * base_cfg.mu  # optimizer steps of an RL run: the more-sft arm's budget
     for seed in cfg.seed_list:
         for arm_name, arm in arms.items():
+            if seed not in arm_seeds(cfg, arm):
+                continue
             placement = ["--seed", str(seed), "--out-dir", runs_dir]
             warm = f"warmup-{_slug(arm.warmup)}-s{seed}"
             warmups.setdefault(
@@ -226,8 +292,12 @@ def plan(cfg: AblateConfig, base: tuple[str, ...], arms: dict[str, Arm]) -> tupl
                 continue
             name = f"{arm_name}-s{seed}"
             init = str(Path(runs_dir) / warm / "sft")
-            argv = [*base, *arm.warmup, *arm.rl, *placement, "--name", name, "--stages", "rl", "--init", init]
-            rls[name] = Job(name, argv, "rl", [warm])
+            if arm.kind == "more-sft":
+                stage, extra = "sft", ["--sft-steps", str(rl_budget)]
+            else:
+                stage, extra = "rl", []
+            argv = [*base, *arm.warmup, *arm.rl, *extra, *placement, "--name", name, "--stages", stage, "--init", init]
+            rls[name] = Job(name, argv, stage, [warm])
             result_of[arm_name, seed] = name
     # warm-ups that unlock the most RL runs first: the sweep's critical path
     users = {w: sum(w in j.deps for j in rls.values()) for w in warmups}
@@ -356,6 +426,40 @@ def execute(cfg: AblateConfig, jobs: dict[str, Job]) -> tuple[list[str], dict[st
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The gate: RL arms only from warm-ups that learned something
+
+
+def majority_rate(data_dir: str, majority_split: str, split: str, limit: int) -> tuple[int, float]:
+    """(the most common label of `majority_split`, its rate among the first `limit` records of `split`)."""
+    labels = [r.label for r in load_split(data_dir, majority_split)]
+    majority = Counter(labels).most_common(1)[0][0]
+    records = load_split(data_dir, split)
+    records = records[:limit] if limit else records
+    return majority, sum(r.label == majority for r in records) / len(records)
+
+
+def gate_failures(cfg: AblateConfig, jobs: dict[str, Job]) -> list[str]:
+    """One line per finished warm-up whose final validation accuracy does not beat the majority label (of the RL
+    split, on the same validation records) by --gate. From such a warm-up every RL arm answers what it answers
+    (a near-constant label), so the arms cannot differ and the sweep would measure nothing."""
+    out = []
+    for job in jobs.values():
+        run_dir = cfg.sweep_dir / "runs" / job.name
+        if job.deps or not finished(run_dir, "sft"):
+            continue
+        run = json.loads((run_dir / "config.json").read_text())
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        acc = [r["val/accuracy"] for r in rows if r["stage"] == "sft" and "val/accuracy" in r][-1]
+        label, base = majority_rate(run["data_dir"], run["rl_split"], run["val_split"], run["val_limit"])
+        if acc < base + cfg.gate:
+            out.append(
+                f"{job.name}: validation accuracy {acc:.3f}, the majority label ({label}) scores {base:.3f}; "
+                f"the gate needs {base + cfg.gate:.3f}"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Collecting and statistics
 
 
@@ -383,7 +487,7 @@ def collect(cfg: AblateConfig, arms: dict[str, Arm], result_of: dict, jobs: dict
     runs_dir = cfg.sweep_dir / "runs"
     rows, curves, preds, missing = [], [], {}, []
     for arm in arms:
-        for seed in cfg.seed_list:
+        for seed in arm_seeds(cfg, arms[arm]):
             job = jobs[result_of[arm, seed]]
             run_dir = runs_dir / job.name
             if not finished(run_dir, job.stage):
@@ -402,10 +506,10 @@ def collect(cfg: AblateConfig, arms: dict[str, Arm], result_of: dict, jobs: dict
                     if v is not None
                 ]
             preds[arm, seed] = load_predictions(run_dir / f"predictions_{job.stage}.jsonl")
-            if job.stage == "rl":
+            if job.deps:  # a run from a warm-up: its learning curves
                 for line in (run_dir / "metrics.jsonl").read_text().splitlines():
                     r = json.loads(line)
-                    if r["stage"] == "rl":
+                    if r["stage"] == job.stage:
                         curves += [
                             {"arm": arm, "seed": seed, "step": r["step"], "metric": k, "value": r[k]}
                             for k in DIAGNOSTICS
@@ -683,10 +787,16 @@ def main(argv=None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    failed, seconds = [], {}
+    failed, seconds, closed = [], {}, []
     if not cfg.report_only:
         try:
-            failed, seconds = execute(cfg, jobs)
+            if cfg.gate >= 0:  # the warm-ups first, then the gate, then the runs from them
+                failed, seconds = execute(cfg, {n: j for n, j in jobs.items() if not j.deps})
+                closed = gate_failures(cfg, jobs)
+                write_text_atomic(cfg.sweep_dir / "gate.json", json.dumps({"margin": cfg.gate, "failed": closed}))
+            if not closed:
+                more_failed, more_seconds = execute(cfg, jobs)
+                failed, seconds = failed + more_failed, {**seconds, **more_seconds}
         except KeyboardInterrupt:
             print("interrupted; run the same command again to continue the sweep", file=sys.stderr)
             return 130
@@ -705,6 +815,13 @@ def main(argv=None) -> int:
     if failed:
         print(f"error: {len(failed)} run(s) failed or were skipped: {', '.join(failed)}", file=sys.stderr)
         return 1
+    if closed:
+        print(
+            f"gate: no run from a warm-up was started; {len(closed)} warm-up(s) do not beat the majority label by "
+            f"--gate {cfg.gate} (docs/ablation.md, the protocol):\n  " + "\n  ".join(closed),
+            file=sys.stderr,
+        )
+        return 4
     return 0
 
 

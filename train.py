@@ -300,7 +300,7 @@ def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
     """Warm-up SFT (token NLL through token_logprobs). Returns False when halted."""
     cfg, model, tok, dev, dist = run.cfg, run.model, run.tokenizer, run.device, run.dist
     n = len(run.sft.records)
-    total = math.ceil(cfg.sft_epochs * n / cfg.sft_batch_size)
+    total = cfg.sft_steps or math.ceil(cfg.sft_epochs * n / cfg.sft_batch_size)
     opt, sched = make_optimizer(
         model.module, cfg.sft_lr, total, cfg.sft_warmup, weight_decay=cfg.weight_decay, schedule=cfg.lr_schedule
     )

@@ -119,6 +119,7 @@ class TrainConfig(SessionConfig):
     # warm-up SFT
     sft_split: str = "sft"  # split with reasoning traces (or gold values to render them from)
     sft_epochs: float = 2.0  # passes over the SFT split
+    sft_steps: int = 0  # SFT optimizer steps instead of --sft-epochs (0 = from the epochs)
     sft_batch_size: int = 16  # sequences per SFT optimizer step
     sft_lr: float = 3e-3  # peak SFT learning rate
     sft_warmup: int = 20  # SFT warm-up steps
@@ -179,7 +180,7 @@ class TrainConfig(SessionConfig):
         need(self.group_size >= 2, "--group-size must be >= 2 (advantages are relative to the group)")
         for name in ("mu", "sft_batch_size"):
             need(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be >= 1")
-        for name in ("rl_steps", "sft_warmup", "rl_warmup"):
+        for name in ("rl_steps", "sft_steps", "sft_warmup", "rl_warmup"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
         need(self.sft_epochs > 0, "--sft-epochs must be > 0")
         need(self.sft_lr > 0 and self.rl_lr > 0, "learning rates must be > 0")

@@ -53,13 +53,23 @@ def sweep_args(bench, tmp_path, *extra):
         "--bootstrap",
         "200",
         "--no-progress",
+        "--gate",
+        "-1",  # a nano model on a tiny bench learns nothing; test_sweep_end_to_end_resumable checks the gate
         *extra,
     ]
 
 
 def test_sweep_end_to_end_resumable(bench, tmp_path, capsys):
-    assert ablate.main(sweep_args(bench, tmp_path, "--jobs", "2")) == 0
+    # the gate: the warm-ups run first; one that does not beat the majority label by --gate starts no RL run
+    assert ablate.main(sweep_args(bench, tmp_path, "--jobs", "2", "--gate", "0.99")) == 4
     d = tmp_path / "ablation"
+    assert sorted(p.name for p in (d / "runs").iterdir()) == ["warmup-base-s0", "warmup-base-s1"]
+    closed = json.loads((d / "gate.json").read_text())["failed"]
+    rows = [json.loads(x) for x in (d / "runs/warmup-base-s0/metrics.jsonl").read_text().splitlines()]
+    assert len(closed) == 2 and f"validation accuracy {rows[-1]['val/accuracy']:.3f}" in closed[0]
+    assert "gate: no run from a warm-up was started" in capsys.readouterr().err
+    # without the gate the same warm-ups are reused and the arms run
+    assert ablate.main(sweep_args(bench, tmp_path, "--jobs", "2", "--gate", "-1")) == 0
     runs = sorted(p.name for p in (d / "runs").iterdir())
     # one warm-up per seed, shared by every arm of that seed
     assert runs == ["outcome-s0", "outcome-s1", "sam-s0", "sam-s1", "warmup-base-s0", "warmup-base-s1"]
@@ -213,7 +223,7 @@ def test_bad_arms_file(tmp_path, capsys, arms, message):
 
 
 def test_granularity_preset_plan():
-    cfg = ablate.AblateConfig()
+    cfg = ablate.AblateConfig(preset="granularity")
     base, arms = ablate.select_arms(cfg)
     jobs, result_of = ablate.plan(cfg, base, arms)
     ablate.check_plan(base, arms, jobs)  # every arm's flags are valid train.py flags
@@ -223,6 +233,20 @@ def test_granularity_preset_plan():
         inits = {jobs[result_of[a, seed]].argv[-1] for a in arms if arms[a].rl is not None and not arms[a].warmup}
         assert inits == {f"runs/ablation/runs/warmup-base-s{seed}/sft"}
     assert list(jobs)[0] == "warmup-base-s0"  # the warm-up that unlocks the most runs goes first
+
+
+def test_fair_preset_plan():
+    cfg = ablate.AblateConfig(preset="fair", seeds="0,1,2,3,4")
+    base, arms = ablate.select_arms(cfg)
+    jobs, result_of = ablate.plan(cfg, base, arms)
+    ablate.check_plan(base, arms, jobs)
+    seeds = {a: sorted(s for (b, s) in result_of if b == a) for a in arms}
+    assert all(seeds[a] == [0, 1, 2, 3, 4] for a in ("outcome", "sam", "random", "gold-box"))
+    assert all(len(seeds[a]) >= 3 for a in arms)
+    # more SFT instead of RL: SFT continued from the same warm-up for as many optimizer steps as RL takes (30 x 1)
+    more = jobs[result_of["more-sft", 0]].argv
+    assert more[more.index("--stages") + 1] == "sft" and more[more.index("--sft-steps") + 1] == "30"
+    assert more[-1] == jobs[result_of["sam", 0]].argv[-1] == "runs/ablation/runs/warmup-base-s0/sft"
 
 
 def test_metric_on_matches_sam_metrics():

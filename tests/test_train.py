@@ -620,3 +620,11 @@ def test_learnability_probe_runs_and_scores_lines(bench, capsys):
         learnability.main(["--data-dir", str(bench), "--lr", "nan"])
     with pytest.raises(SystemExit):
         learnability.main(["--data-dir", str(bench / "missing")])
+
+
+def test_sft_steps_sets_the_warm_up_length(bench, tmp_path):
+    # --sft-steps overrides --sft-epochs: ablate.py's more-sft control takes exactly an RL run's optimizer steps
+    argv = fast_args(bench, tmp_path, "--name", "steps", "--stages", "sft", "--sft-steps", "3", "--test-splits", "")
+    assert train.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "steps" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and "val/accuracy" in rows[-1]
