@@ -1,6 +1,6 @@
 """Masking-granularity ablation: arms x seeds of train.py runs -> ablation.csv, ablation.md and plots.
 
-    python ablate.py --seeds 0,1,2,3,4                  # the `fair` preset (docs/ablation.md), into runs/ablation/
+    python ablate.py                                    # the `fair` preset, seeds 0-4 (docs/ablation.md)
     python ablate.py --arms outcome,sam --seeds 0,1     # a subset of the preset's arms
     python ablate.py --arms-file my_arms.json --name my-sweep --base "--rl-lr 1e-4"
     python ablate.py --dry-run                          # print the plan (every train.py command line) and stop
@@ -150,7 +150,7 @@ class AblateConfig:
     preset: str = "fair"  # named arms and base flags (fair, granularity), or none (with --arms-file)
     arms_file: str = ""  # JSON file of arms, used instead of the preset's arms
     arms: str = ""  # comma list: run only these arms (default: all)
-    seeds: str = "0,1,2"  # comma list of seeds; each seed has its own warm-up runs
+    seeds: str = "0,1,2,3,4"  # comma list of seeds; each seed has its own warm-up runs
     base: str = ""  # extra train.py flags for every run, after the preset's (later ones win); one flag: --base=--flag
     baseline: str = "outcome"  # arm the others are compared with (paired, bootstrap)
     jobs: int = 2  # runs in parallel (0 = CPU cores / --threads)
@@ -168,7 +168,7 @@ class AblateConfig:
             raise ConfigError("--preset none needs --arms-file")
         if self.jobs < 0 or self.threads < 1 or self.bootstrap < 100:
             raise ConfigError("need --jobs >= 0, --threads >= 1 and --bootstrap >= 100")
-        if not -1 <= self.gate < 1:
+        if not (self.gate == -1 or 0 <= self.gate < 1):
             raise ConfigError(f"--gate must be a margin in [0, 1), or -1 to turn the gate off, got {self.gate}")
         try:
             seeds = self.seed_list
@@ -265,6 +265,18 @@ def _slug(flags: tuple[str, ...]) -> str:
     return text if len(text) <= 40 else f"{text[:31]}-{hashlib.sha1(' '.join(flags).encode()).hexdigest()[:8]}"
 
 
+def rl_budget(base: tuple[str, ...], arm: Arm, name: str) -> int:
+    """Optimizer steps of an RL run (--rl-steps x --mu) under the base and the arm's flags: a more-sft arm's SFT
+    steps. Its own fresh optimizer and the same data order restart with it (every example was seen in warm-up)."""
+    try:
+        cfg, _ = parse_flags(TrainConfig, [*base, *arm.warmup, *arm.rl])
+    except ConfigError as exc:
+        raise ConfigError(f"arm {name!r}: bad train.py flags: {exc}") from None
+    if cfg.rl_steps * cfg.mu < 1:
+        raise ConfigError(f"arm {name!r}: more-sft takes an RL run's optimizer steps, and --rl-steps is 0")
+    return cfg.rl_steps * cfg.mu
+
+
 def arm_seeds(cfg: AblateConfig, arm: Arm) -> list[int]:
     return cfg.seed_list[: arm.seeds] if arm.seeds else cfg.seed_list
 
@@ -273,11 +285,6 @@ def plan(cfg: AblateConfig, base: tuple[str, ...], arms: dict[str, Arm]) -> tupl
     """(jobs by name, {(arm, seed): job name that holds the arm's result}). Warm-ups come first."""
     runs_dir = str(cfg.sweep_dir / "runs")
     warmups, rls, result_of = {}, {}, {}
-    try:
-        base_cfg, _ = parse_flags(TrainConfig, list(base))
-    except ConfigError as exc:
-        raise ConfigError(f"--base: bad train.py flags {' '.join(base)!r}: {exc}") from None
-    rl_budget = base_cfg.rl_steps * base_cfg.mu  # optimizer steps of an RL run: the more-sft arm's budget
     for seed in cfg.seed_list:
         for arm_name, arm in arms.items():
             if seed not in arm_seeds(cfg, arm):
@@ -293,7 +300,7 @@ def plan(cfg: AblateConfig, base: tuple[str, ...], arms: dict[str, Arm]) -> tupl
             name = f"{arm_name}-s{seed}"
             init = str(Path(runs_dir) / warm / "sft")
             if arm.kind == "more-sft":
-                stage, extra = "sft", ["--sft-steps", str(rl_budget)]
+                stage, extra = "sft", ["--sft-steps", str(rl_budget(base, arm, arm_name))]
             else:
                 stage, extra = "rl", []
             argv = [*base, *arm.warmup, *arm.rl, *extra, *placement, "--name", name, "--stages", stage, "--init", init]
@@ -360,17 +367,18 @@ def _fmt_s(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def execute(cfg: AblateConfig, jobs: dict[str, Job]) -> tuple[list[str], dict[str, float]]:
-    """Run the unfinished jobs, dependencies first, up to --jobs at a time. (failed job names, seconds per job)."""
+def execute(cfg: AblateConfig, jobs: dict[str, Job], failed_before=()) -> tuple[list[str], dict[str, float]]:
+    """Run the unfinished jobs, dependencies first, up to --jobs at a time. (failed job names, seconds per job).
+    `failed_before`: jobs that failed earlier in this invocation; they are not run again (their dependents skip)."""
     runs_dir, logs = cfg.sweep_dir / "runs", cfg.sweep_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     done = {n for n, j in jobs.items() if finished(runs_dir / n, j.stage)}
-    pending = [j for n, j in jobs.items() if n not in done]
+    pending = [j for n, j in jobs.items() if n not in done and n not in failed_before]
     width = cfg.jobs or max(1, (os.cpu_count() or 1) // cfg.threads)
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
     say = print if cfg.progress else (lambda *a, **k: None)
     say(f"{len(jobs)} runs: {len(done)} finished before, {len(pending)} to run, {width} at a time", flush=True)
-    running, failed, seconds, total = {}, [], {}, len(pending)
+    running, failed, seconds, total = {}, list(failed_before), {}, len(pending)
     try:
         while pending or running:
             for job in list(pending):
@@ -443,14 +451,19 @@ def gate_failures(cfg: AblateConfig, jobs: dict[str, Job]) -> list[str]:
     split, on the same validation records) by --gate. From such a warm-up every RL arm answers what it answers
     (a near-constant label), so the arms cannot differ and the sweep would measure nothing."""
     out = []
+    started_from = {d for job in jobs.values() for d in job.deps}
     for job in jobs.values():
         run_dir = cfg.sweep_dir / "runs" / job.name
-        if job.deps or not finished(run_dir, "sft"):
+        if job.name not in started_from or not finished(run_dir, "sft"):
+            continue  # a warm-up no run starts from (an arm of its own), or one that failed (its runs skip)
+        try:
+            run = json.loads((run_dir / "config.json").read_text())
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            acc = [r["val/accuracy"] for r in rows if r["stage"] == "sft" and "val/accuracy" in r][-1]
+            label, base = majority_rate(run["data_dir"], run["rl_split"], run["val_split"], run["val_limit"])
+        except (OSError, ValueError, KeyError, IndexError) as exc:  # DataError and RecordError are ValueErrors
+            out.append(f"{job.name}: cannot check it ({type(exc).__name__}: {exc})")
             continue
-        run = json.loads((run_dir / "config.json").read_text())
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        acc = [r["val/accuracy"] for r in rows if r["stage"] == "sft" and "val/accuracy" in r][-1]
-        label, base = majority_rate(run["data_dir"], run["rl_split"], run["val_split"], run["val_limit"])
         if acc < base + cfg.gate:
             out.append(
                 f"{job.name}: validation accuracy {acc:.3f}, the majority label ({label}) scores {base:.3f}; "
@@ -795,8 +808,8 @@ def main(argv=None) -> int:
                 closed = gate_failures(cfg, jobs)
                 write_text_atomic(cfg.sweep_dir / "gate.json", json.dumps({"margin": cfg.gate, "failed": closed}))
             if not closed:
-                more_failed, more_seconds = execute(cfg, jobs)
-                failed, seconds = failed + more_failed, {**seconds, **more_seconds}
+                failed, more_seconds = execute(cfg, jobs, failed_before=failed)
+                seconds.update(more_seconds)
         except KeyboardInterrupt:
             print("interrupted; run the same command again to continue the sweep", file=sys.stderr)
             return 130
@@ -812,17 +825,16 @@ def main(argv=None) -> int:
     print(
         f"wrote {md} (and ablation.csv, curves.csv, comparisons.json, plots) in {_fmt_s(time.perf_counter() - started)}"
     )
-    if failed:
-        print(f"error: {len(failed)} run(s) failed or were skipped: {', '.join(failed)}", file=sys.stderr)
-        return 1
     if closed:
         print(
             f"gate: no run from a warm-up was started; {len(closed)} warm-up(s) do not beat the majority label by "
             f"--gate {cfg.gate} (docs/ablation.md, the protocol):\n  " + "\n  ".join(closed),
             file=sys.stderr,
         )
-        return 4
-    return 0
+    if failed:
+        print(f"error: {len(failed)} run(s) failed or were skipped: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 4 if closed else 0
 
 
 if __name__ == "__main__":

@@ -40,9 +40,7 @@ class EvalConfig:
     instruction: str = ""  # full | none; default: the checkpoint's prompt.json, else full
     rules: str = ""  # business rules JSON; default: the checkpoint's
     temperature: float = 0.0  # 0 = greedy; the authors validate at 0.6
-    samples: int = (
-        1  # answers per record (with --temperature > 0): metrics averaged, plus pass@K and informative groups
-    )
+    samples: int = 1  # answers per record (with --temperature > 0): metrics averaged, pass@K, informative groups
     top_p: float = 1.0  # nucleus sampling threshold
     max_new_tokens: int = 160  # completion budget
     max_prompt_tokens: int = 512  # longer prompts follow --long-prompts

@@ -169,6 +169,9 @@ def test_failed_warmup_skips_its_arms_and_exits_1(bench, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "FAILED warmup-sft-split-no-such-split-s0" in err and "no-such-split" in err
     assert "rl-s0" in err.splitlines()[-1]  # skipped, never started
+    # the gate's second phase does not run the failed warm-up again (nor name it twice)
+    assert (tmp_path / "ablation/logs/warmup-sft-split-no-such-split-s0.log").read_text().count("$ ") == 1
+    assert err.splitlines()[-1].count("warmup-sft-split-no-such-split-s0") == 1
     assert not (tmp_path / "ablation/runs/rl-s0").exists()
     assert "Missing (not finished): warm seed 0, rl seed 0" in (tmp_path / "ablation/ablation.md").read_text()
 
@@ -223,7 +226,7 @@ def test_bad_arms_file(tmp_path, capsys, arms, message):
 
 
 def test_granularity_preset_plan():
-    cfg = ablate.AblateConfig(preset="granularity")
+    cfg = ablate.AblateConfig(preset="granularity", seeds="0,1,2")
     base, arms = ablate.select_arms(cfg)
     jobs, result_of = ablate.plan(cfg, base, arms)
     ablate.check_plan(base, arms, jobs)  # every arm's flags are valid train.py flags
