@@ -169,6 +169,12 @@ def capability(device: torch.device) -> int | None:
     return 10 * major + minor
 
 
+def tile_options(cfg: dict) -> dict:
+    """The launch keywords an LM-head kernel takes from its configuration (`lmhead_config`; RANGES sizes the grid)."""
+    options = {k: cfg[k] for k in ("GROUP", "BLOCK_N", "BLOCK_V", "BLOCK_D", "num_warps", "num_stages")}
+    return {**options, "enable_fp_fusion": FP_FUSION}
+
+
 def lmhead_config(device: torch.device, dtype: torch.dtype) -> dict:
     """Tiles, vocabulary ranges and program grouping of the LM-head kernels. Depends on device and dtype only (never
     on N): a row's result must not depend on the batch.

@@ -73,7 +73,7 @@ from grm_kernels._common import (
     round_tf32_rtne,
     vocab_ranges,
 )
-from grm_kernels._lmhead import FLOAT_DTYPES, chunked_backward, lmhead_config, logits_tile
+from grm_kernels._lmhead import FLOAT_DTYPES, chunked_backward, lmhead_config, logits_tile, tile_options
 
 KINDS = ("fkl", "rkl", "jsd")
 _KIND_ID = {"fkl": 0, "rkl": 1, "jsd": 2}
@@ -689,13 +689,7 @@ def distill_kl_forward(hs, ws, ht, wt, mask, V: int, kind_id: int, beta: float, 
         INTERPRET_DOT=interpret_dot(),
         S_PRECISION=dot_precision(hs.dtype),
         T_PRECISION=dot_precision(ht.dtype),
-        GROUP=cfg["GROUP"],
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_V=cfg["BLOCK_V"],
-        BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-        enable_fp_fusion=FP_FUSION,
+        **tile_options(cfg),
     )
     part = torch.empty(5 if kind_id < 2 else 4, n_ranges, N, **f32)  # O(R N) between the kernels
     _distill_fwd_kernel[grid](*heads, part, *sizes, *_strides(*heads), inv_temp, KIND=kind_id, **tiles)
@@ -770,13 +764,7 @@ def distill_kl_backward(hs, ws, ht, wt, mask, stats, grad, V, kind_id, beta, inv
             T_PRECISION=dot_precision(ht.dtype),
             ROUND_BF16=emulate_bf16_rounding(dz_chunk.dtype),
             ROUND_TF32=dz_chunk.dtype != hs.dtype,
-            GROUP=cfg["GROUP"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_V=cfg["BLOCK_V"],
-            BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
-            enable_fp_fusion=FP_FUSION,
+            **tile_options(cfg),
         )
 
     return chunked_backward(hs, ws, V, need_dh, need_dw, launch_dz)

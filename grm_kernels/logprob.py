@@ -70,7 +70,7 @@ from grm_kernels._common import (
     round_tf32_rtne,
     vocab_ranges,
 )
-from grm_kernels._lmhead import FLOAT_DTYPES, chunked_backward, lmhead_config, logits_tile
+from grm_kernels._lmhead import FLOAT_DTYPES, chunked_backward, lmhead_config, logits_tile, tile_options
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reference
@@ -397,13 +397,7 @@ def token_logprobs_forward(hidden, weight, targets, inv_temp: float, ignore_inde
         WITH_ENTROPY=with_entropy,
         INTERPRET_DOT=interpret_dot(),
         DOT_PRECISION=dot_precision(hidden.dtype),
-        GROUP=cfg["GROUP"],
-        BLOCK_N=cfg["BLOCK_N"],
-        BLOCK_V=cfg["BLOCK_V"],
-        BLOCK_D=cfg["BLOCK_D"],
-        num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"],
-        enable_fp_fusion=FP_FUSION,
+        **tile_options(cfg),
     )
     _logprob_merge_kernel[(triton.cdiv(N, MERGE_BLOCK),)](
         part,
@@ -479,13 +473,7 @@ def token_logprobs_backward(
             DOT_PRECISION=precision,
             ROUND_BF16=emulate_bf16_rounding(dz_chunk.dtype),
             ROUND_TF32=dz_chunk.dtype != hidden.dtype,
-            GROUP=cfg["GROUP"],
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_V=cfg["BLOCK_V"],
-            BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"],
-            num_stages=cfg["num_stages"],
-            enable_fp_fusion=FP_FUSION,
+            **tile_options(cfg),
         )
 
     return chunked_backward(hidden, weight, weight.shape[0], need_dh, need_dw, launch_dz)
