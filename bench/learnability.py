@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from data.schema import read_jsonl
-from model.hf import PRESETS, build_preset, load_model, load_tokenizer, prepare
+from model.hf import PRESETS, ModelLoadError, build_preset, load_model, load_tokenizer, prepare
 from sam.prompt import render_gold_reasoning, render_prompt
 
 
@@ -94,12 +94,14 @@ def main(argv=None) -> int:
                 f"--data-dir {args.data_dir}: no {name} (write a benchmark with python -m data.synthetic --out DIR)"
             )
     torch.manual_seed(args.seed)
-    tok = load_tokenizer(args.model or f"{args.data_dir}/tokenizer")
+    try:  # a model folder first: one that is not a model says so before its tokenizer is tried
+        model = load_model(args.model, device="cpu", dtype=torch.float32, attention="sdpa") if args.model else None
+        tok = load_tokenizer(args.model or f"{args.data_dir}/tokenizer")
+    except ModelLoadError as exc:
+        p.error(str(exc))
     sft = [encode(tok, r, r.reasoning or render_gold_reasoning(r)) for r in read_jsonl(f"{args.data_dir}/sft.jsonl")]
     val = [encode(tok, r, render_gold_reasoning(r)) for r in read_jsonl(f"{args.data_dir}/val.jsonl")[: args.val]]
-    if args.model:
-        model = load_model(args.model, device="cpu", dtype=torch.float32, attention="sdpa")
-    else:
+    if model is None:
         model = build_preset(args.preset, tok, seed=args.seed, max_positions=512)
         model = prepare(model, device="cpu", dtype=torch.float32, attention="sdpa")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)

@@ -133,45 +133,14 @@ def test_the_two_rank_checkpoint_loads_in_one_process(single, two_ranks):
         assert moments[0]["exp_avg"].shape == loaded["model.embed_tokens.weight"].shape
 
 
+# a tiny label-only run that checkpoints every step: 2 RL steps of 2 prompts x 2 samples, no masking
+TRAIN = "--no-progress --sft-epochs 0.5 --sft-batch-size 4 --rl-steps 2 --prompts-per-step 2 --group-size 2"
+TRAIN += " --val-limit 4 --test-limit 3 --eval-every 1 --micro-batch 3 --save-every 1 --fmt label --policy none"
+TRAIN += " --segmenter none --max-new-tokens 8 --eval-batch-size 3"
+
+
 def train_args(bench, out, *extra):
-    return [
-        "--data-dir",
-        str(bench),
-        "--out-dir",
-        str(out),
-        "--no-progress",
-        "--sft-epochs",
-        "0.5",
-        "--sft-batch-size",
-        "4",
-        "--rl-steps",
-        "2",
-        "--prompts-per-step",
-        "2",
-        "--group-size",
-        "2",
-        "--val-limit",
-        "4",
-        "--test-limit",
-        "3",
-        "--eval-every",
-        "1",
-        "--micro-batch",
-        "3",
-        "--save-every",
-        "1",
-        "--fmt",
-        "label",
-        "--policy",
-        "none",
-        "--segmenter",
-        "none",
-        "--max-new-tokens",
-        "8",
-        "--eval-batch-size",
-        "3",
-        *extra,
-    ]
+    return ["--data-dir", str(bench), "--out-dir", str(out), *TRAIN.split(), *extra]
 
 
 def metric_rows(run_dir):

@@ -30,33 +30,13 @@ def bench(make_bench):
     return make_bench(SIZES)
 
 
+# a tiny run: a third of an SFT epoch, 2 RL steps of 2 prompts x 2 samples, a few validation and test records
+FAST = "--no-progress --sft-epochs 0.33 --sft-batch-size 4 --rl-steps 2 --prompts-per-step 2 --group-size 2"
+FAST += " --val-limit 4 --test-limit 3 --eval-every 100 --micro-batch 3"
+
+
 def fast_args(bench, out, *extra):
-    return [
-        "--data-dir",
-        str(bench),
-        "--out-dir",
-        str(out),
-        "--no-progress",
-        "--sft-epochs",
-        "0.33",
-        "--sft-batch-size",
-        "4",
-        "--rl-steps",
-        "2",
-        "--prompts-per-step",
-        "2",
-        "--group-size",
-        "2",
-        "--val-limit",
-        "4",
-        "--test-limit",
-        "3",
-        "--eval-every",
-        "100",
-        "--micro-batch",
-        "3",
-        *extra,
-    ]
+    return ["--data-dir", str(bench), "--out-dir", str(out), *FAST.split(), *extra]
 
 
 GENERIC = ["--fmt", "generic", "--max-new-tokens", "64"]
@@ -610,7 +590,7 @@ def test_triton_without_cuda_or_interpreter_is_a_clear_error(bench, tmp_path, ca
     assert "--impl triton needs a CUDA device" in capsys.readouterr().err
 
 
-def test_learnability_probe_runs_and_scores_lines(bench, capsys):
+def test_learnability_probe_runs_and_scores_lines(bench, tmp_path, capsys):
     from bench import learnability
 
     assert learnability.main(["--data-dir", str(bench), "--steps", "2", "--every", "2", "--val", "3"]) == 0
@@ -620,6 +600,10 @@ def test_learnability_probe_runs_and_scores_lines(bench, capsys):
         learnability.main(["--data-dir", str(bench), "--lr", "nan"])
     with pytest.raises(SystemExit):
         learnability.main(["--data-dir", str(bench / "missing")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # --model: a folder that holds no model is one line, exit 2
+        learnability.main(["--data-dir", str(bench), "--model", str(tmp_path)])
+    assert exc.value.code == 2 and "not a Hugging Face model directory" in capsys.readouterr().err
 
 
 def test_sft_steps_sets_the_warm_up_length(bench, tmp_path):
