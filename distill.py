@@ -131,6 +131,7 @@ class Run(Session):
             check_same_tokenizer(self.tokenizer, load_tokenizer(self.student_spec), self.student_spec)
 
         self.ensure_data()
+        self.check_reader(self.student_spec)
         self.train = same_records({fmt: self.encode(cfg.split, fmt) for fmt in self.fmts()})
         if len(self.train[self.fmt].records) < cfg.prompts_per_step:
             raise DataError(f"split {cfg.split!r} has fewer prompts than --prompts-per-step {cfg.prompts_per_step}")

@@ -183,6 +183,7 @@ class Run(Session):
         # a model directory is checked (and loaded) first: a wrong path fails before any data work
         module = None if self.preset else self.load(self.ckpt if state is not None else source)
         self.ensure_data()
+        self.check_reader(source)
         tok_dir = cfg.tokenizer or (str(Path(cfg.data_dir) / "tokenizer") if self.preset else source)
         self.tokenizer = load_tokenizer(tok_dir)
         # a checkpoint of this codebase remembers how it was prompted

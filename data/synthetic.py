@@ -384,6 +384,7 @@ def _draw_record(rng, split, index, spec, qtype, case_prob, teacher) -> Record:
     gold = {
         "query_type": qtype,
         "need": q["need"],
+        "subject": q["entity"],
         "coverage": coverage,
         "query_category": q["category"],
         "note_category": note["category"],
@@ -410,7 +411,9 @@ def _draw_record(rng, split, index, spec, qtype, case_prob, teacher) -> Record:
         record.gold["teacher"] = {k: t[k] for k in ("coverage", "initial", "case", "calibrated")}
         record.reasoning = render_criteria_trace(
             need=q["need"],
+            subject=q["entity"],
             coverage=t["coverage"],
+            category=q["category"],
             match=note["category"] == q["category"],
             hits=len(hits),
             keywords=len(q["keywords"]),

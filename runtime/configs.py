@@ -14,6 +14,7 @@ from grm_kernels.policy_loss import AGG_MODES
 from runtime.config import ConfigError, check_run_name
 from runtime.data import BUILTIN_DIR
 from runtime.parallel import STRATEGIES
+from runtime.reader import DEFAULT_READER
 from sam.advantage import METHODS
 from sam.mask import POLICIES
 from sam.prompt import FORMATS
@@ -108,7 +109,7 @@ class SessionConfig:
 class TrainConfig(SessionConfig):
     # run
     name: str = "default"  # run name: everything is written under <out_dir>/<name>/
-    model: str = "tiny"  # preset (tiny, small; random weights) or a local Hugging Face model directory
+    model: str = DEFAULT_READER  # a local Hugging Face model folder (default: the shipped reader) or a preset (random)
     init: str = ""  # start from this checkpoint folder instead of --model (e.g. runs/default/sft)
     tokenizer: str = ""  # tokenizer folder (default: <data_dir>/tokenizer for presets, else the model's)
     stages: str = "sft,rl"  # comma list of stages to run, in order: sft, rl

@@ -44,6 +44,7 @@ from runtime.data import BUILTIN_DIR, DataError, Encoded, check_same_data, encod
 from runtime.evaluate import evaluate
 from runtime.loop import Logger, NonFiniteLoss, device_settings, release_run_dir, setup_run_dir
 from runtime.parallel import Dist, Sharded, process_group, resolve_strategy
+from runtime.reader import DEFAULT_READER, check_reader
 
 # bad input found before or during a run: one line and exit code 2
 INPUT_ERRORS = (ConfigError, ModelLoadError, RecordError, DataError)
@@ -154,7 +155,14 @@ class Session:
     def check_folder(self, spec: str, what: str = "model") -> None:
         """A model spec is a preset or an existing folder."""
         if not is_preset(spec) and not Path(spec).is_dir():
-            raise ModelLoadError(f"{spec}: {what} directory not found (and not a preset: {', '.join(PRESETS)})")
+            hint = " (the shipped reader: rebuild it with `python pretrain.py`)" if spec == DEFAULT_READER else ""
+            raise ModelLoadError(f"{spec}: {what} directory not found{hint} (and not a preset: {', '.join(PRESETS)})")
+
+    def check_reader(self, spec: str) -> None:
+        """A model folder that is a reader (pretrain.py) was made for this world version and the data's vocabulary
+        (after ensure_data: the built-in tokenizer exists by then)."""
+        if not is_preset(spec):
+            check_reader(spec, self.cfg.data_dir)
 
     def check_head(self, model, source, what: str = "the LM head") -> None:
         """The model's head covers the tokenizer's vocabulary (a model and tokenizer that do not belong together)."""

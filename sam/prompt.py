@@ -40,10 +40,13 @@ CRITERIA_STEPS = (
     ),
     (
         "coverage",
-        "Write `coverage` and how much of the note is about the query: large (4 or more of its 8 "
-        "sentences), partial (2 or 3), mention (1) or none (0).",
+        "Write `coverage`, the query's subject, and how many of the note's 8 sentences name it: large (4 or "
+        "more), partial (2 or 3), mention (1) or none (0).",
     ),
-    ("category", "Write `category match` if the note's category is the query's, else `category differ`."),
+    (
+        "category",
+        "Write `category`, the query's category, and `match` if it is the note's category, else `differ`.",
+    ),
     ("keywords", "Write `keywords H of K`: how many of the query's K keywords appear in the note."),
     ("initial score", "Write `initial` and the rubric score as \\boxed{k}. Do not use the special cases here."),
     (
@@ -184,7 +187,9 @@ def render_label(label: int) -> str:
 def render_criteria_trace(
     *,
     need: str,
+    subject: str,
     coverage: str,
+    category: str,
     match: bool,
     hits: int,
     keywords: int,
@@ -197,21 +202,24 @@ def render_criteria_trace(
     """The criteria format's 7 steps from step values, in closed words (no free text copied from the prompt):
 
         Step 1: need broad                 (precise | broad)
-        Step 2: coverage partial           (large | partial | mention | none)
-        Step 3: category match             (match | differ)
+        Step 2: coverage ramen partial     (the query's subject; large | partial | mention | none)
+        Step 3: category food match        (the query's category; match | differ)
         Step 4: keywords 1 of 2            (query keywords found in the note, of all query keywords)
         Step 5: initial \\boxed{2}
         Step 6: qualifier dropped \\boxed{1}   (rule and case, or "no case")
         Step 7: final \\boxed{1}
 
     Every step is checkable against gold values (sam/verdict.py reads these words), and a small model can write
-    it: nothing in it is an entity or a name to be copied.
+    it. Steps 2 and 3 first name what they judge, copied from the prompt's `Query subject` and `Query category`
+    lines (one word each): the level and the verdict are then read at a word the model has just written, where a
+    reader (runtime/reader.py) holds how often that word occurs in the note. Without the copy, the `tiny` model had
+    to find the subject and count its mentions from one token, and never did (docs/LOG.md, 2026-12-02).
     """
     step6 = f"{rule} {case}" if rule else "no case"
     return (
         f"Step 1: need {need}\n"
-        f"Step 2: coverage {coverage}\n"
-        f"Step 3: category {'match' if match else 'differ'}\n"
+        f"Step 2: coverage {subject} {coverage}\n"
+        f"Step 3: category {category} {'match' if match else 'differ'}\n"
         f"Step 4: keywords {hits} of {keywords}\n"
         f"Step 5: initial \\boxed{{{initial}}}\n"
         f"Step 6: {step6} \\boxed{{{calibrated}}}\n"
@@ -222,15 +230,16 @@ def render_criteria_trace(
 def render_gold_reasoning(record, fmt: str = "criteria") -> str:
     """The gold completion for `fmt` from the record's gold step values (built-in benchmark records carry them).
 
-    Needs gold keys: need, coverage, query_category, note_category, hits, misses, initial, calibrated (and rule,
-    case when a business rule applies) for "criteria" and "generic"; the label alone suffices for "label".
+    Needs gold keys: need, subject, coverage, query_category, note_category, hits, misses, initial, calibrated (and
+    rule, case when a business rule applies) for "criteria" and "generic"; the label alone suffices for "label".
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}; choose from {FORMATS}")
     if fmt == "label":
         return render_label(record.label)
     gold = record.gold or {}
-    needed = ("need", "coverage", "query_category", "note_category", "hits", "misses", "initial", "calibrated")
+    needed = ("need", "subject", "coverage", "query_category", "note_category", "hits", "misses", "initial")
+    needed += ("calibrated",)
     missing = [k for k in needed if k not in gold]
     if missing:
         raise ValueError(f"record {record.id}: gold is missing {missing}; cannot render a reasoning trace")
@@ -239,13 +248,15 @@ def render_gold_reasoning(record, fmt: str = "criteria") -> str:
     if fmt == "generic":
         return (
             f"Step 1: need {gold['need']}\n"
-            f"Step 2: coverage {gold['coverage']}, category {'match' if match else 'differ'}, keywords {hits} of "
-            f"{keywords}\n"
+            f"Step 2: coverage {gold['subject']} {gold['coverage']}, category {gold['query_category']} "
+            f"{'match' if match else 'differ'}, keywords {hits} of {keywords}\n"
             f"Step 3: final \\boxed{{{record.label}}}"
         )
     return render_criteria_trace(
         need=gold["need"],
+        subject=gold["subject"],
         coverage=gold["coverage"],
+        category=gold["query_category"],
         match=match,
         hits=hits,
         keywords=keywords,

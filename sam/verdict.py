@@ -80,8 +80,8 @@ _STEP = re.compile(r"^Step (\d+):(.*)$", re.MULTILINE)
 # like this is unknown, never wrong: a step is judged on what it says, not on its wording
 _CLAIMS = {
     1: re.compile(r"^ need (precise|broad)$"),
-    2: re.compile(r"^ coverage (large|partial|mention|none)$"),
-    3: re.compile(r"^ category (match|differ)$"),
+    2: re.compile(r"^ coverage (\S+) (large|partial|mention|none)$"),
+    3: re.compile(r"^ category (\S+) (match|differ)$"),
     4: re.compile(r"^ keywords (\d+) of (\d+)$"),
 }
 
@@ -93,10 +93,10 @@ def _step_claims(text: str) -> dict[int, str]:
 def gold_verdicts(texts: list[str], parses: list[ParseResult], golds: list[dict | None]) -> Verdicts:
     """(B, 7) verdicts of the criteria format's steps against gold values; unknown where a claim is unreadable.
 
-    Steps 1-4 are closed words (need, coverage level, category match, number of keyword hits of the query's
-    keywords); steps 5-7 are the boxes against the gold initial, calibrated and final scores. Only checkable
-    claims are judged: a step whose text does not read as its closed form, or whose gold value is missing, is
-    unknown (and masking never acts on it)."""
+    Steps 1-4 are closed words (need; the subject and its coverage level; the query's category and whether it
+    matches; the number of keyword hits of the query's keywords); steps 5-7 are the boxes against the gold
+    initial, calibrated and final scores. Only checkable claims are judged: a step whose text does not read as
+    its closed form, or whose gold value is missing, is unknown (and masking never acts on it)."""
     B = len(texts)
     correct = torch.zeros(B, 7, dtype=torch.bool)
     known = torch.zeros(B, 7, dtype=torch.bool)
@@ -108,10 +108,13 @@ def gold_verdicts(texts: list[str], parses: list[ParseResult], golds: list[dict 
         checks: dict[int, bool | None] = dict.fromkeys(range(1, 8))
         if read[1] and "need" in gold:
             checks[1] = read[1].group(1) == gold["need"]
+        # steps 2 and 3 name what they judge first: judging the wrong subject or category is a wrong step
         if read[2] and "coverage" in gold:
-            checks[2] = read[2].group(1) == gold["coverage"]
+            same = read[2].group(1) == gold["subject"] if "subject" in gold else True
+            checks[2] = same and read[2].group(2) == gold["coverage"]
         if read[3] and "query_category" in gold and "note_category" in gold:
-            checks[3] = (read[3].group(1) == "match") == (gold["query_category"] == gold["note_category"])
+            match = gold["query_category"] == gold["note_category"]
+            checks[3] = read[3].group(1) == gold["query_category"] and (read[3].group(2) == "match") == match
         if read[4] and "hits" in gold and "misses" in gold:
             hits, total = len(gold["hits"]), len(gold["hits"]) + len(gold["misses"])
             checks[4] = (int(read[4].group(1)), int(read[4].group(2))) == (hits, total)

@@ -17,6 +17,7 @@ from sam.prompt import (
 
 GOLD = {
     "need": "broad",
+    "subject": "ramen",
     "coverage": "partial",
     "query_category": "food",
     "note_category": "food",

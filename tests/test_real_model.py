@@ -111,12 +111,12 @@ def test_conversion_errors_are_one_line(tmp_path, capsys, monkeypatch):
 
 # completion -> its tokens under SmolLM2's tokenizer and the segment of each token, token by token
 CRITERIA = (
-    "Step 1: need broad\nStep 2: coverage none\nStep 3: category differ\nStep 4: keywords 0 of 2\n"
+    "Step 1: need broad\nStep 2: coverage ramen none\nStep 3: category food differ\nStep 4: keywords 0 of 2\n"
     "Step 5: initial \\boxed{-1}\nStep 6: no case \\boxed{-1}\nStep 7: final \\boxed{-1}"
 )
 HEAD = (
-    "Step Ġ 1 : Ġneed Ġbroad Ċ Step Ġ 2 : Ġcoverage Ġnone Ċ Step Ġ 3 : Ġcategory Ġdiffer Ċ Step Ġ 4 : Ġkeywords "
-    "Ġ 0 Ġof Ġ 2 Ċ"
+    "Step Ġ 1 : Ġneed Ġbroad Ċ Step Ġ 2 : Ġcoverage Ġram en Ġnone Ċ Step Ġ 3 : Ġcategory Ġfood Ġdiffer Ċ Step Ġ 4 : "
+    "Ġkeywords Ġ 0 Ġof Ġ 2 Ċ"
 ).split()
 BOX = ["Ġ\\", "box", "ed", "{", "-", "1", "}"]  # a box is 7 tokens; its first carries the space before it
 TABLE = {

@@ -14,7 +14,15 @@ from sam.segment import SEGMENTERS, Layout
 from sam.verdict import SOURCES, Verdicts, expand_to_segments
 
 # a record whose intermediate boxes are both 2 (the answer varies with the label)
-GOLD = dict(need="broad", coverage="partial", query_category="food", note_category="food", hits=["ramen"], misses=[])
+GOLD = dict(
+    need="broad",
+    subject="ramen",
+    coverage="partial",
+    query_category="food",
+    note_category="food",
+    hits=["ramen"],
+    misses=[],
+)
 GOLD.update(initial=2, calibrated=2)
 
 

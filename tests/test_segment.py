@@ -14,6 +14,7 @@ from sam.verdict import box_verdicts, expand_to_segments, gold_verdicts
 
 GOLD = {
     "need": "broad",
+    "subject": "ramen",
     "coverage": "partial",
     "query_category": "food",
     "note_category": "travel",
@@ -121,17 +122,22 @@ def test_batch_marks_prompt_and_padding(word_level):
 
 def test_box_and_gold_verdicts():
     right = render_gold_reasoning(record())  # boxes -1, 0, 0 for label 0
-    wrong_cov = right.replace("coverage partial", "coverage large")
+    wrong_cov = right.replace("coverage ramen partial", "coverage ramen large")
     unreadable = right.replace("keywords 1 of 2", "some keywords")  # not the closed form: unknown, not wrong
-    texts = [right, wrong_cov, unreadable, MALFORMED]
+    # the right level and verdict about the wrong subject or category are wrong steps, not right ones
+    wrong_subject = right.replace("coverage ramen partial", "coverage sushi partial")
+    wrong_category = right.replace("category food differ", "category travel differ")
+    texts = [right, wrong_cov, unreadable, MALFORMED, wrong_subject, wrong_category]
     parses = [parse_scores(t) for t in texts]
     v = box_verdicts(parses, torch.tensor([0, 0, 0, 0]))
     assert v.correct.tolist()[0] == [False, True, True] and v.known.tolist()[3] == [False] * 3
-    g = gold_verdicts(texts, parses, [GOLD] * 4)
+    g = gold_verdicts(texts, parses, [GOLD] * 6)
     assert g.known[0].all() and g.correct[0].all()
     assert g.correct[1].tolist() == [True, False, True, True, True, True, True]
     assert g.known[2].tolist() == [True, True, True, False, True, True, True]
     assert not g.known[3].any()
+    assert g.known[4].all() and g.correct[4].tolist() == [True, False, True, True, True, True, True]
+    assert g.known[5].all() and g.correct[5].tolist() == [True, True, False, True, True, True, True]
     assert not gold_verdicts([right], [parses[0]], [None]).known.any()  # no gold: unknown, not guessed
     steps = expand_to_segments(v, "steps")
     assert steps.correct[0].tolist() == [False] * 5 + [True, True]
