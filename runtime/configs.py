@@ -119,18 +119,18 @@ class TrainConfig(SessionConfig):
     max_new_tokens: int = 96  # completion budget for sampling (RL and evaluation)
     # warm-up SFT
     sft_split: str = "sft"  # split with reasoning traces (or gold values to render them from)
-    sft_epochs: float = 2.0  # passes over the SFT split
+    sft_epochs: float = 6.0  # passes over the SFT split
     sft_steps: int = 0  # SFT optimizer steps instead of --sft-epochs (0 = from the epochs)
     sft_batch_size: int = 16  # sequences per SFT optimizer step
     sft_lr: float = 3e-3  # peak SFT learning rate
     sft_warmup: int = 20  # SFT warm-up steps
     # GRPO + SAM
     rl_split: str = "rl"  # label-only split for RL prompts
-    rl_steps: int = 30  # RL steps (rollout batches)
+    rl_steps: int = 60  # RL steps (rollout batches)
     prompts_per_step: int = 16  # P: prompts per RL step
     group_size: int = 8  # G: samples per prompt
     mu: int = 1  # inner epochs: optimizer steps per rollout batch
-    rl_lr: float = 5e-5  # peak RL learning rate
+    rl_lr: float = 5e-4  # peak RL learning rate
     rl_warmup: int = 5  # RL warm-up steps
     temperature: float = 1.0  # rollout sampling temperature (log-probs use it too)
     top_p: float = 1.0  # rollout nucleus threshold
