@@ -1,6 +1,7 @@
 """Distil an RL-tuned relevance model (the teacher) into smaller students for serving.
 
-    python distill.py                                  # the default: runs/default/best -> `nano` students, CPU ok
+    python distill.py                                  # the default: runs/default/best -> nano-reader students, CPU
+    python distill.py --student auto --lr 1e-2         # students of the next smaller preset, from random weights
     python distill.py --loss jsd --beta 0.5 --on-policy 0.5 --name jsd-onpolicy
     python distill.py --loss seq --students reasoning --name seq
     python distill.py --teacher runs/qwen/best --student /models/Qwen2.5-0.5B-Instruct --dtype bf16 \

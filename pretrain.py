@@ -7,11 +7,12 @@
 The paper's warm-up starts from a pretrained LLM that can read; a model trained from random weights on the
 warm-up traces alone never learned to compare the note with the query (docs/LOG.md). This script gives the `tiny`
 preset that skill from the world's text alone (runtime/reader.py): fresh notes and queries from a stream of their
-own, next-token prediction plus a histogram target on every token (how often the token occurred before), through a
-probe head dropped on saving. The corpus holds no label, rubric score, business-rule case or trace. The folder it
-writes is a Hugging Face model (safetensors) with the benchmark's tokenizer, prompt.json (no instruction text) and
-reader.json (recipe, seed, world version, generator fingerprint, vocabulary hash, held-out metrics, wall time);
-train.py, distill.py and eval.py refuse a reader made for another world version or vocabulary.
+own, next-token prediction plus two histogram targets on every token (how often the token occurred before in the
+text, and in the note's content), through a probe head dropped on saving. The corpus holds no label, rubric score,
+business-rule case or trace. `--preset nano --out models/reader-nano` builds the distillation students' reader.
+The folder it writes is a Hugging Face model (safetensors) with the benchmark's tokenizer, prompt.json (no
+instruction text) and reader.json (recipe, seed, world version, generator fingerprint, vocabulary hash, held-out
+metrics, wall time); train.py and distill.py refuse a reader made for another world version or vocabulary.
 
 Runs on the CPU (2 threads) or a GPU; the shipped reader was built on the 2-core CPU with the defaults
 (docs/LOG.md has the command, commit and wall time). Not resumable: a build is sized to well under an hour.
@@ -68,8 +69,16 @@ class PretrainConfig:
             raise ConfigError("need --warmup >= 0, --weight-decay >= 0, --grad-clip > 0 and --count-weight >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
+        out = Path(self.out)
+        if not out.resolve().name:
+            raise ConfigError(f"--out {self.out!r}: not a folder name")
+        if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {self.out}: exists and is not a folder")
+        # the build replaces --out as a whole: only an earlier reader (or an empty folder) may be replaced
+        if out.is_dir() and any(out.iterdir()) and not (out / READER_FILE).exists():
+            raise ConfigError(f"--out {self.out}: a folder that is not a reader (no {READER_FILE}); it is not replaced")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("--device cuda, but CUDA is not available")
 
 
 COUNTS = ("repeats", "mentions")  # the histogram targets: earlier occurrences in the text, in the note's content
@@ -87,8 +96,9 @@ def encode_batch(items: list[tuple[str, tuple[int, int]]], tok, cap: int, device
         n = len(e["input_ids"])
         ids[i, :n] = torch.tensor(e["input_ids"])
         mask[i, :n] = True
-        # a token belongs to the content when its characters do (the word-level pieces never straddle its edges)
-        content[i, :n] = torch.tensor([lo <= a and b <= hi for a, b in e["offset_mapping"]])
+        # a token belongs to the content when its characters overlap it: a word's piece carries the space before it
+        # (" My"), which lies outside the content's span for its first word
+        content[i, :n] = torch.tensor([a < hi and b > lo for a, b in e["offset_mapping"]])
     counts = torch.stack([earlier_counts(ids, mask, cap), earlier_counts(ids, content, cap)], dim=-1)  # (B, L, 2)
     counts = counts.masked_fill(~mask.unsqueeze(-1), -100)
     return ids.to(device), mask.long().to(device), counts.to(device)

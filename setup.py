@@ -11,7 +11,7 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-SCRIPTS = [name for name in ("train", "distill", "eval", "ablate") if (ROOT / f"{name}.py").exists()]
+SCRIPTS = [name for name in ("train", "distill", "eval", "ablate", "pretrain") if (ROOT / f"{name}.py").exists()]
 
 setup(
     name="grm-sam",

@@ -1,6 +1,7 @@
 """Warm-up SFT, then GRPO with Stepwise Advantage Masking (SAM), for a generative relevance model.
 
-    python train.py                                   # the default run: built-in benchmark, `tiny` preset, CPU ok
+    python train.py                                   # the default run: built-in benchmark, the reader, CPU ok
+    python train.py --model tiny --name scratch       # the same from random weights (it does not learn to read)
     python train.py --name sam-steps --segmenter steps --verdicts gold       # an ablation arm
     python train.py --stages rl --init runs/default/sft --name outcome --policy none
     python train.py --model /models/Qwen2.5-0.5B-Instruct --data-dir /data/grm --name qwen \
@@ -9,8 +10,9 @@
     torchrun --nproc-per-node 8 train.py --model DIR ...   # 8 processes: FSDP2 (or --parallel ddp); README
     python train.py --help                            # every option
 
-The default run generates the built-in benchmark into data/builtin when it is missing, trains the `tiny` preset
-(about 0.9M parameters, random weights) on the warm-up traces, then runs GRPO+SAM on label-only prompts, evaluates
+The default run generates the built-in benchmark into data/builtin when it is missing, trains the shipped reader
+(models/reader: the `tiny` preset, about 0.9M parameters, pretrained on the world's text by pretrain.py) on the
+warm-up traces, then runs GRPO+SAM on label-only prompts, evaluates
 both stages on test_random and test_longtail, and prints the table. Everything lands in runs/<name>/: config.json,
 metrics.jsonl (one JSON line per step), ckpt/ (the latest checkpoint, resumable), sft/ (the warm-up model), best/
 (the RL checkpoint with the best validation accuracy), eval_sft.json, eval_rl.json (test metrics per stage),
@@ -24,10 +26,11 @@ logits are never formed: hidden states and the head weight go to `grm_kernels.to
 
 Where this departs from the paper or the authors' settings (PAPER.md), and why:
 - The reward for a correct label is 1.0 (authors: 2.0). GRPO normalises by the group's std, so the scale cancels.
-- The default run is sized for a 2-core CPU in under 10 minutes: a 0.9M-parameter model, 16 prompts x 8 samples
-  per step (authors: 40 x 8), a learning rate suited to a small random-initialised model (authors: 1e-6 on 32B),
-  and prompts without the instruction text (`--instruction auto`: a model trained from random weights cannot read
-  the instruction, which is the same for every record and would be 80% of each prompt). Real models keep it.
+- The default run is sized for a 2-core CPU in under 10 minutes: a 0.9M-parameter model pretrained here on the
+  world's text (the paper starts from a pretrained LLM), 16 prompts x 8 samples per step (authors: 40 x 8), a
+  learning rate suited to a small model (authors: 1e-6 on 32B), and prompts without the instruction text
+  (`--instruction auto` takes the reader's prompt.json: a model this small cannot read the instruction, which is the
+  same for every record and would be 80% of each prompt). Real models keep it.
 - With mu = 1 the old log-probs are the current ones detached (the ratio is exactly 1, as it would be after a
   recomputation, since the kernel is batch-invariant); with mu > 1 they are computed once before the updates.
 - Evaluation is greedy on every test record by default, which resolves a few points (the authors validate at

@@ -3,7 +3,8 @@
     python -m data.synthetic --out data/builtin                   # default sizes, seed 0; a few seconds
     python -m data.synthetic --out DIR --seed 1 --sizes sft=500,rl=2000
 
-Version 2 (docs/benchmark.md has the design and the rules of a fair experiment on it). A closed world mirrors the
+Version 3 (docs/benchmark.md has the design and the rules of a fair experiment on it): version 2's world, whose
+trace names the subject and the category at steps 2 and 3. A closed world mirrors the
 paper's setting (PAPER.md): categories with entities, qualifiers, places, brands and models, authors, prices. A
 note is drawn first and alone: 8 sentences about three entities of one category (4-5, 2-3 and 1 of them), a title,
 a tag, an author and one detail line (style, comparison, list size, how-to, price, place or model). Then the query:
@@ -128,7 +129,8 @@ NUM_SENTENCES = 8
 LABEL_TARGET = {3: 30, 2: 25, 1: 20, 0: 15, -1: 10}
 SPLITS = {"sft": "random", "rl": "random", "val": "random", "test_random": "random", "test_longtail": "longtail"}
 DEFAULT_SIZES = {"sft": 2000, "rl": 8000, "val": 1000, "test_random": 1000, "test_longtail": 1000}
-VERSION = 2
+VERSION = 3  # 3: version 2's world, with steps 2 and 3 of the trace naming the subject and category they judge
+DRAWS = 2  # the record streams are named after version 2: version 3 draws the same notes, queries and labels
 # The teacher that wrote the warm-up traces (docs/benchmark.md): it has two blind spots, one per
 # scored step, and errs on them at these rates. Step 5 (title bias): when the note's title names the query's
 # entity and the note only partly covers it (partial or mention), the teacher reads the coverage one level higher.
@@ -442,7 +444,7 @@ def generate(
     sizes = dict(DEFAULT_SIZES if sizes is None else sizes)
     out = {}
     for split, n in sizes.items():
-        rng = random.Random(f"grm-sam/v{VERSION}/{seed}/{split}")
+        rng = random.Random(f"grm-sam/v{DRAWS}/{seed}/{split}")
         knob = case_prob if SPLITS[split] == "random" else None
         out[split] = [make_record(rng, split, i, SPLITS[split], knob, teacher) for i in range(n)]
     return out

@@ -14,7 +14,7 @@ from grm_kernels.policy_loss import AGG_MODES
 from runtime.config import ConfigError, check_run_name
 from runtime.data import BUILTIN_DIR
 from runtime.parallel import STRATEGIES
-from runtime.reader import DEFAULT_READER
+from runtime.reader import DEFAULT_READER, DEFAULT_STUDENT
 from sam.advantage import METHODS
 from sam.mask import POLICIES
 from sam.prompt import FORMATS
@@ -114,7 +114,7 @@ class TrainConfig(SessionConfig):
     tokenizer: str = ""  # tokenizer folder (default: <data_dir>/tokenizer for presets, else the model's)
     stages: str = "sft,rl"  # comma list of stages to run, in order: sft, rl
     fmt: str = "criteria"  # reasoning format: criteria (7 steps, 3 boxes), generic (3 steps), label (answer only)
-    instruction: str = "auto"  # instruction text in prompts: full, none, auto (init's own, none for presets, else full)
+    instruction: str = "auto"  # instruction text: full, none, auto (the model folder's prompt.json, none for presets)
     rules: str = ""  # business rules JSON {name: text} (default: the built-in rules)
     max_new_tokens: int = 96  # completion budget for sampling (RL and evaluation)
     # warm-up SFT
@@ -214,7 +214,7 @@ class DistillConfig(SessionConfig):
     # run
     name: str = "distill"  # run name: everything is written under <out_dir>/<name>/
     teacher: str = "runs/default/best"  # teacher checkpoint folder (train.py's output, or any local HF model)
-    student: str = "auto"  # auto (largest preset smaller than the teacher), a preset, or a local HF model directory
+    student: str = DEFAULT_STUDENT  # a local HF model folder (default: the shipped nano reader), a preset or auto
     students: str = "reasoning,label"  # students to train: reasoning (teacher's format), label (answer only)
     split: str = "rl"  # split whose prompts are distilled on (labels are not used for training)
     seed: int = 0  # seed for student init, data order and sampling (rank r samples with its own stream)
@@ -227,7 +227,7 @@ class DistillConfig(SessionConfig):
     top_p: float = 1.0  # nucleus threshold of the training traces
     steps: int = 160  # distillation steps
     prompts_per_step: int = 32  # P: prompts (one trace each) per step
-    lr: float = 1e-2  # peak learning rate of both students (suits the small random-initialised presets)
+    lr: float = 3e-3  # peak learning rate of both students (chosen on validation for the nano reader)
     warmup: int = 10  # warm-up steps
     # evaluation
     eval_every: int = 40  # evaluate the students on validation every N steps (and at the end)

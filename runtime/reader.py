@@ -28,12 +28,14 @@ from pathlib import Path
 
 import torch
 
-from data.synthetic import VERSION, make_record
+from data.synthetic import DRAWS, VERSION, make_record
 from model.hf import ModelLoadError, load_tokenizer
 from sam.prompt import render_prompt
 
 READER_FILE = "reader.json"
-DEFAULT_READER = "models/reader"  # the shipped reader, relative to the repository root (train.py's default model)
+# the shipped readers, relative to the working directory like data/builtin (the scripts run from the repository root)
+DEFAULT_READER = "models/reader"  # train.py's default model (tiny preset)
+DEFAULT_STUDENT = "models/reader-nano"  # distill.py's default student (nano preset)
 
 
 def corpus_stream(seed: int, name: str = "pretrain"):
@@ -41,7 +43,7 @@ def corpus_stream(seed: int, name: str = "pretrain"):
     text, deterministic in (`seed`, `name`). The benchmark's splits are drawn from streams named after them
     (data/synthetic.py `generate`); these are named `pretrain` and `pretrain-heldout`, so a text repeats a split's
     only by chance of the closed vocabulary."""
-    rng = random.Random(f"grm-sam/v{VERSION}/{seed}/{name}")
+    rng = random.Random(f"grm-sam/v{DRAWS}/{seed}/{name}")
     index = 0
     while True:
         record = make_record(rng, name, index, "random")

@@ -44,7 +44,7 @@ from runtime.data import BUILTIN_DIR, DataError, Encoded, check_same_data, encod
 from runtime.evaluate import evaluate
 from runtime.loop import Logger, NonFiniteLoss, device_settings, release_run_dir, setup_run_dir
 from runtime.parallel import Dist, Sharded, process_group, resolve_strategy
-from runtime.reader import DEFAULT_READER, check_reader
+from runtime.reader import DEFAULT_READER, DEFAULT_STUDENT, check_reader
 
 # bad input found before or during a run: one line and exit code 2
 INPUT_ERRORS = (ConfigError, ModelLoadError, RecordError, DataError)
@@ -155,7 +155,12 @@ class Session:
     def check_folder(self, spec: str, what: str = "model") -> None:
         """A model spec is a preset or an existing folder."""
         if not is_preset(spec) and not Path(spec).is_dir():
-            hint = " (the shipped reader: rebuild it with `python pretrain.py`)" if spec == DEFAULT_READER else ""
+            hint = {
+                DEFAULT_READER: " (the shipped reader: run from the repository root, or rebuild it with "
+                "`python pretrain.py`)",
+                DEFAULT_STUDENT: " (the shipped student reader: run from the repository root, or rebuild it with "
+                "`python pretrain.py --preset nano --out models/reader-nano`)",
+            }.get(spec, "")
             raise ModelLoadError(f"{spec}: {what} directory not found{hint} (and not a preset: {', '.join(PRESETS)})")
 
     def check_reader(self, spec: str) -> None:

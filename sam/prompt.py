@@ -199,7 +199,7 @@ def render_criteria_trace(
     calibrated: int,
     final: int,
 ) -> str:
-    """The criteria format's 7 steps from step values, in closed words (no free text copied from the prompt):
+    """The criteria format's 7 steps from step values, in closed words (no free text; steps 2 and 3 copy one word):
 
         Step 1: need broad                 (precise | broad)
         Step 2: coverage ramen partial     (the query's subject; large | partial | mention | none)

@@ -9,7 +9,8 @@ Sources:
   (B, 3), one per box; `expand_to_segments` maps it onto other segmentations (steps 1-5 take box 1's verdict,
   step 6 box 2's, step 7 box 3's).
 - "gold" (finer than the paper): each of the 7 steps' claims read from the completion and compared with the
-  record's gold value (need, coverage, category match, keyword hits and misses, initial, calibrated, final).
+  record's gold value (need, subject and coverage, query category and match, keyword hits and misses, initial,
+  calibrated, final).
 - "gold-box": box-shaped (B, 3) like "box", but each intermediate box against its own gold value: box 1 against the
   record's gold initial score, box 2 against the gold calibrated score, box 3 against the label. Under "box" a
   correct initial score that calibration then changes (initial != label) reads as wrong, so SAM would mask a

@@ -2,15 +2,26 @@
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
+import distill
 import pretrain
 import train
 from data.synthetic import VERSION, make_record
-from model.hf import load_model, load_tokenizer
-from runtime.reader import READER_FILE, check_reader, corpus_stream, earlier_counts, vocabulary_hash
+from model.hf import load_model, load_tokenizer, num_parameters
+from runtime.reader import (
+    DEFAULT_READER,
+    DEFAULT_STUDENT,
+    READER_FILE,
+    check_reader,
+    corpus_stream,
+    earlier_counts,
+    vocabulary_hash,
+)
 from sam.parse import parse_scores
 from sam.prompt import render_gold_reasoning
 
@@ -45,11 +56,15 @@ def test_earlier_counts_match_a_loop():
 def test_corpus_holds_no_label_score_case_or_trace(bench):
     tok = load_tokenizer(bench / "tokenizer")
     stream = corpus_stream(0)
-    banned = ("Step", "boxed", "coverage", "initial", "calibrat", "final", "match", "differ", "label")
+    # trace words, step values (need, coverage levels, category verdicts) and every business-rule case name
+    banned = ("Step", "boxed", "coverage", "initial", "calibrat", "final", "match", "differ", "label", "need")
+    banned += ("broad", "precise", "large", "partial", "mention", "none", "kept", "dropped", "one side", "short")
+    banned += ("answered", " off", "guide", "other place", "details", "other model", "exact")
     for _ in range(200):
         text, (lo, hi) = next(stream)
         assert not any(word in text for word in banned), text
         assert text.endswith("Answer:\n") and text[lo:hi].endswith(".")  # the span is the content line
+        assert text[:lo].endswith("\nNote content: ") and text[hi:].startswith("\nNote tags:")
     # the mention count at the query subject line is the number of content sentences naming the subject
     rng = random.Random(1)
     for i in range(30):
@@ -75,8 +90,10 @@ def test_reader_builds_loads_and_trains(reader, bench, tmp_path):
     info = json.loads((reader / READER_FILE).read_text())
     assert info["world_version"] == VERSION and info["recipe"]["steps"] == 4 and len(info["history"]) == 2
     assert info["vocabulary"] == vocabulary_hash(load_tokenizer(bench / "tokenizer"))
-    model = load_model(reader)  # a plain causal LM: the count probe head was not saved
-    assert type(model).__name__ == "Qwen2ForCausalLM"
+    model = load_model(reader)  # a plain causal LM (load_model refuses unexpected tensors): no probe head saved
+    assert type(model).__name__ == "Qwen2ForCausalLM" and num_parameters(model) == info["parameters"]
+    with safe_open(reader / "model.safetensors", "pt") as f:
+        assert set(f.keys()) <= set(model.state_dict()) and not any("probe" in k for k in f.keys())
     assert json.loads((reader / "prompt.json").read_text())["with_instruction"] is False
     check_reader(reader, bench)
     argv = ["--data-dir", str(bench), "--out-dir", str(tmp_path), "--model", str(reader), "--no-progress"]
@@ -84,7 +101,7 @@ def test_reader_builds_loads_and_trains(reader, bench, tmp_path):
     assert train.main(argv) == 0
 
 
-def test_stale_reader_is_refused_in_one_line(reader, bench, tmp_path, capsys):
+def test_stale_reader_is_refused_in_one_line(reader, bench, tmp_path, capsys, make_teacher):
     stale = tmp_path / "stale"
     stale.mkdir()
     for f in reader.iterdir():
@@ -103,12 +120,28 @@ def test_stale_reader_is_refused_in_one_line(reader, bench, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert not (tmp_path / "s" / "sft").exists()  # refused before training
+    # distill.py checks its student the same way
+    teacher = make_teacher(bench)
+    argv = ["--data-dir", str(bench), "--out-dir", str(tmp_path), "--teacher", str(teacher), "--student", str(stale)]
+    assert distill.main([*argv, "--name", "d", "--no-progress"]) == 2
+    assert "not a readable reader record" in capsys.readouterr().err
+
+
+def test_shipped_readers_match_this_world(bench):
+    # editing the generator's texts (the instruction, the templates) can change the benchmark tokenizer's
+    # vocabulary: the shipped readers must then be rebuilt (README), and this test says so first
+    for folder in (DEFAULT_READER, DEFAULT_STUDENT):
+        check_reader(folder, bench)
+        assert json.loads((Path(folder) / READER_FILE).read_text())["world_version"] == VERSION
 
 
 def test_pretrain_refuses_bad_flags(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("x")
     for argv, message in (
         (["--out", str(tmp_path / "file")], "not a folder"),
+        (["--out", str(tmp_path / "run")], "not a reader"),  # a build never replaces a folder it did not write
         (["--steps", "0"], "--steps"),
         (["--preset", "huge"], "--preset"),
         (["--lr", "nan"], "finite"),

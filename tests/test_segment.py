@@ -129,7 +129,7 @@ def test_box_and_gold_verdicts():
     wrong_category = right.replace("category food differ", "category travel differ")
     texts = [right, wrong_cov, unreadable, MALFORMED, wrong_subject, wrong_category]
     parses = [parse_scores(t) for t in texts]
-    v = box_verdicts(parses, torch.tensor([0, 0, 0, 0]))
+    v = box_verdicts(parses, torch.tensor([0] * 6))
     assert v.correct.tolist()[0] == [False, True, True] and v.known.tolist()[3] == [False] * 3
     g = gold_verdicts(texts, parses, [GOLD] * 6)
     assert g.known[0].all() and g.correct[0].all()
