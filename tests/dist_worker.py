@@ -103,6 +103,8 @@ def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_i
             teacher,
             "--data-dir",
             bench,
+            "--student",
+            "auto",  # a random `nano` student (the default is the shipped nano reader, a pretrained model)
             "--loss",
             "rkl",
             "--micro-batch",

@@ -70,7 +70,7 @@ def rows_of(run_dir):
 
 
 def test_end_to_end_report(bench, teacher, tmp_path, capsys):
-    assert distill.main(args(bench, teacher, tmp_path, "--name", "e2e")) == 0
+    assert distill.main(args(bench, teacher, tmp_path, "--name", "e2e", "--student", "auto")) == 0
     run = tmp_path / "e2e"
     for name in (
         "config.json",
@@ -96,7 +96,7 @@ def test_end_to_end_report(bench, teacher, tmp_path, capsys):
     assert report["table"]["teacher"]["test_random"]["agreement_with_teacher"] == 1.0
     assert report["parameters"]["teacher"] > 3 * report["parameters"]["reasoning student"]  # auto: nano < tiny
     out = capsys.readouterr().out
-    assert "student nano" in out and "label student" in out and "lat ms" in out
+    assert "student nano" in out and "label student" in out and "lat ms" in out  # --student auto picked nano
 
 
 def test_a_few_steps_lower_the_kl(bench, teacher, tmp_path, monkeypatch):

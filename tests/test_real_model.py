@@ -115,7 +115,7 @@ CRITERIA = (
     "Step 5: initial \\boxed{-1}\nStep 6: no case \\boxed{-1}\nStep 7: final \\boxed{-1}"
 )
 HEAD = (
-    "Step Ġ 1 : Ġneed Ġbroad Ċ Step Ġ 2 : Ġcoverage Ġram en Ġnone Ċ Step Ġ 3 : Ġcategory Ġfood Ġdiffer Ċ Step Ġ 4 : "
+    "Step Ġ 1 : Ġneed Ġbroad Ċ Step Ġ 2 : Ġcoverage Ġra men Ġnone Ċ Step Ġ 3 : Ġcategory Ġfood Ġdiffer Ċ Step Ġ 4 : "
     "Ġkeywords Ġ 0 Ġof Ġ 2 Ċ"
 ).split()
 BOX = ["Ġ\\", "box", "ed", "{", "-", "1", "}"]  # a box is 7 tokens; its first carries the space before it
@@ -150,9 +150,9 @@ TABLE = {
         ],
         # boxes: S1 ends with box 1's "}", S2 with box 2's; the EOS joins S3
         {
-            "boxes": [0] * 44 + [1] * 14 + [2] * 14,
+            "boxes": [0] * 47 + [1] * 14 + [2] * 14,
             # box_tokens: [text][box 1][text][box 2][text][box 3 + EOS]; each box keeps its Ġ\ token
-            "box_tokens": [0] * 37 + [1] * 7 + [2] * 7 + [3] * 7 + [4] * 6 + [5] * 8,
+            "box_tokens": [0] * 40 + [1] * 7 + [2] * 7 + [3] * 7 + [4] * 6 + [5] * 8,
         },
     ),
     "a box at the very start": (
