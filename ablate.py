@@ -236,6 +236,8 @@ def select_arms(cfg: AblateConfig) -> tuple[tuple[str, ...], dict[str, Arm]]:
         arms = load_arms_file(cfg.arms_file)
     if cfg.arms:
         wanted = [a.strip() for a in cfg.arms.split(",") if a.strip()]
+        if not wanted:
+            raise ConfigError(f"--arms {cfg.arms!r} names no arm; give a comma list of {', '.join(arms)}")
         unknown = [a for a in wanted if a not in arms]
         if unknown:
             raise ConfigError(f"--arms: unknown arm(s) {unknown}; known: {', '.join(arms)}")
@@ -341,7 +343,15 @@ def check_plan(base, arms: dict[str, Arm], jobs: dict[str, Job]) -> str:
 def merge_plan(sweep_dir: Path, jobs: dict[str, Job]) -> None:
     """Refuse a rerun that would change an existing run's command line; remember the new ones (plan.json)."""
     path = sweep_dir / "plan.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        saved = json.loads(path.read_text()) if path.exists() else {}
+    except OSError as exc:  # --out-dir or <out-dir>/<name> is a file, or the folder cannot be made or read
+        raise ConfigError(f"{sweep_dir}: cannot create or read the sweep folder: {exc.strerror or exc}") from None
+    except ValueError:
+        raise ConfigError(f"{path}: not a JSON plan; the sweep folder is damaged (restore it or choose another --name)") from None
+    if not isinstance(saved, dict) or not all(isinstance(v, list) for v in saved.values()):
+        raise ConfigError(f"{path}: not a plan written by ablate.py (a JSON object of run name -> flags)")
     changed = [n for n, job in jobs.items() if n in saved and saved[n] != job.argv]
     if changed:
         n = changed[0]
@@ -351,7 +361,6 @@ def merge_plan(sweep_dir: Path, jobs: dict[str, Job]) -> None:
             f"{was!r} vs now {now!r}; choose another --name"
         )
     saved.update({n: job.argv for n, job in jobs.items()})
-    sweep_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(saved, indent=1) + "\n")
 
 

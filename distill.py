@@ -62,7 +62,16 @@ from runtime.checkpoint import PromptSettings, read_prompt_settings
 from runtime.config import ConfigError, to_json
 from runtime.configs import STUDENTS, DistillConfig
 from runtime.data import DataError, Encoded
-from runtime.loop import batch_indices, check_finite, check_update, make_optimizer, micro_slices, shard_check
+from runtime.loop import (
+    NonFiniteLoss,
+    batch_indices,
+    check_finite,
+    check_update,
+    make_optimizer,
+    micro_slices,
+    restart_advice,
+    shard_check,
+)
 from runtime.parallel import Dist, Sharded, exit_process
 from runtime.session import Session, run_script, start
 from sam.parse import parse_scores
@@ -255,7 +264,7 @@ def accumulate(run: Run, student: Sharded, rows, teacher_hidden, mask, where: st
                 student.backward(loss)
             total = total + loss.detach()
     total = dist.sum(total)
-    check_finite(total, where, str(run.ckpt), init_flag="")  # distill.py starts students fresh: no --init
+    check_finite(total, where)
     return float(total)
 
 
@@ -415,7 +424,7 @@ def distill(run: Run, state: dict, logger, budget: list[int]) -> bool:
             opt, sched = opts[kind]
             row[f"{kind}/grad_norm"] = model.clip_grad_norm(cfg.grad_clip)
             opt.step()
-            check_update(model.module.parameters(), row[f"{kind}/grad_norm"], where, str(run.ckpt), dist, init_flag="")
+            check_update(model.module.parameters(), row[f"{kind}/grad_norm"], where, dist)
             sched.step()
             opt.zero_grad(set_to_none=True)
             row[f"{kind}/loss"] = loss
@@ -576,6 +585,8 @@ def run_distill(cfg: DistillConfig, given: set[str], dist: Dist, started: float)
     try:
         if not distill(run, state, logger, budget):
             return run.halted()
+    except NonFiniteLoss as exc:
+        raise NonFiniteLoss(f"{exc}; {restart_advice(None, init_flag='')}") from None
     finally:
         logger.close()
     missing = [kind for kind in run.students if not (run.dir / kind).exists()]

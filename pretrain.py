@@ -33,6 +33,7 @@ from data.synthetic import VERSION, fingerprint
 from model.hf import PRESETS, ModelLoadError, build_preset, load_tokenizer, num_parameters, prepare, save_pretrained
 from runtime.checkpoint import PromptSettings, atomic_folder, write_prompt_settings
 from runtime.config import ConfigError, parse_config
+from runtime.configs import check_lr
 from runtime.data import BUILTIN_DIR, ensure_builtin
 from runtime.reader import DEFAULT_READER, READER_FILE, corpus_stream, earlier_counts, vocabulary_hash
 
@@ -65,6 +66,7 @@ class PretrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if not 0 < self.lr <= 1:
             raise ConfigError(f"--lr must be in (0, 1], got {self.lr}")
+        check_lr(self.lr, "--lr", self.weight_decay)  # with a huge --weight-decay, AdamW's decay step overflows
         if self.warmup < 0 or self.weight_decay < 0 or self.grad_clip <= 0 or self.count_weight < 0:
             raise ConfigError("need --warmup >= 0, --weight-decay >= 0, --grad-clip > 0 and --count-weight >= 0")
         if self.device not in ("auto", "cpu", "cuda"):

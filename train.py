@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from data.schema import write_text_atomic
 from grm_kernels import policy_loss, policy_loss_normalizer
-from model.hf import is_preset, load_tokenizer, num_parameters
+from model.hf import ModelLoadError, is_preset, load_tokenizer, num_parameters
 from model.sampling import pad_left, pad_right, response_logprobs
 from runtime.checkpoint import read_prompt_settings
 from runtime.config import to_json
@@ -61,11 +61,13 @@ from runtime.data import DataError, sft_target
 from runtime.evaluate import format_compact
 from runtime.loop import (
     Logger,
+    NonFiniteLoss,
     batch_indices,
     check_finite,
     check_update,
     make_optimizer,
     micro_slices,
+    restart_advice,
     scalars,
     shard_check,
 )
@@ -111,7 +113,6 @@ def rl_update(
     dist: Dist,
     ref: Sharded | None = None,
     where: str = "rl step",
-    last_ckpt: str = "",
 ) -> tuple[float, dict, list[float]]:
     """`cfg.mu` optimizer steps on one rollout batch: returns (global loss, model-loss metrics averaged over
     micro-batches and ranks, grad norms). Each rank holds its share; the normaliser counts the whole batch over
@@ -159,11 +160,11 @@ def rl_update(
                 sofar = metric_sums.get(k, zero)
                 metric_sums[k] = torch.maximum(sofar, v) if k == "ratio_max" else sofar + weight * v
         epoch_loss = dist.sum(epoch_loss)  # every rank sees the same value: they stop together
-        check_finite(epoch_loss, f"{where} (epoch {epoch})", last_ckpt)
+        check_finite(epoch_loss, f"{where} (epoch {epoch})")
         loss_sum = loss_sum + epoch_loss / cfg.mu
         grad_norms.append(model.clip_grad_norm(cfg.grad_clip))
         opt.step()
-        check_update(model.module.parameters(), grad_norms[-1], f"{where} (epoch {epoch})", last_ckpt, dist)
+        check_update(model.module.parameters(), grad_norms[-1], f"{where} (epoch {epoch})", dist)
         sched.step()
         opt.zero_grad(set_to_none=True)
     metric_sums = dict(zip(metric_sums, torch.stack(list(metric_sums.values())).tolist()))  # one host sync
@@ -238,6 +239,44 @@ class Run(Session):
         """The model RL started from (the frozen KL reference): the warm-up checkpoint or the starting model."""
         model = self.load(self.dir / "sft") if "sft" in self.cfg.stage_list else self.start_model()
         return self.wrap(model.eval().requires_grad_(False), trainable=False)
+
+    def non_finite(self, exc: NonFiniteLoss, stage: str, batch: tuple) -> NonFiniteLoss:
+        """`exc` with where to restart from: the run's last checkpoint, else the model the stage started from, the
+        first of them from which a forward and backward pass of the failing step's sequences (`batch`: prompt ids,
+        prompt mask, targets, target mask) is finite on every rank. The last checkpoint can hold weights that are
+        finite but already diverging (the very ones the failing step started from), and then a new run from it
+        would stop at once."""
+        cfg = self.cfg
+        start = str(self.dir / "sft") if stage == "rl" and "sft" in cfg.stage_list else (cfg.init or cfg.model)
+        named = None
+        for folder in dict.fromkeys([str(self.ckpt), start]):
+            temperature = cfg.temperature if stage == "rl" else 1.0
+            if (Path(folder) / "config.json").exists() and self.passes_finite(folder, batch, temperature):
+                named = folder
+                break
+        extra = " --stages rl" if stage == "rl" else ""
+        return NonFiniteLoss(f"{exc}; {restart_advice(named, extra=extra)}")
+
+    def passes_finite(self, folder: str, batch: tuple, temperature: float) -> bool:
+        """Whether the model in `folder` gives a finite loss and finite gradients on `batch`, on every rank (a
+        plain copy on this rank's device, in micro-batches: the training model is left alone)."""
+        bad = 1.0
+        try:
+            model = self.load(folder).train()
+            finite = True
+            for sl in micro_slices(batch[0].shape[0], self.cfg.micro_batch):
+                rows = [t[sl] for t in batch]
+                logp = response_logprobs(model, *rows, temperature=temperature, impl=self.cfg.impl)
+                loss = -(logp * rows[3]).sum()
+                loss.backward()
+                finite = finite and bool(torch.isfinite(loss))
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            finite = finite and all(bool(torch.isfinite(g).all()) for g in grads)
+            bad = 0.0 if finite else 1.0
+            del model
+        except (ModelLoadError, RuntimeError, ValueError):  # a folder that does not load is no restart point
+            pass
+        return not bool(self.dist.sum(torch.tensor(bad, device=self.device)) > 0)
 
     def save_model(self, path: Path, model: Sharded | None = None, trainer_state: dict | None = None) -> None:
         """A checkpoint folder with the prompt settings beside the model (eval.py and --init read them)."""
@@ -324,18 +363,21 @@ def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         num_tokens = dist.sum(t_mask.sum()).clamp(min=1)
         total_loss = torch.zeros((), device=dev)
         slices = micro_slices(len(idx), cfg.micro_batch)
-        for m, sl in enumerate(slices):
-            with model.sync_grads(m == len(slices) - 1):
-                logp = model(response_logprobs, p_ids[sl], p_mask[sl], t_ids[sl], t_mask[sl], impl=cfg.impl)
-                loss = -(logp * t_mask[sl]).sum() / num_tokens
-                model.backward(loss)
-            total_loss = total_loss + loss.detach()
-        total_loss = dist.sum(total_loss)
-        check_finite(total_loss, f"sft step {step}", str(run.ckpt))
-        total_loss = float(total_loss)
-        grad_norm = model.clip_grad_norm(cfg.grad_clip)
-        opt.step()
-        check_update(model.module.parameters(), grad_norm, f"sft step {step}", str(run.ckpt), dist)
+        try:
+            for m, sl in enumerate(slices):
+                with model.sync_grads(m == len(slices) - 1):
+                    logp = model(response_logprobs, p_ids[sl], p_mask[sl], t_ids[sl], t_mask[sl], impl=cfg.impl)
+                    loss = -(logp * t_mask[sl]).sum() / num_tokens
+                    model.backward(loss)
+                total_loss = total_loss + loss.detach()
+            total_loss = dist.sum(total_loss)
+            check_finite(total_loss, f"sft step {step}")
+            total_loss = float(total_loss)
+            grad_norm = model.clip_grad_norm(cfg.grad_clip)
+            opt.step()
+            check_update(model.module.parameters(), grad_norm, f"sft step {step}", dist)
+        except NonFiniteLoss as exc:
+            raise run.non_finite(exc, "sft", (p_ids, p_mask, t_ids, t_mask)) from None
         sched.step()
         opt.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - t0
@@ -416,9 +458,12 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
 
         # 3. mu optimizer steps over micro-batches, one normaliser for the whole batch over every rank
         t3 = time.perf_counter()
-        loss_sum, metric_sums, grad_norms = rl_update(
-            model, opt, sched, batch, cfg, dist=dist, ref=ref, where=f"rl step {step}", last_ckpt=str(run.ckpt)
-        )
+        try:
+            loss_sum, metric_sums, grad_norms = rl_update(
+                model, opt, sched, batch, cfg, dist=dist, ref=ref, where=f"rl step {step}"
+            )
+        except NonFiniteLoss as exc:
+            raise run.non_finite(exc, "rl", (p_ids, p_mask, completion, response)) from None
         times["update_s"] = time.perf_counter() - t3
         times["step_s"] = time.perf_counter() - t0
         solved = scored.correct.view(-1, G).float().mean(dim=1)  # (P,) share of each group answered right

@@ -16,6 +16,7 @@ Nothing is downloaded: directories load with `local_files_only=True`, and `trust
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -141,7 +142,7 @@ def load_model(
             output_loading_info=True,
         )
     except Exception as exc:  # unknown architecture, missing weights, remote code refused, ...
-        raise ModelLoadError(f"{path}: cannot load a causal LM: {type(exc).__name__}: {exc}") from None
+        raise ModelLoadError(f"{path}: cannot load a causal LM: {_one_line(exc)}") from None
     # transformers fills a tensor missing from the checkpoint with a fresh random initialisation (and only logs it):
     # a half-random model must not train or score as if it were the checkpoint. Weights the model ties (a head tied
     # to the embeddings) are not reported missing.
@@ -155,6 +156,21 @@ def load_model(
             )
     check_model(model, where=str(path))
     return model.to(device)
+
+
+def _one_line(exc: Exception, limit: int = 300) -> str:
+    """An exception as one short line: torch's refusal of a pickle that holds more than tensors is a page of advice
+    (to load it unsafely) around the one line that says what was found; other errors keep their first line."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    found = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+    if found:
+        what = found[0].removeprefix("WeightsUnpickler error:").split(". ")[0].strip()
+        text = f"a pickle file that holds more than tensors, refused (loading it in full could run code): {what}"
+    else:
+        text = lines[0] if lines else ""
+    text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def prepare(model, *, device, dtype: torch.dtype | None = None, attention: str | None = None):

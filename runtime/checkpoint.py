@@ -23,6 +23,7 @@ import torch
 from data.schema import file_mode, write_text_atomic
 from model.hf import ModelLoadError, save_pretrained
 from runtime.config import ConfigError
+from sam.prompt import FORMATS, check_rules
 
 STATE_FILE = "trainer_state.pt"
 PROMPT_FILE = "prompt.json"  # how the model in a checkpoint folder is prompted; eval.py, --init and distill read it
@@ -45,9 +46,20 @@ def read_prompt_settings(folder: str | Path) -> PromptSettings | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return PromptSettings(**data)
+        settings = PromptSettings(**data)
     except (OSError, ValueError, TypeError) as exc:  # unreadable, not JSON, not an object, unknown keys
         raise ModelLoadError(f"{path}: not readable prompt settings ({exc})") from None
+    # each value's type: a string "no" must not read as a true with_instruction, nor "x" pass for the rules
+    if settings.fmt not in FORMATS:
+        raise ModelLoadError(f"{path}: 'fmt' must be one of {FORMATS}, got {settings.fmt!r}")
+    if not isinstance(settings.with_instruction, bool):
+        raise ModelLoadError(f"{path}: 'with_instruction' must be true or false, got {settings.with_instruction!r}")
+    if settings.rules is not None:
+        try:
+            check_rules(settings.rules, f"{path}: 'rules'")
+        except ValueError as exc:
+            raise ModelLoadError(f"{exc} (or null for the built-in rules)") from None
+    return settings
 
 
 def write_prompt_settings(folder: str | Path, settings: PromptSettings) -> None:

@@ -26,6 +26,19 @@ STUDENTS = ("reasoning", "label")  # distill.py's students
 LOSSES = ("seq",) + KINDS  # distill.py's losses
 
 
+# the largest learning rate AdamW's float32 arithmetic takes: its first step is lr / (1 - beta1) = 10 lr (and its
+# decoupled decay lr * weight decay); a larger rate dies inside torch's optimizer instead of as a flag error
+MAX_LR = 3.4e37
+
+
+def check_lr(value: float, flag: str, weight_decay: float) -> None:
+    need(0 < value <= MAX_LR, f"{flag} must be > 0 and at most {MAX_LR:g} (AdamW's float32 step is 10x it), got {value:g}")
+    need(
+        value * weight_decay <= 10 * MAX_LR,
+        f"{flag} {value:g} x --weight-decay {weight_decay:g} must be at most {10 * MAX_LR:g} (AdamW's float32 decay)",
+    )
+
+
 def need(cond, message: str) -> None:
     if not cond:
         raise ConfigError(message)
@@ -184,7 +197,8 @@ class TrainConfig(SessionConfig):
         for name in ("rl_steps", "sft_steps", "sft_warmup", "rl_warmup"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
         need(self.sft_epochs > 0, "--sft-epochs must be > 0")
-        need(self.sft_lr > 0 and self.rl_lr > 0, "learning rates must be > 0")
+        check_lr(self.sft_lr, "--sft-lr", self.weight_decay)
+        check_lr(self.rl_lr, "--rl-lr", self.weight_decay)
         need(0 < self.temperature < float("inf"), "--temperature must be a finite number > 0 (RL samples its rollouts)")
         need(
             self.policy != "random" or (self.fmt == "criteria" and self.segmenter in ("boxes", "steps")),
@@ -265,7 +279,7 @@ class DistillConfig(SessionConfig):
         need(self.steps >= 1, "--steps must be >= 1")
         for name in ("warmup", "latency_examples"):
             need(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0")
-        need(self.lr > 0, "--lr must be > 0")
+        check_lr(self.lr, "--lr", self.weight_decay)
 
     @property
     def student_list(self) -> list[str]:

@@ -15,7 +15,7 @@ from data.schema import write_text_atomic
 from grm_kernels import INTERPRET
 from model.hf import default_dtype
 from runtime.checkpoint import load_trainer_state, recover
-from runtime.config import ConfigError, from_dict
+from runtime.config import ConfigError, from_dict, to_json
 from runtime.parallel import Dist
 
 # flags a resumed run may change: they do not alter what it computes
@@ -73,8 +73,9 @@ def release_run_dir(run_dir: Path) -> None:
 def setup_run_dir(cfg, given: set[str], folders: tuple[str, ...], dist: Dist | None = None):
     """(config, trainer state or None) for runs/<name>: a fresh run needs an empty folder; --resume takes the saved
     config (flags given explicitly must agree with it) and the state in ckpt/, which must come from the same number
-    of ranks. Interrupted checkpoint swaps of `folders` are recovered first (by rank 0, while the others wait).
-    `cfg` has fields out_dir, name, resume, halt_after, progress."""
+    of ranks; the flags of RESUME_FREE (the folder's name and parent among them) are this command line's. Interrupted
+    checkpoint swaps of `folders` are recovered first (by rank 0, while the others wait). `cfg` has the fields of
+    RESUME_FREE."""
     dist = dist or Dist()
     run_dir = Path(cfg.out_dir) / cfg.name
     ckpt = run_dir / "ckpt"
@@ -117,7 +118,13 @@ def setup_run_dir(cfg, given: set[str], folders: tuple[str, ...], dist: Dist | N
             f"{dist.world}; an exact resume needs the same world size (torchrun --nnodes x "
             "--nproc-per-node)"
         )
-    return replace(saved, resume=True, halt_after=cfg.halt_after, progress=cfg.progress), state
+    # the folder is the one named on this command line, not the saved one: a copied or renamed run folder
+    # resumes in place and never writes into the folder it was copied from
+    moved = {name: getattr(cfg, name) for name in ("name", "out_dir") if getattr(cfg, name) != getattr(saved, name)}
+    if moved and dist.main:  # config.json describes the folder it is in
+        write_text_atomic(run_dir / "config.json", to_json(replace(saved, **moved)))
+    free = {name: getattr(cfg, name) for name in RESUME_FREE}
+    return replace(saved, **free), state
 
 
 def device_settings(cfg, dist: Dist | None = None) -> tuple[torch.device, torch.dtype, str | None]:
@@ -140,7 +147,8 @@ def device_settings(cfg, dist: Dist | None = None) -> tuple[torch.device, torch.
 
 
 class NonFiniteLoss(RuntimeError):
-    """A NaN or inf loss: the step is not applied and the last checkpoint stays as it was."""
+    """A NaN or inf loss or update: the step is not applied and the last checkpoint stays as it was. The loop adds
+    where to restart from (`restart_advice`) before it reaches the user."""
 
 
 def lr_lambda(total: int, warmup: int, kind: str):
@@ -196,40 +204,35 @@ def shard_check(dist: Dist, **batches: int) -> None:
             )
 
 
-def _restart_advice(last_ckpt: str, init_flag: str) -> str:
-    """What to do after a non-finite stop. --resume keeps a run's settings, so a lower learning rate means a new run
-    started from the last checkpoint (`init_flag`, empty when the script has none)."""
-    if not last_ckpt or not Path(last_ckpt).exists():
+def restart_advice(named: str | None, *, init_flag: str = "--init", extra: str = "") -> str:
+    """What to do after a non-finite stop. `named`: a checkpoint folder a new run can start from (checked by the
+    caller), or None. --resume keeps a run's settings, so a lower learning rate means a new run (`init_flag`, empty
+    when the script has none; `extra`: flags the new run also needs, such as --stages rl)."""
+    if not init_flag:
         return (
-            "no checkpoint had been written yet. Check the data, or start a new run (another --name) with a "
-            "lower learning rate (--resume keeps the run's settings)."
+            "Check the data, or start a new run (another --name) with a lower learning rate (--resume keeps the "
+            "run's settings; this script starts its models fresh, so no checkpoint is a starting point)."
         )
-    restart = (
-        f"start a new run from it with {init_flag} {last_ckpt} --name <new name> and a lower learning rate"
-        if init_flag
-        else "start a new run with a lower learning rate"
+    if named is None:
+        return (
+            "no checkpoint of this run passes the check a restart needs (a finite forward and backward pass of the "
+            "failing batch). Check the data, or start a new run (another --name) from the beginning with a lower "
+            "learning rate (--resume keeps the run's settings)."
+        )
+    return (
+        f"restart from {named} (a forward and backward pass of the failing batch from it is finite). Check the "
+        f"data, or start a new run from it with {init_flag} {named}{extra} --name <new name> and a lower learning "
+        "rate (--resume keeps the run's settings)."
     )
-    return f"the last good checkpoint is {last_ckpt}. Check the data, or {restart} (--resume keeps the run's settings)."
 
 
-def check_finite(loss: torch.Tensor, where: str, last_ckpt: str, *, init_flag: str = "--init") -> None:
+def check_finite(loss: torch.Tensor, where: str) -> None:
     """Raise NonFiniteLoss for a NaN / inf loss, before the update is applied."""
     if not bool(torch.isfinite(loss)):  # host sync: once per micro-batch, to stop before a bad update
-        raise NonFiniteLoss(
-            f"non-finite loss ({loss.item()}) at {where}: the update was not applied; "
-            f"{_restart_advice(last_ckpt, init_flag)}"
-        )
+        raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at {where}: the update was not applied")
 
 
-def check_update(
-    params,
-    grad_norm: float | torch.Tensor,
-    where: str,
-    last_ckpt: str,
-    dist: Dist | None = None,
-    *,
-    init_flag: str = "--init",
-) -> None:
+def check_update(params, grad_norm: float | torch.Tensor, where: str, dist: Dist | None = None) -> None:
     """Raise NonFiniteLoss when an optimizer step left a non-finite gradient norm or parameter: a finite loss does not
     make a finite update (a huge learning rate with weight decay sends weights to inf). Call it after each step and
     before anything is saved; one host sync, and every rank stops together (sharded parameters are checked where
@@ -244,8 +247,7 @@ def check_update(
     if bool(bad > 0):  # host sync: once per optimizer step
         raise NonFiniteLoss(
             f"non-finite update at {where} (gradient norm {norm:.4g}, or a parameter became inf / "
-            f"nan): stopped before it reached a checkpoint; "
-            f"{_restart_advice(last_ckpt, init_flag)}"
+            "nan): stopped before it reached a checkpoint"
         )
 
 

@@ -93,11 +93,16 @@ def load_rules(path: str | Path) -> dict[str, str]:
         rules = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: cannot read business rules: {exc}") from None
+    return check_rules(rules, str(path))
+
+
+def check_rules(rules, where: str) -> dict[str, str]:
+    """`rules` if it is a non-empty {name: description} object of strings; else ValueError naming `where`."""
     if not isinstance(rules, dict) or not rules:
-        raise ValueError(f"{path}: business rules must be a non-empty JSON object {{name: description}}")
+        raise ValueError(f"{where}: business rules must be a non-empty JSON object {{name: description}}")
     for name, text in rules.items():
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}: rule {name!r} must have a non-empty string description")
+            raise ValueError(f"{where}: rule {name!r} must have a non-empty string description")
     return rules
 
 

@@ -178,6 +178,7 @@ def test_failed_warmup_skips_its_arms_and_exits_1(bench, tmp_path, capsys):
 
 BAD = [
     (["--arms", "nope"], "unknown arm"),
+    (["--arms", ",,"], "--arms ',,' names no arm"),
     (["--baseline", "nope"], "--baseline 'nope' is not among the arms"),
     (["--base", "--seed 3"], "leave out --seed"),
     (["--base", "--stages rl"], "leave out --stages"),
@@ -207,6 +208,23 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "ablation").exists()  # nothing written
+
+
+@pytest.mark.parametrize("blocked", ["out_dir", "sweep"])
+def test_a_file_where_the_sweep_folder_goes_is_one_line(tmp_path, capsys, blocked):
+    # --out-dir is a file, or <out-dir>/<name> is one: one line and exit 2, the file untouched
+    out = tmp_path / "out"
+    if blocked == "out_dir":
+        out.write_text("x")
+        path = out
+    else:
+        out.mkdir()
+        path = out / "ablation"
+        path.write_text("x")
+    assert exit_code(["--out-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot create or read the sweep folder" in err and "Traceback" not in err
+    assert path.read_text() == "x"
 
 
 @pytest.mark.parametrize(

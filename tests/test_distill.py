@@ -298,6 +298,7 @@ def test_missing_teacher_and_tokenizer_mismatch_are_clear_errors(bench, teacher,
         (["--student", "huge"], "student model directory not found"),
         (["--student", "{tmp}"], "not a Hugging Face model directory"),  # a folder with no model in it
         (["--prompts-per-step", "99"], "fewer prompts"),
+        (["--lr", "1e300"], "--lr must be > 0 and at most 3.4e+37"),
     ],
 )
 def test_bad_input_is_rejected(bench, teacher, tmp_path, capsys, extra, match):
@@ -331,3 +332,12 @@ def test_triton_without_cuda_or_interpreter_is_a_clear_error(bench, teacher, tmp
     monkeypatch.setattr(runtime.loop, "INTERPRET", False)
     assert distill.main(args(bench, teacher, tmp_path, "--name", "t", "--impl", "triton")) == 2
     assert "--impl triton needs a CUDA device" in capsys.readouterr().err
+
+
+def test_a_non_finite_update_stops_with_advice_that_names_no_checkpoint(bench, teacher, tmp_path, capsys):
+    # distill.py starts its students fresh (it has no --init): the advice is a new run with a lower --lr
+    extra = ["--lr", "3e37", "--weight-decay", "10", "--warmup", "0", "--steps", "2", "--test-splits", ""]
+    assert distill.main(args(bench, teacher, tmp_path, "--name", "huge", *extra)) == 3
+    err = capsys.readouterr().err
+    assert "non-finite update at step 0" in err and "start a new run (another --name) with a lower" in err, err
+    assert "--init" not in err and "Traceback" not in err

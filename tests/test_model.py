@@ -240,3 +240,28 @@ def test_checkpoint_tokenizer_tokenizes_like_the_original(tmp_path, tok):
     tok.save_pretrained(tmp_path)
     text = CORPUS[0] + " ramen sushi"
     assert load_tokenizer(tmp_path)(text)["input_ids"] == tok(text)["input_ids"]
+
+
+class _Evil:
+    """Pickles as a call that creates a file: what a crafted pytorch_model.bin would run with a full unpickler."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_crafted_pickle_checkpoint_is_refused_in_one_line(tmp_path, tok):
+    model = micro_model(tok)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}, tmp_path / "pytorch_model.bin")
+    load_model(tmp_path)  # the honest .bin loads
+    marker = tmp_path / "ran"
+    torch.save({"model.embed_tokens.weight": _Evil(marker)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(tmp_path)
+    assert not marker.exists()
+    message = str(info.value)
+    assert "cannot load a causal LM" in message and "\n" not in message and len(message) < 600, message

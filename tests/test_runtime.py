@@ -190,3 +190,29 @@ def test_log_truncation_on_resume(tmp_path):
         log.path.write_text(damaged + json.dumps(rows[0]) + "\n")
         with pytest.raises(ConfigError, match="metrics.jsonl:1: not a"):
             log.resume(lambda row: row["stage"] == "sft" and row["step"] <= 2, Dist())
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"rules": "x"}, "'rules': business rules must be a non-empty JSON object"),
+        ({"rules": {"a": 3}}, "'rules': rule 'a' must have a non-empty string description"),
+        ({"with_instruction": "no"}, "'with_instruction' must be true or false, got 'no'"),
+        ({"with_instruction": 1}, "'with_instruction' must be true or false"),
+        ({"fmt": "poem"}, "'fmt' must be one of"),
+        ({"fmt": ["criteria"]}, "'fmt' must be one of"),
+        ({"colour": "red"}, "not readable prompt settings"),
+        ([], "not readable prompt settings"),
+    ],
+)
+def test_prompt_settings_values_are_type_checked(tmp_path, data, message):
+    from model.hf import ModelLoadError
+    from runtime.checkpoint import PromptSettings, read_prompt_settings
+
+    (tmp_path / "prompt.json").write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError) as info:
+        read_prompt_settings(tmp_path)
+    assert str(tmp_path / "prompt.json") in str(info.value) and message in str(info.value)
+    good = {"fmt": "generic", "with_instruction": False, "rules": {"r": "text"}}
+    (tmp_path / "prompt.json").write_text(json.dumps(good))
+    assert read_prompt_settings(tmp_path) == PromptSettings(**good)

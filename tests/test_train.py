@@ -335,10 +335,12 @@ def test_an_out_dir_that_is_a_file_is_one_line(bench, tmp_path, capsys):
 def test_a_non_finite_update_stops_before_a_checkpoint(bench, tmp_path, capsys):
     # a finite loss, but the step sends weights to inf (a huge learning rate with weight decay): exit 3 at that step,
     # no checkpoint written from it
-    argv = fast_args(bench, tmp_path, *GENERIC, "--name", "huge", "--sft-lr", "1e38", "--weight-decay", "0.1")
+    argv = fast_args(bench, tmp_path, *GENERIC, "--name", "huge", "--sft-lr", "3e37", "--weight-decay", "10", "--sft-warmup", "0")
     assert train.main(argv) == 3
     err = capsys.readouterr().err
-    assert "non-finite update at sft step 0" in err and "no checkpoint had been written yet" in err
+    assert "non-finite update at sft step 0" in err
+    # no checkpoint was written: the advice names the model the run started from (the default reader)
+    assert "--init models/reader --name <new name>" in err
     assert not list((tmp_path / "huge").glob("**/model.safetensors"))
 
 
@@ -378,6 +380,8 @@ BAD = {
     "trace longer than budget": (["--max-new-tokens", "20"], "longer than --max-new-tokens 20"),
     "resume without run": (["--resume"], "no resumable checkpoint"),
     "token policy without box tokens": (["--policy", "token"], "go together"),
+    "learning rate past float32": (["--sft-lr", "1e300"], "--sft-lr must be > 0 and at most 3.4e+37"),
+    "decay past float32": (["--weight-decay", "1e300"], "x --weight-decay 1e+300 must be at most"),
 }
 TRANSFORMS = {
     "broken": lambda lines: [lines[0], "{not json", *lines[2:]],
@@ -452,8 +456,11 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(bench, tmp_path, monkeyp
     assert train.main([*argv, "--halt-after", "1"]) == 0
     before = load_file(tmp_path / "nan" / "ckpt" / "model.safetensors")
 
-    def poisoned(*args, **kwargs):
-        return response_logprobs(*args, **kwargs) * float("nan")
+    calls = []
+
+    def poisoned(*args, **kwargs):  # one bad forward pass (the step's); the restart check computes it again
+        calls.append(1)
+        return response_logprobs(*args, **kwargs) * (float("nan") if len(calls) == 1 else 1.0)
 
     monkeypatch.setattr(train, "response_logprobs", poisoned)
     assert train.main([*argv, "--resume"]) == 3
@@ -612,3 +619,47 @@ def test_sft_steps_sets_the_warm_up_length(bench, tmp_path):
     assert train.main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "steps" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and "val/accuracy" in rows[-1]
+
+
+def test_a_copied_or_renamed_run_resumes_in_its_own_folder(bench, tmp_path):
+    import shutil
+
+    common = fast_args(bench, tmp_path, *GENERIC, "--save-every", "100")
+    assert train.main([*common, "--name", "xa", "--halt-after", "1"]) == 0
+    shutil.copytree(tmp_path / "xa", tmp_path / "xb")
+    before = {p: p.read_bytes() for p in sorted((tmp_path / "xa").rglob("*")) if p.is_file()}
+    assert train.main([*common, "--name", "xb", "--resume"]) == 0
+    # the original is untouched: same files, same bytes; the copy finished in its own folder
+    after = {p: p.read_bytes() for p in sorted((tmp_path / "xa").rglob("*")) if p.is_file()}
+    assert after == before
+    assert (tmp_path / "xb" / "results.json").exists() and not (tmp_path / "xa" / "results.json").exists()
+    assert json.loads((tmp_path / "xb" / "config.json").read_text())["name"] == "xb"
+    # a renamed folder resumes where it is now, to the same weights as the copy
+    (tmp_path / "xa").rename(tmp_path / "xc")
+    assert train.main([*common, "--name", "xc", "--resume"]) == 0
+    b = load_file(tmp_path / "xb" / "ckpt" / "model.safetensors")
+    c = load_file(tmp_path / "xc" / "ckpt" / "model.safetensors")
+    assert b.keys() == c.keys() and all(torch.equal(b[k], c[k]) for k in b)
+    assert not (tmp_path / "xa").exists()
+
+
+def test_a_non_finite_stop_names_a_checkpoint_a_new_run_can_start_from(bench, tmp_path, capsys):
+    # a learning rate that diverges over many steps: the weights stay finite for a while, then a step's gradient is
+    # NaN. The last checkpoint holds those very weights (saved every step), so the advice must not name it: it names
+    # the model the stage began from, and the advised command (a lower learning rate) runs
+    import re
+
+    sft = ["--stages", "sft", "--sft-batch-size", "4", "--save-every", "1", "--lr-schedule", "constant"]
+    assert train.main(fast_args(bench, tmp_path, *GENERIC, *sft, "--name", "base", "--sft-steps", "2")) == 0
+    start = str(tmp_path / "base" / "sft")
+    diverge = ["--init", start, "--sft-steps", "40", "--sft-lr", "10", "--name", "blown"]
+    assert train.main(fast_args(bench, tmp_path, *GENERIC, *sft, *diverge)) == 3
+    err = capsys.readouterr().err
+    assert "non-finite" in err and (tmp_path / "blown" / "ckpt").exists(), err
+    named = re.search(r"--init (\S+) --name <new name>", err).group(1)
+    assert named == start, err
+    advised = ["--init", named, "--sft-steps", "3", "--sft-lr", "1e-3", "--name", "again"]
+    assert train.main(fast_args(bench, tmp_path, *GENERIC, *sft, *advised)) == 0
+    # the run's own last checkpoint fails at once with the same advice followed: that is why it is not named
+    stuck = ["--init", str(tmp_path / "blown" / "ckpt"), "--sft-steps", "3", "--sft-lr", "1e-3", "--name", "stuck"]
+    assert train.main(fast_args(bench, tmp_path, *GENERIC, *sft, *stuck)) == 3
