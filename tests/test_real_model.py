@@ -230,13 +230,16 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
         "--eval-batch-size",
         "2",
     ]
-    # warm-up (one SFT step), then one RL step of 2 prompts x 2 samples; the checkpoints are HF folders
+    # warm-up (one SFT step), then one RL step of 2 prompts x 2 samples; the checkpoints are HF folders. One test
+    # split: every evaluation generates with the full instruction (about 1,000 prompt tokens) on 2 CPU cores
     argv = [
         *common,
         "--model",
         str(smol),
         "--name",
         "smol",
+        "--test-splits",
+        "test_random",
         "--sft-epochs",
         "0.5",
         "--rl-steps",
@@ -273,13 +276,16 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
     assert eval_script.main(ev) == 0
     scored = json.loads(result.read_text())
     assert scored["with_instruction"] is True and sum(m["n"] for m in scored["results"].values()) == 4
-    # --init from the warm-up checkpoint: a new run starts from those weights
+    # --init from the warm-up checkpoint: a new run starts from those weights (prompted without the instruction
+    # text here, which --instruction overrides over prompt.json; short prompts keep this second run cheap)
     assert (
         train.main(
             [
                 *common,
                 "--init",
                 str(run / "sft"),
+                "--instruction",
+                "none",
                 "--name",
                 "again",
                 "--stages",
@@ -293,4 +299,5 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
         == 0
     )
     assert (tmp_path / "runs" / "again" / "eval_sft.json").exists()
+    assert json.loads((tmp_path / "runs" / "again" / "sft" / "prompt.json").read_text())["with_instruction"] is False
     shutil.rmtree(tmp_path / "runs")  # about 3 GB of checkpoints (weights + AdamW state) that pytest would keep

@@ -24,6 +24,13 @@ def full():
     return synthetic.generate(seed=0)
 
 
+@pytest.fixture(scope="module")
+def full_stats(full):
+    """stats.json's content for the full benchmark: computed once (its bag-of-words baselines take ~20 s), read by
+    every test that needs a split's statistics (each split's counts do not depend on the others)."""
+    return synthetic.compute_stats(full, 0)
+
+
 def test_same_seed_same_bytes(bench_dir, tmp_path):
     synthetic.write_benchmark(tmp_path, seed=3, sizes=SMALL)
     for name in [*SMALL, "stats"]:
@@ -73,9 +80,9 @@ def test_gold_values_are_grounded_in_the_text(full):
         assert r.gold["calibrated"] == synthetic._calibrate(r.gold["query_type"], r.gold["case"], r.gold["initial"])
 
 
-def test_the_query_alone_and_the_note_alone_predict_no_more_than_the_majority(full):
+def test_the_query_alone_and_the_note_alone_predict_no_more_than_the_majority(full, full_stats):
     # the acceptance rule of the fair world: one-sided bag-of-words classifiers within 5 points of the majority
-    stats = synthetic.compute_stats(full, 0)
+    stats = full_stats
     for name in ("val", "test_random", "test_longtail"):
         b = stats["splits"][name]["baseline_acc"]
         for key in ("note_only_bow", "query_only_bow", "detail_line_only_bow", "query_type_majority"):
@@ -100,19 +107,19 @@ def test_the_query_alone_and_the_note_alone_predict_no_more_than_the_majority(fu
             assert gap < 0.08, (line, label, gap)
 
 
-def test_steps_5_and_6_are_hard_on_the_same_records(full):
+def test_steps_5_and_6_are_hard_on_the_same_records(full, full_stats):
     # business rules apply whatever the initial score, and records where calibration changes the score span
     # several initial scores (SAM's case: a right and a wrong intermediate step can meet in one rollout)
     rl = full["rl"]
     assert {r.gold["initial"] for r in rl if r.gold["calibrated"] != r.gold["initial"]} >= {1, 2, 3}
     assert any(r.gold["rule"] and r.gold["coverage"] == "none" for r in rl)
-    stats = synthetic.compute_stats({"rl": rl}, 0)["splits"]["rl"]
+    stats = full_stats["splits"]["rl"]
     assert 0.05 < stats["calibration_changes_frac"] < 0.3
 
 
-def test_teacher_errs_at_its_rates_and_labels_stay_true(full):
+def test_teacher_errs_at_its_rates_and_labels_stay_true(full, full_stats):
     sft = full["sft"]
-    t = synthetic.compute_stats({"sft": sft}, 0)["splits"]["sft"]["teacher"]
+    t = full_stats["splits"]["sft"]["teacher"]
     assert 0.7 < t["label_acc"] < 0.95 and t["initial_error_rate"] > 0.03 and t["calibration_error_rate"] > 0.03
     for r in sft:
         teacher, g = r.gold["teacher"], r.gold
