@@ -349,7 +349,9 @@ def merge_plan(sweep_dir: Path, jobs: dict[str, Job]) -> None:
     except OSError as exc:  # --out-dir or <out-dir>/<name> is a file, or the folder cannot be made or read
         raise ConfigError(f"{sweep_dir}: cannot create or read the sweep folder: {exc.strerror or exc}") from None
     except ValueError:
-        raise ConfigError(f"{path}: not a JSON plan; the sweep folder is damaged (restore it or choose another --name)") from None
+        raise ConfigError(
+            f"{path}: not a JSON plan; the sweep folder is damaged (restore it or choose another --name)"
+        ) from None
     if not isinstance(saved, dict) or not all(isinstance(v, list) for v in saved.values()):
         raise ConfigError(f"{path}: not a plan written by ablate.py (a JSON object of run name -> flags)")
     changed = [n for n, job in jobs.items() if n in saved and saved[n] != job.argv]

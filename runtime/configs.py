@@ -32,7 +32,10 @@ MAX_LR = 3.4e37
 
 
 def check_lr(value: float, flag: str, weight_decay: float) -> None:
-    need(0 < value <= MAX_LR, f"{flag} must be > 0 and at most {MAX_LR:g} (AdamW's float32 step is 10x it), got {value:g}")
+    need(
+        0 < value <= MAX_LR,
+        f"{flag} must be > 0 and at most {MAX_LR:g} (AdamW's float32 step is 10x it), got {value:g}",
+    )
     need(
         value * weight_decay <= 10 * MAX_LR,
         f"{flag} {value:g} x --weight-decay {weight_decay:g} must be at most {10 * MAX_LR:g} (AdamW's float32 decay)",

@@ -335,7 +335,8 @@ def test_an_out_dir_that_is_a_file_is_one_line(bench, tmp_path, capsys):
 def test_a_non_finite_update_stops_before_a_checkpoint(bench, tmp_path, capsys):
     # a finite loss, but the step sends weights to inf (a huge learning rate with weight decay): exit 3 at that step,
     # no checkpoint written from it
-    argv = fast_args(bench, tmp_path, *GENERIC, "--name", "huge", "--sft-lr", "3e37", "--weight-decay", "10", "--sft-warmup", "0")
+    huge = ["--sft-lr", "3e37", "--weight-decay", "10", "--sft-warmup", "0"]
+    argv = fast_args(bench, tmp_path, *GENERIC, "--name", "huge", *huge)
     assert train.main(argv) == 3
     err = capsys.readouterr().err
     assert "non-finite update at sft step 0" in err
