@@ -245,23 +245,31 @@ class Run(Session):
         first of them from which a forward and backward pass of the failing step's sequences (`batch`: prompt ids,
         prompt mask, targets, target mask) is finite on every rank. The last checkpoint can hold weights that are
         finite but already diverging (the very ones the failing step started from), and then a new run from it
-        would stop at once."""
+        would stop at once. A candidate the check cannot run on (a second copy of the model does not fit) is named
+        as unchecked rather than passed over."""
         cfg = self.cfg
         start = str(self.dir / "sft") if stage == "rl" and "sft" in cfg.stage_list else (cfg.init or cfg.model)
-        named = None
-        for folder in dict.fromkeys([str(self.ckpt), start]):
-            temperature = cfg.temperature if stage == "rl" else 1.0
-            if (Path(folder) / "config.json").exists() and self.passes_finite(folder, batch, temperature):
-                named = folder
+        temperature = cfg.temperature if stage == "rl" else 1.0
+        folders = [f for f in dict.fromkeys([str(self.ckpt), start]) if (Path(f) / "config.json").exists()]
+        named, checked = None, True
+        for folder in folders:
+            verdict = self.passes_finite(folder, batch, temperature)
+            if verdict is not False:
+                named, checked = folder, verdict is True
                 break
-        extra = " --stages rl" if stage == "rl" else ""
-        return NonFiniteLoss(f"{exc}; {restart_advice(named, extra=extra)}")
+        remaining = cfg.stage_list[cfg.stage_list.index(stage) :]
+        extra = "" if remaining == list(STAGES) else f" --stages {','.join(remaining)}"
+        why = "no checkpoint had been written yet and the run started from a preset" if not folders else ""
+        return NonFiniteLoss(f"{exc}; {restart_advice(named, extra=extra, checked=checked, none_why=why)}")
 
-    def passes_finite(self, folder: str, batch: tuple, temperature: float) -> bool:
-        """Whether the model in `folder` gives a finite loss and finite gradients on `batch`, on every rank (a
-        plain copy on this rank's device, in micro-batches: the training model is left alone)."""
-        bad = 1.0
+    def passes_finite(self, folder: str, batch: tuple, temperature: float) -> bool | None:
+        """Whether the model in `folder` gives a finite loss and finite gradients on `batch` on every rank (a plain
+        copy on this rank's device, in micro-batches: the training model is left alone); None when the check
+        could not run on some rank (the copy did not load or fit). Every rank reaches the one all-reduce."""
+        verdict = torch.zeros(2, device=self.device)  # [not finite, could not check], allocated before the copy
+        model = None
         try:
+            self.model.module.zero_grad(set_to_none=True)  # the failed step's gradients: memory for the copy
             model = self.load(folder).train()
             finite = True
             for sl in micro_slices(batch[0].shape[0], self.cfg.micro_batch):
@@ -270,13 +278,16 @@ class Run(Session):
                 loss = -(logp * rows[3]).sum()
                 loss.backward()
                 finite = finite and bool(torch.isfinite(loss))
+                del logp, loss
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             finite = finite and all(bool(torch.isfinite(g).all()) for g in grads)
-            bad = 0.0 if finite else 1.0
+            verdict[0] = 0.0 if finite else 1.0
+        except (ModelLoadError, RuntimeError, ValueError):  # does not load, or out of memory
+            verdict[1] = 1.0
+        finally:
             del model
-        except (ModelLoadError, RuntimeError, ValueError):  # a folder that does not load is no restart point
-            pass
-        return not bool(self.dist.sum(torch.tensor(bad, device=self.device)) > 0)
+        verdict = self.dist.sum(verdict)
+        return None if bool(verdict[1] > 0) else not bool(verdict[0] > 0)
 
     def save_model(self, path: Path, model: Sharded | None = None, trainer_state: dict | None = None) -> None:
         """A checkpoint folder with the prompt settings beside the model (eval.py and --init read them)."""

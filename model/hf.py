@@ -170,7 +170,10 @@ def _one_line(exc: Exception, limit: int = 300) -> str:
     else:
         text = lines[0] if lines else ""
     text = f"{type(exc).__name__}: {text}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    if "trust_remote_code" in str(exc):  # transformers' remedy sits on a later line: say it in this codebase's terms
+        text += " (the folder ships its own model code: train.py and distill.py run it only with --trust-remote-code)"
+    return text
 
 
 def prepare(model, *, device, dtype: torch.dtype | None = None, attention: str | None = None):

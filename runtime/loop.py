@@ -204,25 +204,36 @@ def shard_check(dist: Dist, **batches: int) -> None:
             )
 
 
-def restart_advice(named: str | None, *, init_flag: str = "--init", extra: str = "") -> str:
+def restart_advice(
+    named: str | None, *, init_flag: str = "--init", extra: str = "", checked: bool = True, none_why: str = ""
+) -> str:
     """What to do after a non-finite stop. `named`: a checkpoint folder a new run can start from (checked by the
-    caller), or None. --resume keeps a run's settings, so a lower learning rate means a new run (`init_flag`, empty
-    when the script has none; `extra`: flags the new run also needs, such as --stages rl)."""
+    caller with a forward and backward pass of the failing batch, or `checked=False` when that check could not run),
+    or None (`none_why` says why, when it is not that every candidate failed the check). --resume keeps a run's
+    settings, so a lower learning rate means a new run (`init_flag`, empty when the script has none; `extra`: flags
+    the new run also needs, such as --stages rl)."""
     if not init_flag:
         return (
             "Check the data, or start a new run (another --name) with a lower learning rate (--resume keeps the "
             "run's settings; this script starts its models fresh, so no checkpoint is a starting point)."
         )
     if named is None:
+        why = none_why or (
+            "no checkpoint of this run passes the check a restart needs (a finite forward and backward pass of "
+            "the failing batch)"
+        )
         return (
-            "no checkpoint of this run passes the check a restart needs (a finite forward and backward pass of the "
-            "failing batch). Check the data, or start a new run (another --name) from the beginning with a lower "
+            f"{why}. Check the data, or start a new run (another --name) from the beginning with a lower "
             "learning rate (--resume keeps the run's settings)."
         )
+    how = (
+        "a forward and backward pass of the failing batch from it is finite"
+        if checked
+        else "not checked: a second copy of the model for the check did not load or fit"
+    )
     return (
-        f"restart from {named} (a forward and backward pass of the failing batch from it is finite). Check the "
-        f"data, or start a new run from it with {init_flag} {named}{extra} --name <new name> and a lower learning "
-        "rate (--resume keeps the run's settings)."
+        f"restart from {named} ({how}). Check the data, or start a new run from it with {init_flag} {named}{extra} "
+        "--name <new name> and a lower learning rate (--resume keeps the run's settings)."
     )
 
 

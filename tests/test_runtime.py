@@ -216,3 +216,16 @@ def test_prompt_settings_values_are_type_checked(tmp_path, data, message):
     good = {"fmt": "generic", "with_instruction": False, "rules": {"r": "text"}}
     (tmp_path / "prompt.json").write_text(json.dumps(good))
     assert read_prompt_settings(tmp_path) == PromptSettings(**good)
+
+
+def test_restart_advice_says_what_was_checked():
+    from runtime.loop import restart_advice
+
+    ok = restart_advice("runs/x/sft", extra=" --stages rl")
+    assert "--init runs/x/sft --stages rl --name <new name>" in ok
+    assert "pass of the failing batch from it is finite" in ok
+    unchecked = restart_advice("runs/x/ckpt", checked=False)
+    assert "--init runs/x/ckpt --name" in unchecked and "not checked" in unchecked
+    assert "from the beginning" in restart_advice(None) and "passes the check" in restart_advice(None)
+    assert restart_advice(None, none_why="nothing yet").startswith("nothing yet. ")
+    assert "--init" not in restart_advice("runs/x/ckpt", init_flag="")  # distill.py: no starting point

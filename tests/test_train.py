@@ -342,6 +342,10 @@ def test_a_non_finite_update_stops_before_a_checkpoint(bench, tmp_path, capsys):
     assert "non-finite update at sft step 0" in err
     # no checkpoint was written: the advice names the model the run started from (the default reader)
     assert "--init models/reader --name <new name>" in err
+    # from a preset there is no folder to name, and the advice says why
+    assert train.main(fast_args(bench, tmp_path, *GENERIC, "--name", "huge2", "--model", "tiny", *huge)) == 3
+    err = capsys.readouterr().err
+    assert "no checkpoint had been written yet and the run started from a preset" in err and "--init" not in err
     assert not list((tmp_path / "huge").glob("**/model.safetensors"))
 
 
@@ -657,7 +661,7 @@ def test_a_non_finite_stop_names_a_checkpoint_a_new_run_can_start_from(bench, tm
     assert train.main(fast_args(bench, tmp_path, *GENERIC, *sft, *diverge)) == 3
     err = capsys.readouterr().err
     assert "non-finite" in err and (tmp_path / "blown" / "ckpt").exists(), err
-    named = re.search(r"--init (\S+) --name <new name>", err).group(1)
+    named = re.search(r"--init (\S+) --stages sft --name <new name>", err).group(1)  # an SFT-only run stays one
     assert named == start, err
     advised = ["--init", named, "--sft-steps", "3", "--sft-lr", "1e-3", "--name", "again"]
     assert train.main(fast_args(bench, tmp_path, *GENERIC, *sft, *advised)) == 0
