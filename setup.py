@@ -32,7 +32,7 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "dev": ["pytest>=8.0", "ruff>=0.6", "matplotlib>=3.8"],
+        "dev": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6", "matplotlib>=3.8"],
         "plot": ["matplotlib>=3.8"],
         "gguf": ["gguf>=0.10", "accelerate>=0.26"],  # model.from_gguf: a GGUF file -> a Hugging Face folder
         "gpu": ["flash-attn>=2.6"],

@@ -205,6 +205,7 @@ class Run(Session):
         # every rank built or loaded the same weights; FSDP keeps each rank's shard of them
         self.model = self.wrap(module)
         self.scoring = ScoringRules.of(cfg)  # how rollouts are scored (sam/rollout.py)
+        self.sft_val = None  # the validation at the warm-up's last step, when this process ran it
 
     def load_data(self) -> None:
         cfg, tok = self.cfg, self.tokenizer
@@ -404,7 +405,8 @@ def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         }
         state["step"] = step + 1
         if state["step"] == total:
-            row.update(scalars(run.validate(), "val/"))
+            run.sft_val = run.validate()  # RL's step 0 starts from these weights: its validation is this one
+            row.update(scalars(run.sft_val, "val/"))
             model.train()
         logger.log(row)
         bar.update(1)
@@ -440,7 +442,10 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
     if budget[0] == 0 and state["step"] < cfg.rl_steps:
         return False
     if state["step"] == 0:
-        logger.log({"stage": "rl", "step": 0, **scalars(run.validate(), "val/")})
+        # greedy (or seeded) validation of unchanged weights gives the same numbers: the warm-up's own validation,
+        # when this process just ran it, is reused, not repeated
+        val = run.sft_val if run.sft_val is not None else run.validate()
+        logger.log({"stage": "rl", "step": 0, **scalars(val, "val/")})
     bar = tqdm(total=cfg.rl_steps, initial=state["step"], desc="rl", disable=not (cfg.progress and dist.main))
     for step in range(state["step"], cfg.rl_steps):
         if budget[0] == 0:  # halted; the checkpoint of the previous step is on disk

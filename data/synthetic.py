@@ -24,6 +24,7 @@ tokenizer/ (a word-level Hugging Face tokenizer over the benchmark's closed voca
 """
 
 import argparse
+import functools
 import json
 import random
 import re
@@ -641,6 +642,13 @@ def vocabulary_corpus():
     yield from tokenizer_corpus(generate(0))
 
 
+@functools.lru_cache(maxsize=1)
+def world_tokenizer():
+    """The benchmark's tokenizer, built once per process: its corpus depends on this code alone, and building it
+    generates the canonical sample (about 8 s), which every benchmark a process writes would otherwise repeat."""
+    return build_tokenizer(vocabulary_corpus())
+
+
 def write_benchmark(
     out: str | Path,
     seed: int = 0,
@@ -654,7 +662,7 @@ def write_benchmark(
     for name, records in splits.items():
         write_jsonl(out / f"{name}.jsonl", records)
     stats = compute_stats(splits, seed, case_prob, teacher)
-    save_tokenizer(build_tokenizer(vocabulary_corpus()), out / "tokenizer")
+    save_tokenizer(world_tokenizer(), out / "tokenizer")
     # stats.json last: its version is what runtime.data.ensure_builtin trusts as "this folder is complete"
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     return stats

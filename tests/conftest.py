@@ -7,13 +7,59 @@ imports triton or the kernels.
 import os
 import sys
 
-import pytest
-import torch
+# Under pytest-xdist (`-n auto`, the README's test command) each worker gets its share of the cores, for torch's
+# threads, numpy's BLAS (both read OMP_NUM_THREADS when they load, so it is set before either is imported) and the
+# scripts the tests start (torchrun ranks, gpu_check.sh, ablate.py's runs), which inherit it. Without this, 2
+# workers x 2 threads oversubscribe 2 cores and the suite is slower than run serially.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(_threads)
 
 if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
+
+# Under `--dist loadfile` a worker takes the next file when the one it runs has at most 2 tests left, and runs its
+# files one after the other. So the files go slowest first (seconds measured under `-n 2`, bench/RESULTS.md), and
+# a file's long test goes first within it (run last, it would have a second file queued behind it on its worker).
+# The order is kept as given (xdist's own reordering, by test count, is turned off below). Files not named here
+# follow in their usual order.
+SLOW_FILES = (
+    "test_real_model.py",  # ~180 s
+    "test_parallel.py",  # ~90 s
+    "test_synthetic.py",  # ~80 s
+    "test_ablate.py",  # ~75 s
+    "test_train.py",  # ~60 s
+    "test_logprob.py",  # ~50 s
+    "test_bench.py",  # ~35 s
+    "test_distill_kl.py",  # ~35 s
+    "test_distill.py",  # ~20 s
+)
+LONG_TESTS = ("test_tiny_end_to_end_run_with_the_real_model",)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist >= 3.6: --dist loadfile sorts by test count
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(SLOW_FILES)), item.originalname not in LONG_TESTS))
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist installed, it is never called
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto`: one worker per core, at most 6 (each worker imports torch and transformers; past 6 the slowest
+    file, not the worker count, sets the time)."""
+    return max(1, min(6, os.cpu_count() or 1))
 
 
 # Fixtures shared by the test files (they import the data and model code lazily, after TRITON_INTERPRET is set)

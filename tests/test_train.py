@@ -60,6 +60,9 @@ def test_tiny_end_to_end_run_and_eval(bench, tmp_path, capsys, monkeypatch):
 
     real = model.sampling.token_logprobs
     monkeypatch.setattr(model.sampling, "token_logprobs", recording)
+    validations = []
+    real_validate = train.Run.validate
+    monkeypatch.setattr(train.Run, "validate", lambda self: validations.append(1) or real_validate(self))
     assert train.main(fast_args(bench, tmp_path, "--name", "e2e", "--max-new-tokens", "136")) == 0
     assert len(sent) >= 4 and all(n > 0 for n in sent)
     run = tmp_path / "e2e"
@@ -80,6 +83,10 @@ def test_tiny_end_to_end_run_and_eval(bench, tmp_path, capsys, monkeypatch):
     assert [r["step"] for r in rows if r["stage"] == "sft"] == [1, 2]
     rl = [r for r in rows if r["stage"] == "rl"]
     assert [r["step"] for r in rl] == [0, 1, 2]
+    # RL's step 0 reports the warm-up's last validation (same weights), computed once: SFT's end, then RL step 2
+    val_keys = [k for k in rows[1] if k.startswith("val/")]
+    assert val_keys and {k: rl[0][k] for k in val_keys} == {k: rows[1][k] for k in val_keys}
+    assert len(validations) == 2
     for key in (
         "reward",
         "accuracy",
@@ -624,6 +631,22 @@ def test_sft_steps_sets_the_warm_up_length(bench, tmp_path):
     assert train.main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "steps" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and "val/accuracy" in rows[-1]
+
+
+def test_init_takes_a_run_and_instruction_overrides_its_prompt_json(bench, tmp_path, capsys):
+    # a run's warm-up checkpoint as --init: --instruction overrides the prompt.json saved beside it, and `auto`
+    # (the default) takes it; each run writes the settings it used beside its own checkpoint
+    one = ["--stages", "sft", "--sft-steps", "1", "--max-prompt-tokens", "1024"]
+    assert train.main(fast_args(bench, tmp_path, *one, "--name", "a", "--test-splits", "")) == 0
+    prompt = lambda name: json.loads((tmp_path / name / "sft" / "prompt.json").read_text())["with_instruction"]
+    assert prompt("a") is False
+    init = ["--init", str(tmp_path / "a" / "sft")]
+    assert train.main(fast_args(bench, tmp_path, *one, *init, "--instruction", "full", "--name", "b")) == 0
+    assert prompt("b") is True and (tmp_path / "b" / "eval_sft.json").exists()
+    assert "instruction on" in capsys.readouterr().out
+    init = ["--init", str(tmp_path / "b" / "sft")]
+    assert train.main(fast_args(bench, tmp_path, *one, *init, "--name", "c", "--test-splits", "")) == 0
+    assert prompt("c") is True and "instruction on" in capsys.readouterr().out
 
 
 def test_a_copied_or_renamed_run_resumes_in_its_own_folder(bench, tmp_path):
