@@ -8,12 +8,12 @@ import os
 import sys
 
 # Under pytest-xdist (`-n auto`, the README's test command) each worker gets its share of the cores, for torch's
-# threads, numpy's BLAS (both read OMP_NUM_THREADS when they load, so it is set before either is imported) and the
-# scripts the tests start (torchrun ranks, gpu_check.sh, ablate.py's runs), which inherit it. Without this, 2
-# workers x 2 threads oversubscribe 2 cores and the suite is slower than run serially.
+# threads, numpy's BLAS (both read OMP_NUM_THREADS when they load, so it is set before either is imported), the
+# tokenizers' thread pool (RAYON_NUM_THREADS) and the scripts the tests start (torchrun ranks, gpu_check.sh,
+# ablate.py's runs), which inherit them. Without this, 2 workers x 2 threads oversubscribe 2 cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    os.environ["OMP_NUM_THREADS"] = os.environ["RAYON_NUM_THREADS"] = str(_threads)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -32,7 +32,7 @@ if not torch.cuda.is_available():
 # The order is kept as given (xdist's own reordering, by test count, is turned off below). Files not named here
 # follow in their usual order.
 SLOW_FILES = (
-    "test_real_model.py",  # ~180 s
+    "test_real_model.py",  # ~125 s
     "test_parallel.py",  # ~90 s
     "test_synthetic.py",  # ~80 s
     "test_ablate.py",  # ~75 s

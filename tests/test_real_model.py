@@ -230,34 +230,23 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
         "--eval-batch-size",
         "2",
     ]
-    # warm-up (one SFT step of one trace), then one RL step of 1 prompt x 2 samples; the checkpoints are HF folders.
-    # Each sequence holds the full instruction (about 1,000 prompt tokens), so every size is the least that runs
-    # each path: one validation record, the RL step's 2 samples in one pass, and the test splits scored once, by
-    # eval.py from the saved checkpoint below (train.py's own test evaluation is the same code: test_train.py)
-    argv = [
-        *common,
-        "--model",
-        str(smol),
-        "--name",
-        "smol",
-        "--test-splits",
-        "",
-        "--sft-steps",
-        "1",
-        "--rl-steps",
-        "1",
-        "--prompts-per-step",
-        "1",
-        "--group-size",
-        "2",
-        "--rl-lr",
-        "1e-6",
-    ]
+    # the warm-up (one SFT step of one trace) with the default prompt, the full instruction in the chat template
+    # (about 1,000 prompt tokens); the checkpoints are HF folders. Every size is the least that runs each path: one
+    # validation record, no test split (eval.py scores the test splits from a saved checkpoint below)
+    argv = [*common, "--model", str(smol), "--name", "smol", "--stages", "sft", "--sft-steps", "1", "--test-splits", ""]
     assert train.main(argv) == 0
     run = tmp_path / "runs" / "smol"
-    out = capsys.readouterr().out
-    assert "instruction on" in out and "after RL" in out
+    assert "instruction on" in capsys.readouterr().out
     assert json.loads((run / "sft" / "prompt.json").read_text())["with_instruction"] is True
+    # RL from that checkpoint (--init), one step of 1 prompt x 2 samples in one pass, prompted without the
+    # instruction text (--instruction overrides the prompt.json beside the checkpoint; short prompts keep it cheap)
+    argv = [*common, "--init", str(run / "sft"), "--instruction", "none", "--name", "rl", "--stages", "rl"]
+    argv += ["--rl-steps", "1", "--prompts-per-step", "1", "--group-size", "2", "--rl-lr", "1e-6", "--test-splits", ""]
+    assert train.main(argv) == 0
+    run = tmp_path / "runs" / "rl"
+    out = capsys.readouterr().out
+    assert "instruction off" in out and "after RL" in out
+    assert json.loads((run / "best" / "prompt.json").read_text())["with_instruction"] is False
     assert load_trainer_state(run / "ckpt")["stage"] == "rl"
     # eval.py reloads the RL checkpoint (strictly) and scores a record of each test split with the saved prompt
     # settings
@@ -280,7 +269,5 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
     ]
     assert eval_script.main(ev) == 0
     scored = json.loads(result.read_text())
-    assert scored["with_instruction"] is True and sum(m["n"] for m in scored["results"].values()) == 2
-    # --init from a run's checkpoint with --instruction over its prompt.json: test_train.py's
-    # test_init_takes_a_run_and_instruction_overrides_its_prompt_json (the same code path, at a tiny size)
+    assert scored["with_instruction"] is False and sum(m["n"] for m in scored["results"].values()) == 2
     shutil.rmtree(tmp_path / "runs")  # about 3 GB of checkpoints (weights + AdamW state) that pytest would keep
