@@ -613,16 +613,16 @@ def compute_stats(
         "train_majority_label": majority,
         "splits": {name: split_stats(recs, majority, type_majority) for name, recs in splits.items()},
     }
+    views = {
+        "note_only_bow": _note_text,
+        "query_only_bow": _query_text,
+        "detail_line_only_bow": _detail_line,
+        "query_and_note_bow": lambda r: _query_text(r) + " " + _note_text(r),
+    }
+    unknown = set(baselines or ()) - set(views)
+    if unknown:
+        raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {list(views)}")
     if train:
-        views = {
-            "note_only_bow": _note_text,
-            "query_only_bow": _query_text,
-            "detail_line_only_bow": _detail_line,
-            "query_and_note_bow": lambda r: _query_text(r) + " " + _note_text(r),
-        }
-        unknown = set(baselines or ()) - set(views)
-        if unknown:
-            raise ValueError(f"unknown baselines {sorted(unknown)}; choose from {list(views)}")
         for key, view in views.items():
             if baselines is not None and key not in baselines:
                 continue
@@ -654,9 +654,10 @@ def vocabulary_corpus():
 
 
 @functools.lru_cache(maxsize=1)
-def world_tokenizer():
+def _world_tokenizer():
     """The benchmark's tokenizer, built once per process: its corpus depends on this code alone, and building it
-    generates the canonical sample (about 8 s), which every benchmark a process writes would otherwise repeat."""
+    generates the canonical sample (about 8 s), which every benchmark a process writes would otherwise repeat. One
+    shared object: write_benchmark only saves it; load the saved folder to use it."""
     return build_tokenizer(vocabulary_corpus())
 
 
@@ -673,7 +674,7 @@ def write_benchmark(
     for name, records in splits.items():
         write_jsonl(out / f"{name}.jsonl", records)
     stats = compute_stats(splits, seed, case_prob, teacher)
-    save_tokenizer(world_tokenizer(), out / "tokenizer")
+    save_tokenizer(_world_tokenizer(), out / "tokenizer")
     # stats.json last: its version is what runtime.data.ensure_builtin trusts as "this folder is complete"
     write_text_atomic(out / "stats.json", json.dumps(stats, indent=2) + "\n")
     return stats

@@ -12,7 +12,8 @@ import sys
 # tokenizers' thread pool (RAYON_NUM_THREADS) and the scripts the tests start (torchrun ranks, gpu_check.sh,
 # ablate.py's runs), which inherit them. Without this, 2 workers x 2 threads oversubscribe 2 cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    _threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _threads = max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
     os.environ["OMP_NUM_THREADS"] = os.environ["RAYON_NUM_THREADS"] = str(_threads)
 
 import pytest  # noqa: E402
@@ -52,14 +53,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOW_FILES)}
-    items.sort(key=lambda item: (rank.get(item.path.name, len(SLOW_FILES)), item.originalname not in LONG_TESTS))
-
-
-@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: without xdist installed, it is never called
-def pytest_xdist_auto_num_workers(config):
-    """`-n auto`: one worker per core, at most 6 (each worker imports torch and transformers; past 6 the slowest
-    file, not the worker count, sets the time)."""
-    return max(1, min(6, os.cpu_count() or 1))
+    first = lambda item: getattr(item, "originalname", item.name) in LONG_TESTS  # noqa: E731
+    items.sort(key=lambda item: (rank.get(item.path.name, len(SLOW_FILES)), not first(item)))
 
 
 # Fixtures shared by the test files (they import the data and model code lazily, after TRITON_INTERPRET is set)

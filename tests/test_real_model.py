@@ -231,25 +231,28 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
         "2",
     ]
     # the warm-up (one SFT step of one trace) with the default prompt, the full instruction in the chat template
-    # (about 1,000 prompt tokens); the checkpoints are HF folders. Every size is the least that runs each path: one
-    # validation record, no test split (eval.py scores the test splits from a saved checkpoint below)
+    # (about 1,000 prompt tokens); the checkpoints are HF folders. At this prompt length every size is the least that
+    # runs the path: one trace, one validation record, no test split
     argv = [*common, "--model", str(smol), "--name", "smol", "--stages", "sft", "--sft-steps", "1", "--test-splits", ""]
     assert train.main(argv) == 0
     run = tmp_path / "runs" / "smol"
     assert "instruction on" in capsys.readouterr().out
     assert json.loads((run / "sft" / "prompt.json").read_text())["with_instruction"] is True
-    # RL from that checkpoint (--init), one step of 1 prompt x 2 samples in one pass, prompted without the
-    # instruction text (--instruction overrides the prompt.json beside the checkpoint; short prompts keep it cheap)
+    # RL from that checkpoint (--init), prompted without the instruction text (--instruction overrides the
+    # prompt.json beside the checkpoint; short prompts keep it cheap): one step of 2 prompts x 2 samples, so the
+    # sampled batch and the update hold padded sequences of different lengths, and one test split scored
     argv = [*common, "--init", str(run / "sft"), "--instruction", "none", "--name", "rl", "--stages", "rl"]
-    argv += ["--rl-steps", "1", "--prompts-per-step", "1", "--group-size", "2", "--rl-lr", "1e-6", "--test-splits", ""]
+    argv += ["--rl-steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--rl-lr", "1e-6"]
+    argv += ["--test-splits", "test_random", "--micro-batch", "4"]
     assert train.main(argv) == 0
     run = tmp_path / "runs" / "rl"
     out = capsys.readouterr().out
     assert "instruction off" in out and "after RL" in out
     assert json.loads((run / "best" / "prompt.json").read_text())["with_instruction"] is False
     assert load_trainer_state(run / "ckpt")["stage"] == "rl"
-    # eval.py reloads the RL checkpoint (strictly) and scores a record of each test split with the saved prompt
-    # settings
+    assert json.loads((run / "eval_rl.json").read_text())["test_random"]["n"] == 1
+    # eval.py reloads the RL checkpoint (strictly) and scores 2 records of each test split, in one padded batch,
+    # with the saved prompt settings
     result = tmp_path / "eval.json"
     ev = [
         "--checkpoint",
@@ -259,7 +262,7 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
         "--splits",
         "test_random,test_longtail",
         "--limit",
-        "1",
+        "2",
         "--max-new-tokens",
         "8",
         "--max-prompt-tokens",
@@ -269,5 +272,5 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
     ]
     assert eval_script.main(ev) == 0
     scored = json.loads(result.read_text())
-    assert scored["with_instruction"] is False and sum(m["n"] for m in scored["results"].values()) == 2
+    assert scored["with_instruction"] is False and sum(m["n"] for m in scored["results"].values()) == 4
     shutil.rmtree(tmp_path / "runs")  # about 3 GB of checkpoints (weights + AdamW state) that pytest would keep
