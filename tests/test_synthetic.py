@@ -172,7 +172,7 @@ def test_stats_match_files(bench_dir):
         synthetic.compute_stats(some, 0, baselines=("title_bow",))
 
 
-def test_tokenizer_round_trips_the_whole_corpus(full, bench_dir):
+def test_tokenizer_covers_the_whole_corpus_and_round_trips_it(full, bench_dir):
     # the tokenizer written with a small benchmark of seed 3 covers the full corpus of seed 0: the vocabulary is closed
     tok = load_tokenizer(bench_dir / "tokenizer")
     texts = list(synthetic.tokenizer_corpus(full)) + list(
