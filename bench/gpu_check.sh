@@ -69,7 +69,7 @@ if [ "$SMOKE" = 1 ]; then
   stage tests python -m pytest -q -rs tests/test_logprob.py -k strided
   stage bench_logprob python -m bench.bench_logprob --smoke --modes fwd+bwd --tokens 20 --vocab 130 --csv "$OUT/bench_logprob.csv"
   stage bench_policy_loss python -m bench.bench_policy_loss --smoke --tokens 500 --rollouts 8 --csv "$OUT/bench_policy_loss.csv"
-  stage bench_distill_kl python -m bench.bench_distill_kl --smoke --kinds fkl,jsd --csv "$OUT/bench_distill_kl.csv"
+  stage bench_distill_kl python -m bench.bench_distill_kl --smoke --kinds fkl,jsd --tokens 20 --vocab 130 --csv "$OUT/bench_distill_kl.csv"
 else
   # the CUDA tests (test_gpu_*): on a GPU the CPU tests would call the Triton path on CPU tensors without the
   # interpreter, which the kernels refuse

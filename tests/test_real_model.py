@@ -46,16 +46,43 @@ def gguf_file() -> Path:
     return path
 
 
+# token ids at which the converted folder's model must compute what transformers' own reading of the GGUF file
+# computes: special tokens, both ends of the vocabulary, ids spread through it
+PROBE_IDS = torch.tensor([[1, 9, 31, 504, 2000, 7777, 15000, 30000, 41234, 49151, 2, 0]])
+
+
 @pytest.fixture(scope="module")
-def smol(gguf_file, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("models") / "smollm2-135m"
-    assert from_gguf.main([str(gguf_file), str(out)]) == 0
-    return out
-
-
-def test_conversion_writes_the_same_model_as_a_standard_folder(smol, gguf_file):
+def smol_and_read_logits(gguf_file, tmp_path_factory) -> tuple[Path, torch.Tensor]:
+    """The converted folder, and the logits at PROBE_IDS of the model transformers read from the GGUF file during
+    that conversion (taken as it returned, before the conversion touched it): reading the file costs about 15 s,
+    so it is read once."""
     from transformers import AutoModelForCausalLM
 
+    out = tmp_path_factory.mktemp("models") / "smollm2-135m"
+    reads = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        model = original(cls, *args, **kwargs)
+        if kwargs.get("gguf_file"):
+            with torch.no_grad():
+                reads.append(model.eval()(PROBE_IDS).logits.clone())
+        return model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+        assert from_gguf.main([str(gguf_file), str(out)]) == 0
+    assert len(reads) == 1, "the conversion should read the GGUF model once"
+    return out, reads[0]
+
+
+@pytest.fixture(scope="module")
+def smol(smol_and_read_logits) -> Path:
+    return smol_and_read_logits[0]
+
+
+def test_conversion_writes_the_same_model_as_a_standard_folder(smol_and_read_logits):
+    smol, read_logits = smol_and_read_logits
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
         assert (smol / name).is_file(), name
     assert "quantization_config" not in json.loads((smol / "config.json").read_text())
@@ -63,16 +90,9 @@ def test_conversion_writes_the_same_model_as_a_standard_folder(smol, gguf_file):
     tok = load_tokenizer(smol)
     assert tok.eos_token == "<|im_end|>" and tok.chat_template and len(tok) == 49152
     assert model.generation_config.eos_token_id == tok.eos_token_id
-    # the folder's model computes what transformers' own reading of the GGUF file computes
-    read = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name, dtype=torch.float32)
-    ids = tok.apply_chat_template(
-        [{"role": "user", "content": "Is this note about ramen?"}],
-        return_tensors="pt",
-        add_generation_prompt=True,
-        return_dict=True,
-    )["input_ids"]
+    # the folder's model computes what transformers' own reading of the GGUF file computed, bit for bit
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, read.eval()(ids).logits)
+        assert torch.equal(model.eval()(PROBE_IDS).logits, read_logits)
 
 
 def test_conversion_errors_are_one_line(tmp_path, capsys, monkeypatch):
