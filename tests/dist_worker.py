@@ -2,11 +2,12 @@
 train.py and distill.py run, then a checkpoint; tests/test_parallel.py runs it on 2 ranks under torchrun and as one
 process on the whole batch, and compares.
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/dist_worker.py BENCH TEACHER OUT fsdp triton
-    python tests/dist_worker.py BENCH TEACHER OUT none triton      # one process, the combined batch
+    python -m torch.distributed.run --nproc-per-node 2 tests/dist_worker.py BENCH TEACHER OUT fsdp,ddp triton ref
+    python tests/dist_worker.py BENCH TEACHER OUT none triton ref     # one process, the combined batch
 
-Writes OUT/result.pt (losses, metrics, updated parameters of every model) and OUT/ckpt/ (the RL policy, gathered
-full weights in Hugging Face format with the trainer state), from rank 0.
+For each strategy of the comma list, in turn in the same process group (one launch, so its start-up is paid
+once), writes OUT/STRATEGY/result.pt (losses, metrics, updated parameters of every model) and OUT/STRATEGY/ckpt/
+(the RL policy, gathered full weights in Hugging Face format with the trainer state), from rank 0.
 """
 
 import sys
@@ -71,9 +72,18 @@ def params(policy: Sharded) -> dict:
     }
 
 
-def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_impl: str) -> None:
+def main(bench: str, teacher: str, out: str, strategies: str, impl: str, distill_impl: str) -> None:
     dist = init_distributed("cpu")
+    for strategy in strategies.split(","):
+        step_both(bench, teacher, Path(out) / strategy, strategy, impl, distill_impl, dist)
+    shutdown()
+
+
+def step_both(bench: str, teacher: str, out: Path, strategy: str, impl: str, distill_impl: str, dist) -> None:
+    """The GRPO update and the distillation step under `strategy`, from fresh models; results under `out`."""
     strategy = resolve_strategy(strategy, dist.world)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(Path(bench) / "tokenizer")
     result = {"world": dist.world, "strategy": strategy}
 
@@ -92,7 +102,7 @@ def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_i
     full = policy.full_state_dict()
     state = {"step": 1, "optimizer": policy.optimizer_state(opt), **rank_rng_states(dist)}
     if dist.main:
-        save_checkpoint(Path(out) / "ckpt", policy.module, tok, state, state_dict=full)
+        save_checkpoint(out / "ckpt", policy.module, tok, state, state_dict=full)
 
     # distillation: both students (token-level rkl), fixed teacher traces; on rank 1 (rows 2, 3 of the combined
     # batch) the traces never end, so its label student has no rows and must run zero-weighted micro-batches
@@ -145,13 +155,12 @@ def main(bench: str, teacher: str, out: str, strategy: str, impl: str, distill_i
         opt.step()
         result["distill"][kind] = {"loss": loss, "grad_norm": norm, "counts": counts, "params": params(student)}
     if dist.main:
-        torch.save(result, Path(out) / "result.pt")
+        torch.save(result, out / "result.pt")
     dist.barrier()
-    shutdown()
 
 
 if __name__ == "__main__":
     import faulthandler
 
-    faulthandler.dump_traceback_later(100, exit=True)  # a hung collective shows where it hangs
+    faulthandler.dump_traceback_later(200, exit=True)  # a hung collective shows where it hangs
     main(*sys.argv[1:7])

@@ -63,7 +63,7 @@ def single(bench, teacher, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("single")
     worker.main(str(bench), str(teacher), str(out), "none", "triton", "ref")
-    return torch.load(out / "result.pt", weights_only=False)
+    return torch.load(out / "none" / "result.pt", weights_only=False)
 
 
 def assert_same_params(got: dict, want: dict, lr: float = 1e-2):
@@ -83,10 +83,17 @@ def assert_same_params(got: dict, want: dict, lr: float = 1e-2):
     assert close >= 0.999 * total, f"{total - close} of {total} weights differ by more than 1e-6"
 
 
+@pytest.fixture(scope="module")
+def launched(bench, teacher, tmp_path_factory):
+    """One 2-rank launch of the worker that runs FSDP2, then DDP, in the same process group."""
+    out = tmp_path_factory.mktemp("two")
+    torchrun(WORKER, bench, teacher, out, "fsdp,ddp", "triton", "ref")
+    return out
+
+
 @pytest.fixture(scope="module", params=["fsdp", "ddp"])
-def two_ranks(request, bench, teacher, tmp_path_factory):
-    out = tmp_path_factory.mktemp(request.param)
-    torchrun(WORKER, bench, teacher, out, request.param, "triton", "ref")
+def two_ranks(request, launched):
+    out = launched / request.param
     return out, torch.load(out / "result.pt", weights_only=False)
 
 
