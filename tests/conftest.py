@@ -33,14 +33,14 @@ if not torch.cuda.is_available():
 # The order is kept as given (xdist's own reordering, by test count, is turned off below). Files not named here
 # follow in their usual order.
 SLOW_FILES = (
-    "test_real_model.py",  # ~105 s
-    "test_parallel.py",  # ~105 s
-    "test_ablate.py",  # ~85 s
-    "test_train.py",  # ~65 s
-    "test_synthetic.py",  # ~65 s
-    "test_logprob.py",  # ~60 s
-    "test_bench.py",  # ~40 s
-    "test_distill_kl.py",  # ~35 s
+    "test_real_model.py",  # ~135 s (beside test_parallel's and test_ablate's subprocesses)
+    "test_parallel.py",  # ~110 s
+    "test_ablate.py",  # ~80 s
+    "test_train.py",  # ~75 s
+    "test_logprob.py",  # ~70 s
+    "test_bench.py",  # ~45 s
+    "test_synthetic.py",  # ~40 s
+    "test_distill_kl.py",  # ~40 s
     "test_distill.py",  # ~20 s
 )
 LONG_TESTS = ("test_tiny_end_to_end_run_with_the_real_model",)

@@ -94,7 +94,9 @@ def launched(bench, teacher, tmp_path_factory):
 @pytest.fixture(scope="module", params=["fsdp", "ddp"])
 def two_ranks(request, launched):
     out = launched / request.param
-    return out, torch.load(out / "result.pt", weights_only=False)
+    result = torch.load(out / "result.pt", weights_only=False)
+    assert result["strategy"] == request.param
+    return out, result
 
 
 def test_two_ranks_take_the_step_of_one_process_on_the_combined_batch(bench, single, two_ranks):

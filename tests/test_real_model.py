@@ -65,6 +65,9 @@ def smol_and_read_logits(gguf_file, tmp_path_factory) -> tuple[Path, torch.Tenso
     def spy(cls, *args, **kwargs):
         model = original(cls, *args, **kwargs)
         if kwargs.get("gguf_file"):
+            # the reference is transformers' plain reading of the file: nothing the converter could pass changes it
+            assert args == (str(gguf_file.parent),), args
+            assert kwargs == {"gguf_file": gguf_file.name, "local_files_only": True, "dtype": torch.float32}, kwargs
             with torch.no_grad():
                 reads.append(model.eval()(PROBE_IDS).logits.clone())
         return model
