@@ -85,10 +85,13 @@ FOLDERS = ("ckpt", "sft", "best")  # checkpoint folders of a run (recovered afte
 
 
 def rollout_logprobs(model: Sharded, sl: slice, grad: bool = False, *, batch, cfg) -> torch.Tensor:
-    """Flat (b * T,) log-probs of rows `sl` of a rollout batch (prompt ids, prompt mask, completion, response)."""
+    """Flat (b * T,) log-probs of rows `sl` of a rollout batch (prompt ids, prompt mask, completion, response).
+    Where `sl` holds whole groups, each prompt runs once for its G completions (`response_hidden`'s `group`)."""
+    G = cfg.group_size
+    group = G if sl.start % G == 0 and (sl.stop - sl.start) % G == 0 else 1
     with torch.set_grad_enabled(grad):
         rows = [t[sl] for t in batch[:4]]
-        return model(response_logprobs, *rows, temperature=cfg.temperature, impl=cfg.impl).reshape(-1)
+        return model(response_logprobs, *rows, temperature=cfg.temperature, impl=cfg.impl, group=group).reshape(-1)
 
 
 class Rollouts(NamedTuple):

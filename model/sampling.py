@@ -131,13 +131,48 @@ def generate(
     return torch.stack(tokens, dim=1), torch.stack(alive, dim=1)
 
 
-def response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask) -> torch.Tensor:
-    """Final hidden states (B, T, D) that predict each completion token (after the model's final norm)."""
-    P = prompt_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
+def response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask, *, group: int = 1) -> torch.Tensor:
+    """Final hidden states (B, T, D) that predict each completion token (after the model's final norm).
+
+    group > 1: the rows come in runs of `group` identical prompts (a GRPO batch, prompt-major). Each prompt then
+    runs once, and its keys and values are repeated for the completions of its group, which attend to them as to
+    a KV cache: the same hidden states up to rounding, with the prompt's cost divided by `group` (gradients reach
+    the prompt's positions through the repeated keys and values)."""
+    B, P = prompt_ids.shape
     mask = torch.cat([prompt_mask, response_mask], dim=1)
-    hidden = model.base_model(input_ids=input_ids, attention_mask=mask.long(), position_ids=_positions(mask))
-    return hidden.last_hidden_state[:, P - 1 : -1]  # (B, T, D)
+    if group == 1:
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
+        hidden = model.base_model(input_ids=input_ids, attention_mask=mask.long(), position_ids=_positions(mask))
+        return hidden.last_hidden_state[:, P - 1 : -1]  # (B, T, D)
+    if group < 1 or B % group:
+        raise ValueError(f"group must be >= 1 and divide the batch's {B} rows, got {group}")
+    ids_g, mask_g = prompt_ids.view(B // group, group, P), prompt_mask.view(B // group, group, P)
+    same = torch.equal(ids_g, ids_g[:, :1].expand_as(ids_g)) and torch.equal(mask_g, mask_g[:, :1].expand_as(mask_g))
+    if not same:
+        raise ValueError(f"group={group}: a group's prompts differ (rows must be prompt-major, {group} per prompt)")
+    base = model.base_model
+    cache = DynamicCache(config=model.config)
+    kw = {_cache_kwarg(type(base)): cache}
+    u_mask = prompt_mask[::group]
+    u_ids = prompt_ids[::group]
+    first = base(
+        input_ids=u_ids, attention_mask=u_mask.long(), position_ids=_positions(u_mask), use_cache=True, **kw
+    ).last_hidden_state[:, -1:]  # (B / group, 1, D): predicts each completion's first token
+    first = first.repeat_interleave(group, dim=0)
+    T = completion_ids.shape[1]
+    if T == 1:
+        return first
+    if cache.get_seq_length() != P:  # a forward that swallowed the argument would leave the completions blind
+        raise RuntimeError(f"{type(base).__name__}.forward did not fill the KV cache passed as {next(iter(kw))}=")
+    cache.batch_repeat_interleave(group)
+    rest = base(
+        input_ids=completion_ids[:, :-1],
+        attention_mask=mask[:, :-1].long(),
+        position_ids=_positions(mask)[:, P:-1],
+        use_cache=True,
+        **kw,
+    ).last_hidden_state  # (B, T - 1, D)
+    return torch.cat([first, rest], dim=1)
 
 
 def response_rows(mask: torch.Tensor) -> torch.Tensor:
@@ -167,11 +202,12 @@ def response_logprobs(
     *,
     temperature: float = 1.0,
     impl: str = "auto",
+    group: int = 1,
 ) -> torch.Tensor:
     """Log-probs (B, T) fp32 of the completion tokens under `model` (0 outside the response), through
     `grm_kernels.token_logprobs` on the response rows only: the (B, T, V) logits are never formed, and the positions
-    outside the response never reach the kernel."""
-    hidden = response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask)  # (B, T, D)
+    outside the response never reach the kernel. `group`: as in `response_hidden` (each prompt run once)."""
+    hidden = response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask, group=group)  # (B, T, D)
     rows = response_rows(response_mask)  # (N,)
     logp = token_logprobs(
         take_rows(hidden, rows), head_weight(model), take_rows(completion_ids, rows), temperature=temperature, impl=impl

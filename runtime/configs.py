@@ -142,11 +142,11 @@ class TrainConfig(SessionConfig):
     sft_warmup: int = 20  # SFT warm-up steps
     # GRPO + SAM
     rl_split: str = "rl"  # label-only split for RL prompts
-    rl_steps: int = 60  # RL steps (rollout batches)
+    rl_steps: int = 150  # RL steps (rollout batches)
     prompts_per_step: int = 16  # P: prompts per RL step
     group_size: int = 8  # G: samples per prompt
     mu: int = 1  # inner epochs: optimizer steps per rollout batch
-    rl_lr: float = 5e-4  # peak RL learning rate
+    rl_lr: float = 3e-4  # peak RL learning rate
     rl_warmup: int = 5  # RL warm-up steps
     temperature: float = 1.0  # rollout sampling temperature (log-probs use it too)
     top_p: float = 1.0  # rollout nucleus threshold
@@ -168,7 +168,7 @@ class TrainConfig(SessionConfig):
     agg: str = "seq-mean-token-mean"  # loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum
     # evaluation
     val_limit: int = 500  # validation records used (0 = all)
-    eval_every: int = 10  # evaluate on validation every N RL steps (and at the end of each stage)
+    eval_every: int = 25  # evaluate on validation every N RL steps (and at the end of each stage)
     select: str = "last"  # RL model evaluated on the tests: last (the final step) or best (best validation accuracy)
     eval_temperature: float = 0.0  # evaluation sampling temperature (0 = greedy; the authors validate at 0.6)
     eval_samples: int = 1  # with --eval-temperature > 0: samples per record, metrics averaged over them
