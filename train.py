@@ -460,7 +460,7 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         idx = dist.shard(batch_indices(len(run.rl.records), P, step, cfg.seed))
         records = [run.rl.records[i] for i in idx for _ in range(G)]
         prompts = [run.rl.prompts[i] for i in idx for _ in range(G)]
-        sampled = run.sample(model, prompts, temperature=cfg.temperature, generator=generator)
+        sampled = run.sample(model, prompts, temperature=cfg.temperature, generator=generator, group=G)
         p_ids, p_mask, completion, response = sampled
         model.train()
         times["generate_s"] = time.perf_counter() - t0

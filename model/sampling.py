@@ -86,12 +86,14 @@ def generate(
     top_p: float = 1.0,
     vocab_size: int | None = None,
     generator: torch.Generator | None = None,
+    group: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample completions for left-padded prompts (B, P); returns (completion ids (B, T), response mask (B, T)).
 
     T <= max_new_tokens: decoding stops once every sequence has produced EOS. `vocab_size` (the tokenizer's
     length) keeps padded head rows beyond the tokenizer from ever being sampled. Only the last position's logits
-    are formed, (B, V) per step; the prompt's own logits are never computed.
+    are formed, (B, V) per step; the prompt's own logits are never computed. `group` > 1: the rows come in runs of
+    `group` identical prompts; each prompt is read once and its KV cache repeated for its group.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -104,11 +106,20 @@ def generate(
     cache = {_cache_kwarg(type(base)): DynamicCache(config=model.config)}
     attn = prompt_mask.long()  # (B, P + t)
     pos = _positions(prompt_mask)[:, -1:]  # (B, 1)
+    _check_groups(prompt_ids, prompt_mask, group)
+    u_mask = prompt_mask[::group]
     hidden = base(
-        input_ids=prompt_ids, attention_mask=attn, position_ids=_positions(prompt_mask), use_cache=True, **cache
+        input_ids=prompt_ids[::group],
+        attention_mask=u_mask.long(),
+        position_ids=_positions(u_mask),
+        use_cache=True,
+        **cache,
     ).last_hidden_state[:, -1]
     if next(iter(cache.values())).get_seq_length() == 0:  # a forward that swallowed the argument: no cache, wrong text
         raise RuntimeError(f"{type(base).__name__}.forward did not fill the KV cache passed as {next(iter(cache))}=")
+    if group > 1:
+        next(iter(cache.values())).batch_repeat_interleave(group)
+        hidden = hidden.repeat_interleave(group, dim=0)
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     tokens, alive = [], []
     for step in range(max_new_tokens):
@@ -131,6 +142,17 @@ def generate(
     return torch.stack(tokens, dim=1), torch.stack(alive, dim=1)
 
 
+def _check_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group: int) -> None:
+    """Refuse a `group` that does not describe the rows: runs of `group` identical prompts, prompt-major."""
+    B, P = prompt_ids.shape
+    if group < 1 or B % group:
+        raise ValueError(f"group must be >= 1 and divide the batch's {B} rows, got {group}")
+    ids_g, mask_g = prompt_ids.view(B // group, group, P), prompt_mask.view(B // group, group, P)
+    same = torch.equal(ids_g, ids_g[:, :1].expand_as(ids_g)) and torch.equal(mask_g, mask_g[:, :1].expand_as(mask_g))
+    if not same:
+        raise ValueError(f"group={group}: a group's prompts differ (rows must be prompt-major, {group} per prompt)")
+
+
 def response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask, *, group: int = 1) -> torch.Tensor:
     """Final hidden states (B, T, D) that predict each completion token (after the model's final norm).
 
@@ -144,12 +166,7 @@ def response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mas
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
         hidden = model.base_model(input_ids=input_ids, attention_mask=mask.long(), position_ids=_positions(mask))
         return hidden.last_hidden_state[:, P - 1 : -1]  # (B, T, D)
-    if group < 1 or B % group:
-        raise ValueError(f"group must be >= 1 and divide the batch's {B} rows, got {group}")
-    ids_g, mask_g = prompt_ids.view(B // group, group, P), prompt_mask.view(B // group, group, P)
-    same = torch.equal(ids_g, ids_g[:, :1].expand_as(ids_g)) and torch.equal(mask_g, mask_g[:, :1].expand_as(mask_g))
-    if not same:
-        raise ValueError(f"group={group}: a group's prompts differ (rows must be prompt-major, {group} per prompt)")
+    _check_groups(prompt_ids, prompt_mask, group)
     base = model.base_model
     cache = DynamicCache(config=model.config)
     kw = {_cache_kwarg(type(base)): cache}

@@ -209,10 +209,11 @@ class Session:
 
     # sampling -------------------------------------------------------------------------------------------------
 
-    def sample(self, model: Sharded, prompts: list[list[int]], *, temperature: float, generator=None):
+    def sample(self, model: Sharded, prompts: list[list[int]], *, temperature: float, generator=None, group: int = 1):
         """(prompt ids, prompt mask, completion, response mask) of one sample per prompt (a prompt repeated G times
-        gives a group), at `temperature` with --top-p, up to --max-new-tokens; None without prompts. Collective
-        (under FSDP the weights are gathered for it), so every rank calls it, with or without prompts."""
+        gives a group; `group` = G reads each such prompt once), at `temperature` with --top-p, up to
+        --max-new-tokens; None without prompts. Collective (under FSDP the weights are gathered for it), so every
+        rank calls it, with or without prompts."""
         tok = self.tokenizer
         with model.gathered():  # ranks stop sampling at different lengths: no communication inside
             if not prompts:
@@ -229,6 +230,7 @@ class Session:
                 top_p=self.cfg.top_p,
                 vocab_size=len(tok),
                 generator=generator,
+                group=group,
             )
         return p_ids, p_mask, completion, response
 

@@ -121,6 +121,52 @@ def test_response_logprobs_match_model_logits_with_left_padding(tok):
         assert (logp[b, len(c) :] == 0).all()
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_group_shares_its_prompt_with_the_same_logprobs_and_gradients(tok, attention):
+    """group=G (a GRPO batch, prompt-major): each prompt runs once and its keys and values serve its G completions.
+    Log-probs and parameter gradients equal the plain path's, with left-padded prompts of different lengths,
+    completions of different lengths (one of a single token) and a one-token batch; a layout whose groups hold
+    different prompts is refused."""
+    model = prepare(micro_model(tok, layers=2), device="cpu", attention=attention).train()
+    prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    completions = [[20, 21, 22], [23], [24, 25, 26, 27], [28, 29], [30, 31, 32, 33, 34], [35, 36]]
+    p_ids, p_mask = pad_left([p for p in prompts for _ in range(2)], tok.pad_token_id, "cpu")
+    c_ids, c_mask = pad_right(completions, tok.pad_token_id, "cpu")
+    weights = torch.randn(c_ids.shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for group in (1, 2):
+        model.zero_grad()
+        logp = response_logprobs(model, p_ids, p_mask, c_ids, c_mask, impl="ref", group=group)
+        (logp * weights).sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (plain, plain_grads), (shared, shared_grads) = results
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    assert (shared[~c_mask] == 0).all()
+    for a, b in zip(shared_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    one = response_logprobs(model, p_ids, p_mask, c_ids[:, :1], c_mask[:, :1], impl="ref", group=2)
+    torch.testing.assert_close(one, plain[:, :1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="a group's prompts differ"):
+        response_logprobs(model, p_ids[[0, 2, 1, 3, 4, 5]], p_mask, c_ids, c_mask, impl="ref", group=2)
+    with pytest.raises(ValueError, match="divide the batch"):
+        response_logprobs(model, p_ids, p_mask, c_ids, c_mask, impl="ref", group=4)
+
+
+def test_sampling_a_group_reads_its_prompt_once_with_the_same_samples(tok):
+    """generate(group=G) prefills each prompt once and repeats its KV cache: the same seeded samples as reading
+    every row, left-padded prompts of different lengths included; a layout that is not prompt-major is refused."""
+    model = micro_model(tok)
+    p_ids, p_mask = pad_left([p for p in ([5, 6, 7, 8, 9], [10, 11], [12, 13, 14]) for _ in range(4)], 0, "cpu")
+    outs = []
+    for group in (1, 4):
+        gen = torch.Generator().manual_seed(3)
+        outs.append(generate(model, p_ids, p_mask, max_new_tokens=12, eos_id=-1, pad_id=0, generator=gen, group=group))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert len({tuple(row) for row in outs[0][0].tolist()}) > 3  # the rows of a group differ: sampled, not copied
+    with pytest.raises(ValueError, match="a group's prompts differ"):
+        generate(model, p_ids, p_mask, max_new_tokens=2, eos_id=-1, pad_id=0, group=3)
+
+
 def test_response_logprobs_send_only_response_rows(tok, monkeypatch):
     """The kernel gets exactly the response tokens (no post-EOS or completion padding rows), and the result and
     the gradients equal those of the full (B * T)-row call with the other rows ignored."""
