@@ -22,7 +22,8 @@ results.json, curves.png.
 One RL step (DESIGN.md, "One GRPO step, as data"): P prompts x G samples -> parse, segment, reward, verdicts ->
 group advantages -> SAM keep weights -> `policy_loss(token_logprobs(...))` over micro-batches with one
 normaliser for the whole rollout batch -> `mu` AdamW steps with gradient clipping. The model's own (B, T, V)
-logits are never formed: hidden states and the head weight go to `grm_kernels.token_logprobs`.
+logits are never formed: hidden states and the head weight go to `grm_kernels.token_logprobs`. A group's G rows
+share one prompt, which sampling and the update read once (its keys and values serve the G completions).
 
 Where this departs from the paper or the authors' settings (PAPER.md), and why:
 - The reward for a correct label is 1.0 (authors: 2.0). GRPO normalises by the group's std, so the scale cancels.
