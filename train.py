@@ -42,6 +42,7 @@ Where this departs from the paper or the authors' settings (PAPER.md), and why:
 
 import json
 import math
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -637,6 +638,14 @@ def train(cfg: TrainConfig, given: set[str], dist: Dist, started: float) -> int:
         f"{run.parallel_summary()}, run folder {run.dir}",
     )
     stages = cfg.stage_list
+    if "rl" in stages and cfg.micro_batch % cfg.group_size and dist.main:
+        print(
+            f"note: --micro-batch {cfg.micro_batch} is not a multiple of --group-size {cfg.group_size}, so the RL "
+            "update reads each prompt once per row of a micro-batch that splits its group (a multiple reads it once "
+            "per group)",
+            file=sys.stderr,
+            flush=True,
+        )
     state = state or {"stage": stages[0], "step": 0, "best_val": -1.0, "best_step": -1}
     order, step = STAGES.index(state["stage"]), state["step"]
     logger = run.logger(lambda row: (STAGES.index(row["stage"]), row["step"]) <= (order, step))

@@ -147,7 +147,7 @@ def _check_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group: in
     B, P = prompt_ids.shape
     if group < 1 or B % group:
         raise ValueError(f"group must be >= 1 and divide the batch's {B} rows, got {group}")
-    ids_g, mask_g = prompt_ids.view(B // group, group, P), prompt_mask.view(B // group, group, P)
+    ids_g, mask_g = prompt_ids.reshape(B // group, group, P), prompt_mask.reshape(B // group, group, P)
     same = torch.equal(ids_g, ids_g[:, :1].expand_as(ids_g)) and torch.equal(mask_g, mask_g[:, :1].expand_as(mask_g))
     if not same:
         raise ValueError(f"group={group}: a group's prompts differ (rows must be prompt-major, {group} per prompt)")

@@ -87,10 +87,10 @@ def step_both(bench: str, teacher: str, out: Path, strategy: str, impl: str, dis
     tok = load_tokenizer(Path(bench) / "tokenizer")
     result = {"world": dist.world, "strategy": strategy}
 
-    # GRPO + SAM: rl_update with a frozen KL reference, 2 inner epochs, micro-batches that split the rank's rows
-    cfg = parse_flags(
-        TrainConfig, ["--impl", impl, "--mu", "2", "--micro-batch", "3", "--kl-coef", "0.05", "--grad-clip", "0.5"]
-    )[0]
+    # GRPO + SAM: rl_update with a frozen KL reference, 2 inner epochs, micro-batches that split the rank's rows;
+    # each holds whole groups, so every forward (policy, old log-probs, reference) reads a group's prompt once
+    flags = ["--impl", impl, "--mu", "2", "--micro-batch", "2", "--group-size", str(G), "--kl-coef", "0.05"]
+    cfg = parse_flags(TrainConfig, [*flags, "--grad-clip", "0.5"])[0]
     fresh = lambda: prepare(small_model(), device="cpu")  # noqa: E731
     policy = Sharded(fresh(), dist, strategy)
     ref = Sharded(fresh().requires_grad_(False), dist, strategy, trainable=False)

@@ -159,6 +159,34 @@ def test_tiny_end_to_end_run_and_eval(bench, tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "a-file").is_dir()
 
 
+@pytest.mark.parametrize("micro, update_group", [(2, 2), (3, 1)])
+def test_rl_reads_each_prompt_once_per_group_where_micro_batches_hold_whole_groups(
+    bench, tmp_path, capsys, monkeypatch, micro, update_group
+):
+    """Sampling always reads a group's prompt once; the update (log-probs of the policy and, with a KL term, of the
+    reference) does where --micro-batch is a multiple of --group-size, and says so where it is not."""
+    import runtime.session
+
+    groups = {"sample": [], "update": []}
+
+    def sampling(*args, **kw):
+        groups["sample"].append(kw.get("group", 1))
+        return real_generate(*args, **kw)
+
+    def update(*args, **kw):
+        groups["update"].append(kw.get("group", 1))
+        return response_logprobs(*args, **kw)
+
+    real_generate = runtime.session.generate
+    monkeypatch.setattr(runtime.session, "generate", sampling)
+    monkeypatch.setattr(train, "response_logprobs", update)
+    argv = ["--stages", "rl", "--rl-steps", "1", "--kl-coef", "0.1", "--test-splits", "", "--name", f"g{micro}"]
+    assert train.main(fast_args(bench, tmp_path, *argv, "--micro-batch", str(micro))) == 0
+    assert groups["sample"] and set(groups["sample"]) == {2}  # greedy validation passes group 1 and is not here
+    assert len(groups["update"]) == 2 * (4 // micro + (4 % micro > 0)) and set(groups["update"]) == {update_group}
+    assert ("is not a multiple of --group-size" in capsys.readouterr().err) == (update_group == 1)
+
+
 def test_resume_refuses_changed_data_and_survives_a_torn_log_line(bench, tmp_path, capsys):
     import shutil
 
