@@ -103,23 +103,10 @@ def generate(
     model.eval()
     base, weight = model.base_model, head_weight(model)
     B = prompt_ids.shape[0]
-    cache = {_cache_kwarg(type(base)): DynamicCache(config=model.config)}
     attn = prompt_mask.long()  # (B, P + t)
     pos = _positions(prompt_mask)[:, -1:]  # (B, 1)
-    _check_groups(prompt_ids, prompt_mask, group)
-    u_mask = prompt_mask[::group]
-    hidden = base(
-        input_ids=prompt_ids[::group],
-        attention_mask=u_mask.long(),
-        position_ids=_positions(u_mask),
-        use_cache=True,
-        **cache,
-    ).last_hidden_state[:, -1]
-    if next(iter(cache.values())).get_seq_length() == 0:  # a forward that swallowed the argument: no cache, wrong text
-        raise RuntimeError(f"{type(base).__name__}.forward did not fill the KV cache passed as {next(iter(cache))}=")
-    if group > 1:
-        next(iter(cache.values())).batch_repeat_interleave(group)
-        hidden = hidden.repeat_interleave(group, dim=0)
+    hidden, cache = _read_prompts(model, prompt_ids, prompt_mask, group)
+    hidden = hidden[:, -1]  # (B, D)
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
     tokens, alive = [], []
     for step in range(max_new_tokens):
@@ -153,6 +140,29 @@ def _check_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, group: in
         raise ValueError(f"group={group}: a group's prompts differ (rows must be prompt-major, {group} per prompt)")
 
 
+def _read_prompts(model, prompt_ids, prompt_mask, group: int) -> tuple[torch.Tensor, dict]:
+    """Run the prompts (B, P) through the decoder with a KV cache, each of a group's `group` identical prompts once
+    (`group` = 1: every row): the last position's final hidden state (B, 1, D) and the cache, as the decoder's
+    keyword argument, both repeated to the B rows."""
+    _check_groups(prompt_ids, prompt_mask, group)
+    base = model.base_model
+    cache = {_cache_kwarg(type(base)): DynamicCache(config=model.config)}
+    u_mask = prompt_mask[::group]
+    last = base(
+        input_ids=prompt_ids[::group],
+        attention_mask=u_mask.long(),
+        position_ids=_positions(u_mask),
+        use_cache=True,
+        **cache,
+    ).last_hidden_state[:, -1:]
+    if next(iter(cache.values())).get_seq_length() == 0:  # a forward that swallowed the argument: no cache, wrong text
+        raise RuntimeError(f"{type(base).__name__}.forward did not fill the KV cache passed as {next(iter(cache))}=")
+    if group > 1:
+        next(iter(cache.values())).batch_repeat_interleave(group)
+        last = last.repeat_interleave(group, dim=0)
+    return last, cache
+
+
 def response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mask, *, group: int = 1) -> torch.Tensor:
     """Final hidden states (B, T, D) that predict each completion token (after the model's final norm).
 
@@ -166,28 +176,15 @@ def response_hidden(model, prompt_ids, prompt_mask, completion_ids, response_mas
         input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # (B, P + T)
         hidden = model.base_model(input_ids=input_ids, attention_mask=mask.long(), position_ids=_positions(mask))
         return hidden.last_hidden_state[:, P - 1 : -1]  # (B, T, D)
-    _check_groups(prompt_ids, prompt_mask, group)
-    base = model.base_model
-    cache = DynamicCache(config=model.config)
-    kw = {_cache_kwarg(type(base)): cache}
-    u_mask = prompt_mask[::group]
-    u_ids = prompt_ids[::group]
-    first = base(
-        input_ids=u_ids, attention_mask=u_mask.long(), position_ids=_positions(u_mask), use_cache=True, **kw
-    ).last_hidden_state[:, -1:]  # (B / group, 1, D): predicts each completion's first token
-    first = first.repeat_interleave(group, dim=0)
-    T = completion_ids.shape[1]
-    if T == 1:
+    first, cache = _read_prompts(model, prompt_ids, prompt_mask, group)  # (B, 1, D): predicts the first token
+    if completion_ids.shape[1] == 1:
         return first
-    if cache.get_seq_length() != P:  # a forward that swallowed the argument would leave the completions blind
-        raise RuntimeError(f"{type(base).__name__}.forward did not fill the KV cache passed as {next(iter(kw))}=")
-    cache.batch_repeat_interleave(group)
-    rest = base(
+    rest = model.base_model(
         input_ids=completion_ids[:, :-1],
         attention_mask=mask[:, :-1].long(),
         position_ids=_positions(mask)[:, P:-1],
         use_cache=True,
-        **kw,
+        **cache,
     ).last_hidden_state  # (B, T - 1, D)
     return torch.cat([first, rest], dim=1)
 

@@ -182,7 +182,7 @@ def test_rl_reads_each_prompt_once_per_group_where_micro_batches_hold_whole_grou
     monkeypatch.setattr(train, "response_logprobs", update)
     argv = ["--stages", "rl", "--rl-steps", "1", "--kl-coef", "0.1", "--test-splits", "", "--name", f"g{micro}"]
     assert train.main(fast_args(bench, tmp_path, *argv, "--micro-batch", str(micro))) == 0
-    assert groups["sample"] and set(groups["sample"]) == {2}  # greedy validation passes group 1 and is not here
+    assert groups["sample"] and set(groups["sample"]) == {2}  # validation samples through runtime.evaluate, not here
     assert len(groups["update"]) == 2 * (4 // micro + (4 % micro > 0)) and set(groups["update"]) == {update_group}
     assert ("is not a multiple of --group-size" in capsys.readouterr().err) == (update_group == 1)
 
