@@ -33,6 +33,7 @@ is coarse; the per-seed differences are printed beside it.
 """
 
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -65,6 +66,9 @@ CURVES = ("val/accuracy", "reward", "pl/masked_frac", "sam/adv_mass_removed")
 # sampled at the rollout temperature)
 DIAGNOSTICS = (*CURVES, "accuracy", "malformed_rate")
 BOOTSTRAP_METRICS = ("accuracy", "macro_f1")
+# the verdicts train.py logs at each validation (`val/verdicts`, runtime.evaluate.verdict_string), in order: the 7
+# criteria steps against their gold values, then boxes 1 and 2 against the label (what SAM's "box" source judges)
+VERDICTS = ("need", "coverage", "category", "keywords", "initial", "calibrated", "final", "box1~label", "box2~label")
 
 
 ARM_KINDS = ("rl", "more-sft")
@@ -86,12 +90,14 @@ class Arm:
 # samples, validation (200 records) every 5 steps for the learning curves, and the first 500 records of each test
 # split.
 PRESETS = {
-    # The study on the fair world (benchmark v2; issue 23, protocol in docs/ablation.md): 5 seeds for the arms the
-    # conclusions rest on (outcome, sam, random, gold-box), 3 for the others; RL budget and evaluation as the
-    # protocol fixes them. The correlated-errors control is the same preset on another world: --arms
-    # outcome,sam,random --base=--data-dir=DIR (a benchmark written with --teacher-errors correlated).
+    # The study on the fair world (issues 23 and 29, protocol and its dated amendments in docs/ablation.md): 5 seeds
+    # for the arms the conclusions rest on (outcome, sam, random, gold-box), 3 for the others; RL budget and
+    # evaluation as the amended protocol fixes them (100 RL steps at train.py's default lr and rollouts; validation
+    # on 200 records every 5 steps for the sample-efficiency curves and the verdict flips; every test record). The
+    # correlated-errors control is the same preset on another world: --arms outcome,sam,random
+    # --base=--data-dir=DIR (a benchmark written with --teacher-errors correlated).
     "fair": (
-        ("--rl-steps", "30", "--eval-every", "5", "--val-limit", "500", "--test-limit", "0"),
+        ("--rl-steps", "100", "--eval-every", "5", "--val-limit", "200", "--test-limit", "0"),
         {
             "sft-label": Arm(("--fmt", "label"), None, "warm-up SFT on the label alone, no reasoning", seeds=3),
             "sft-reasoning": Arm(
@@ -370,17 +376,65 @@ def merge_plan(sweep_dir: Path, jobs: dict[str, Job]) -> None:
 # Running
 
 
+LOCK = ".ablate.lock"
+
+
+def lock_sweep(sweep_dir: Path) -> int:
+    """Take the sweep folder's lock for this process and the runs it starts (they inherit it), or raise ConfigError
+    when another holds it. A train.py run outlives an ablate.py killed with SIGKILL, and a second ablate.py on the
+    same folder would start that run again beside it (or delete its folder): the lock is released only when the last
+    process holding it ends. Returns the file descriptor (kept open for the process's life)."""
+    path = sweep_dir / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot create the sweep's lock file: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(
+            f"{sweep_dir} is in use: another ablate.py, or a train.py run one started (runs outlive an ablate.py "
+            f"killed with SIGKILL), holds {path}; wait for it to end or stop it, then run this again"
+        ) from None
+    return fd
+
+
 def finished(run_dir: Path, stage: str) -> bool:
     return all((run_dir / f).exists() for f in ("results.json", f"eval_{stage}.json", f"predictions_{stage}.jsonl"))
+
+
+def record_time(sweep_dir: Path, name: str, start: float, seconds: float) -> None:
+    """As each run ends, its seconds in timings.json (the invocation that ended it) and its [start, end] wall-clock
+    interval appended in intervals.json, so a sweep done in several sittings, or killed, keeps what it measured."""
+    times_path, spans_path = sweep_dir / "timings.json", sweep_dir / "intervals.json"
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    spans = json.loads(spans_path.read_text()) if spans_path.exists() else {}
+    spans.setdefault(name, []).append([round(start, 1), round(start + seconds, 1)])
+    write_text_atomic(times_path, json.dumps({**times, name: seconds}, indent=1) + "\n")
+    write_text_atomic(spans_path, json.dumps(spans, indent=1) + "\n")
+
+
+def busy_seconds(spans: list[list[float]]) -> float:
+    """The length of the union of [start, end] intervals: the wall time during which some run was working."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
 
 
 def _fmt_s(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def execute(cfg: AblateConfig, jobs: dict[str, Job], failed_before=()) -> tuple[list[str], dict[str, float]]:
+def execute(
+    cfg: AblateConfig, jobs: dict[str, Job], failed_before=(), lock: int | None = None
+) -> tuple[list[str], dict[str, float]]:
     """Run the unfinished jobs, dependencies first, up to --jobs at a time. (failed job names, seconds per job).
-    `failed_before`: jobs that failed earlier in this invocation; they are not run again (their dependents skip)."""
+    `failed_before`: jobs that failed earlier in this invocation; they are not run again (their dependents skip).
+    `lock`: the sweep lock's file descriptor (lock_sweep), which every run inherits."""
     runs_dir, logs = cfg.sweep_dir / "runs", cfg.sweep_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     done = {n for n, j in jobs.items() if finished(runs_dir / n, j.stage)}
@@ -411,8 +465,15 @@ def execute(cfg: AblateConfig, jobs: dict[str, Job], failed_before=()) -> tuple[
                     cmd = [sys.executable, str(ROOT / "train.py"), *argv, "--no-progress"]
                     log.write(f"$ {shlex.join(cmd)}\n")
                     log.flush()
-                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
-                    running[job.name] = (proc, log, time.perf_counter())
+                    proc = subprocess.Popen(
+                        cmd,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        cwd=os.getcwd(),
+                        pass_fds=() if lock is None else (lock,),
+                    )
+                    running[job.name] = (proc, log, time.time())
                     started = total - len(pending)
                     say(f"start {job.name} ({started}/{total}){' (resumed)' if '--resume' in argv else ''}", flush=True)
             time.sleep(0.2)
@@ -421,7 +482,8 @@ def execute(cfg: AblateConfig, jobs: dict[str, Job], failed_before=()) -> tuple[
                     continue
                 log.close()
                 del running[name]
-                seconds[name] = time.perf_counter() - t0
+                seconds[name] = time.time() - t0
+                record_time(cfg.sweep_dir, name, t0, seconds[name])
                 if proc.returncode == 0 and finished(runs_dir / name, jobs[name].stage):
                     done.add(name)
                     say(f"done  {name} in {_fmt_s(seconds[name])}", flush=True)
@@ -499,17 +561,43 @@ def load_predictions(path: Path) -> dict[str, tuple[list[str], np.ndarray, np.nd
     return {s: (ids, np.array(g), np.array(p)) for s, (ids, g, p) in by_split.items()}
 
 
+def verdict_flips(rows: list[dict], where: str) -> list[dict]:
+    """How the logged verdicts of one run's validation records changed between consecutive validations: per verdict
+    (VERDICTS), over the records whose verdict is known at both, how many flipped, how many of those to right and to
+    wrong. One dict per (later step, verdict)."""
+    evals = sorted((r["step"], r["val/verdicts"]) for r in rows if r.get("val/verdicts"))
+    out = []
+    for (_, before), (step, after) in zip(evals, evals[1:]):
+        if len(before) != len(after):
+            raise DataError(f"{where}: validations of {len(before)} and {len(after)} records; flips need the same ones")
+        for k, name in enumerate(VERDICTS):
+            pairs = [(a[k], b[k]) for a, b in zip(before, after) if len(a) > k and len(b) > k]
+            known = [(a, b) for a, b in pairs if a in "01" and b in "01"]
+            out.append(
+                {
+                    "step": step,
+                    "verdict": name,
+                    "known": len(known),
+                    "flips": sum(a != b for a, b in known),
+                    "to_right": sum(a == "0" and b == "1" for a, b in known),
+                    "to_wrong": sum(a == "1" and b == "0" for a, b in known),
+                }
+            )
+    return out
+
+
 @dataclass
 class Results:
     rows: list[dict]  # arm, seed, split, metric, value
     curves: list[dict]  # arm, seed, step, metric, value
     preds: dict  # (arm, seed) -> {split: (ids, gold, pred)}
     missing: list[tuple[str, int]]
+    flips: list[dict] = field(default_factory=list)  # arm, seed and verdict_flips' fields
 
 
 def collect(cfg: AblateConfig, arms: dict[str, Arm], result_of: dict, jobs: dict[str, Job]) -> Results:
     runs_dir = cfg.sweep_dir / "runs"
-    rows, curves, preds, missing = [], [], {}, []
+    rows, curves, preds, missing, flips = [], [], {}, [], []
     for arm in arms:
         for seed in arm_seeds(cfg, arms[arm]):
             job = jobs[result_of[arm, seed]]
@@ -530,16 +618,18 @@ def collect(cfg: AblateConfig, arms: dict[str, Arm], result_of: dict, jobs: dict
                     if v is not None
                 ]
             preds[arm, seed] = load_predictions(run_dir / f"predictions_{job.stage}.jsonl")
-            if job.deps:  # a run from a warm-up: its learning curves
-                for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-                    r = json.loads(line)
-                    if r["stage"] == job.stage:
-                        curves += [
-                            {"arm": arm, "seed": seed, "step": r["step"], "metric": k, "value": r[k]}
-                            for k in DIAGNOSTICS
-                            if k in r
-                        ]
-    return Results(rows, curves, preds, missing)
+            if job.deps:  # a run from a warm-up: its learning curves and the flips of its validation verdicts
+                logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                logged = [r for r in logged if r["stage"] == job.stage]
+                for r in logged:
+                    curves += [
+                        {"arm": arm, "seed": seed, "step": r["step"], "metric": k, "value": r[k]}
+                        for k in DIAGNOSTICS
+                        if k in r
+                    ]
+                where = str(run_dir / "metrics.jsonl")
+                flips += [{"arm": arm, "seed": seed, **f} for f in verdict_flips(logged, where)]
+    return Results(rows, curves, preds, missing, flips)
 
 
 def summarize(res: Results) -> dict:
@@ -628,6 +718,14 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
             f"Recorded run times (timings.json, every invocation): {_fmt_s(sum(recorded))} summed over "
             f"{len(recorded)} runs  "
         )
+    spans_path = cfg.sweep_dir / "intervals.json"
+    spans = json.loads(spans_path.read_text()) if spans_path.exists() else {}
+    spans = [span for n, s in spans.items() if n in jobs for span in s]
+    if spans:
+        lines.append(
+            f"Busy wall time (intervals.json: the union of the runs' wall-clock intervals over every sitting; the "
+            f"time a run killed with its ablate.py had run is not counted): {_fmt_s(busy_seconds(spans))}  "
+        )
     if res.missing:
         lines.append(f"Missing (not finished): {', '.join(f'{a} seed {s}' for a, s in res.missing)}")
     lines += ["", "| arm | warm-up flags | RL flags | about |", "|---|---|---|---|"]
@@ -666,6 +764,20 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
                 f"| {c['arm']} | {c['split']} | {c['metric']} | {c['diff']:+.3f} [{c['lo']:+.3f}, "
                 f"{c['hi']:+.3f}]{star} | ({seeds}) |"
             )
+    agreement = [(split, arm) for split in splits for arm in arms if (arm, split, "step_agreement_1") in summary]
+    if agreement:
+        lines += [
+            "",
+            "## Per-step agreement with the gold values (mean over seeds)",
+            "",
+            "The share of test records whose step says what the gold trace says (unknown claims count as wrong).",
+            "",
+            "| split | arm | " + " | ".join(f"{i + 1} {VERDICTS[i]}" for i in range(7)) + " |",
+            "|---|---|" + "---|" * 7,
+        ]
+        for split, arm in agreement:
+            cells = [summary.get((arm, split, f"step_agreement_{i + 1}"), []) for i in range(7)]
+            lines.append(f"| {split} | {arm} | " + " | ".join(f"{np.mean(c):.3f}" if c else "-" for c in cells) + " |")
     val = {}
     for r in res.curves:
         if r["metric"] == "val/accuracy":
@@ -682,6 +794,17 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
         ]
         for arm, by in val.items():
             lines.append(f"| {arm} | " + " | ".join(f"{np.mean(by[s]):.3f}" if s in by else "-" for s in steps) + " |")
+        last = last_validation(res)
+        if last:
+            best = max((a for a in last if arms[a].kind == "rl"), key=lambda a: np.mean(last[a]), default="-")
+            lines += [
+                "",
+                "Validation accuracy at each run's last step, mean ± std over seeds: "
+                + "; ".join(f"{a} {_mean_std(v)}" for a, v in last.items())
+                + f". Highest of the RL arms: **{best}** (the arm a distillation starts from).",
+            ]
+    if res.flips:
+        lines += flips_tables(res.flips)
     diag = {}
     for r in res.curves:
         if r["step"] > 0 and r["metric"] != "val/accuracy":
@@ -701,12 +824,85 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
     lines += [
         "",
         "Plots: [accuracy.png](accuracy.png) (test accuracy per arm, error bars one std over seeds, dots "
-        "single seeds), [curves.png](curves.png) (validation accuracy, rollout reward, masked-token fraction and "
-        "advantage mass removed by RL step, mean over seeds). Raw numbers: ablation.csv, curves.csv, "
-        "comparisons.json.",
+        "single seeds), [efficiency.png](efficiency.png) (validation accuracy by RL step, mean over seeds with "
+        "the range of the seeds shaded, the baseline in every panel), [curves.png](curves.png) (validation "
+        "accuracy, rollout reward, masked-token fraction and advantage mass removed by RL step, mean over seeds). "
+        "Raw numbers: ablation.csv, curves.csv, flips.csv, comparisons.json.",
         "",
     ]
     return "\n".join(lines)
+
+
+def last_validation(res: Results) -> dict[str, list[float]]:
+    """{arm: validation accuracy at the last logged step of each seed's run} for the runs with a learning curve."""
+    last = {}
+    for r in res.curves:
+        if r["metric"] == "val/accuracy":
+            key = (r["arm"], r["seed"])
+            if r["step"] >= last.get(key, (-1, 0.0))[0]:
+                last[key] = (r["step"], r["value"])
+    out = {}
+    for (arm, _), (_, value) in last.items():
+        out.setdefault(arm, []).append(value)
+    return out
+
+
+def flip_summary(flips: list[dict]) -> dict:
+    """{(arm, verdict): (flip share, net share)}: flips per known record and interval, pooled over a run's
+    intervals, then the mean over seeds; net: (to right - to wrong) over the run per validation record (the
+    change in agreement that the flips add up to), mean over seeds."""
+    runs = {}
+    for f in flips:
+        t = runs.setdefault((f["arm"], f["verdict"], f["seed"]), [0, 0, 0, 0])
+        t[0] += f["known"]
+        t[1] += f["flips"]
+        t[2] += f["to_right"] - f["to_wrong"]
+        t[3] = max(t[3], f["known"])
+    by = {}
+    for (arm, verdict, _), (known, n, net, most) in runs.items():
+        share = by.setdefault((arm, verdict), ([], []))
+        share[0].append(n / known if known else float("nan"))
+        share[1].append(net / most if most else float("nan"))
+    return {k: (float(np.mean(a)), float(np.mean(b))) for k, (a, b) in by.items()}
+
+
+def flips_tables(flips: list[dict]) -> list[str]:
+    summary = flip_summary(flips)
+    arms = list(dict.fromkeys(f["arm"] for f in flips))
+    every = sorted({f["step"] for f in flips})
+    gap = every[1] - every[0] if len(every) > 1 else every[0] if every else 0
+    header = "| arm | " + " | ".join(VERDICTS) + " |"
+    lines = [
+        "",
+        "## Verdict flips during RL",
+        "",
+        f"How often a validation record's verdict changes between two validations ({gap} RL steps apart): the "
+        "share of records whose verdict is known at both that flipped, pooled over the run, mean over seeds (%). "
+        "Verdicts 1-7 are the criteria steps against their gold values; the last two are boxes 1 and 2 against "
+        "the label (the verdicts SAM masks on). Per interval: flips.csv.",
+        "",
+        header,
+        "|---|" + "---|" * len(VERDICTS),
+    ]
+    for arm in arms:
+        cells = [summary.get((arm, v), (float("nan"),))[0] for v in VERDICTS]
+        lines.append(f"| {arm} | " + " | ".join(_pct(c) for c in cells) + " |")
+    lines += [
+        "",
+        "Net flips over the run, (to right - to wrong) per 100 validation records, mean over seeds:",
+        "",
+        header,
+        "|---|" + "---|" * len(VERDICTS),
+    ]
+    for arm in arms:
+        cells = [summary.get((arm, v), (0, float("nan")))[1] for v in VERDICTS]
+        lines.append(f"| {arm} | " + " | ".join(_pct(c, "+") for c in cells) + " |")
+    return lines
+
+
+def _pct(share: float, sign: str = "") -> str:
+    """A share as a percentage with one decimal, or '-' where no verdict was known (nan)."""
+    return "-" if np.isnan(share) else f"{100 * share:{sign}.1f}"
 
 
 def _save_fig(fig, path: Path) -> None:
@@ -715,7 +911,34 @@ def _save_fig(fig, path: Path) -> None:
     tmp.replace(path)
 
 
-def plots(sweep_dir: Path, arms, res: Results) -> list[Path]:
+def efficiency_plot(plt, path: Path, arms: list[str], baseline: str, res: Results) -> Path:
+    """Validation accuracy by RL step, one line per arm (mean over seeds) with the seeds' range shaded; the arms
+    three to a panel, each panel with the baseline, so that the bands stay readable."""
+    others = [a for a in arms if a != baseline]
+    panels = [others[i : i + 3] for i in range(0, len(others), 3)] or [[]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False, sharey=True)
+    for ax, group in zip(axes[0], panels):
+        for arm in ([baseline] if baseline in arms else []) + group:
+            by_step = {}
+            for r in res.curves:
+                if r["arm"] == arm and r["metric"] == "val/accuracy":
+                    by_step.setdefault(r["step"], []).append(r["value"])
+            steps = sorted(by_step)
+            mean = [np.mean(by_step[s]) for s in steps]
+            (line,) = ax.plot(steps, mean, marker=".", label=f"{arm} ({max(len(v) for v in by_step.values())} seeds)")
+            lo, hi = [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps]
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_xlabel("RL step")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("validation accuracy")
+    fig.suptitle("Sample efficiency: mean over seeds, shaded: the seeds' range", fontsize=9)
+    fig.tight_layout()
+    _save_fig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plots(sweep_dir: Path, arms, res: Results, baseline: str = "") -> list[Path]:
     try:
         import matplotlib
 
@@ -747,6 +970,9 @@ def plots(sweep_dir: Path, arms, res: Results) -> list[Path]:
     _save_fig(fig, sweep_dir / "accuracy.png")
     plt.close(fig)
     out.append(sweep_dir / "accuracy.png")
+    curve_arms = [a for a in names if any(r["arm"] == a and r["metric"] == "val/accuracy" for r in res.curves)]
+    if curve_arms:
+        out.append(efficiency_plot(plt, sweep_dir / "efficiency.png", curve_arms, baseline, res))
     if res.curves:
         fig, axes = plt.subplots(1, len(CURVES), figsize=(4.5 * len(CURVES), 3.6))
         for ax, key in zip(axes, CURVES):
@@ -779,9 +1005,11 @@ def report(cfg, argv, base, arms, result_of, jobs, seconds, wall) -> Path:
     d = cfg.sweep_dir
     write_text_atomic(d / "ablation.csv", _csv(res.rows, ["arm", "seed", "split", "metric", "value"]))
     write_text_atomic(d / "curves.csv", _csv(res.curves, ["arm", "seed", "step", "metric", "value"]))
+    flip_columns = ["arm", "seed", "step", "verdict", "known", "flips", "to_right", "to_wrong"]
+    write_text_atomic(d / "flips.csv", _csv(res.flips, flip_columns))
     write_text_atomic(d / "comparisons.json", json.dumps(cmps, indent=1) + "\n")
     write_text_atomic(d / "ablation.md", markdown(cfg, argv, base, arms, res, cmps, seconds, wall, jobs))
-    plots(d, arms, res)
+    plots(d, arms, res, cfg.baseline)
     return d / "ablation.md"
 
 
@@ -808,25 +1036,25 @@ def main(argv=None) -> int:
             merge_plan(cfg.sweep_dir, jobs)
             if data_dir == BUILTIN_DIR:
                 ensure_builtin(data_dir)  # once, here: parallel runs must not generate it concurrently
+            lock = lock_sweep(cfg.sweep_dir)  # last: every path from here on releases it
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     failed, seconds, closed = [], {}, []
-    if not cfg.report_only:
+    if not cfg.report_only:  # `lock` is held
         try:
             if cfg.gate >= 0:  # the warm-ups first, then the gate, then the runs from them
-                failed, seconds = execute(cfg, {n: j for n, j in jobs.items() if not j.deps})
+                failed, seconds = execute(cfg, {n: j for n, j in jobs.items() if not j.deps}, lock=lock)
                 closed = gate_failures(cfg, jobs)
                 write_text_atomic(cfg.sweep_dir / "gate.json", json.dumps({"margin": cfg.gate, "failed": closed}))
             if not closed:
-                failed, more_seconds = execute(cfg, jobs, failed_before=failed)
+                failed, more_seconds = execute(cfg, jobs, failed_before=failed, lock=lock)
                 seconds.update(more_seconds)
         except KeyboardInterrupt:
             print("interrupted; run the same command again to continue the sweep", file=sys.stderr)
             return 130
-        times_path = cfg.sweep_dir / "timings.json"
-        times = json.loads(times_path.read_text()) if times_path.exists() else {}
-        write_text_atomic(times_path, json.dumps({**times, **seconds}, indent=1) + "\n")
+        finally:
+            os.close(lock)
     try:
         md = report(cfg, argv, base, arms, result_of, jobs, seconds, time.perf_counter() - started)
     except DataError as exc:

@@ -313,9 +313,15 @@ class Run(Session):
         self.restore_rng(state, generator)
 
     def validate(self) -> dict:
-        """Headline metrics of the current model on the validation records."""
-        metrics, _ = self.evaluate(self.model, self.val, self.cfg.fmt, samples=self.cfg.eval_samples)
-        return headline(metrics)
+        """The metrics.jsonl fields of a validation of the current model: the headline metrics (`val/accuracy`,
+        ...) and, in the criteria format, `val/verdicts`, each record's step verdicts in
+        runtime.evaluate.verdict_string's 9 characters (a sweep counts how often a verdict flips between two
+        validations; ablate.py's report)."""
+        metrics, preds = self.evaluate(self.model, self.val, self.cfg.fmt, samples=self.cfg.eval_samples)
+        row = scalars(headline(metrics), "val/")
+        if any(p["verdicts"] for p in preds):
+            row["val/verdicts"] = [p["verdicts"] or "" for p in preds[: len(self.val.records)]]
+        return row
 
     def evaluate_tests(self, model: Sharded, stage: str) -> dict:
         """Evaluate on the test splits; writes predictions_<stage>.jsonl (one line per example, for paired
@@ -411,7 +417,7 @@ def run_sft(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         state["step"] = step + 1
         if state["step"] == total:
             run.sft_val = run.validate()  # RL's step 0 starts from these weights: its validation is this one
-            row.update(scalars(run.sft_val, "val/"))
+            row.update(run.sft_val)
             model.train()
         logger.log(row)
         bar.update(1)
@@ -450,7 +456,7 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         # greedy (or seeded) validation of unchanged weights gives the same numbers: the warm-up's own validation,
         # when this process just ran it, is reused, not repeated
         val = run.sft_val if run.sft_val is not None else run.validate()
-        logger.log({"stage": "rl", "step": 0, **scalars(val, "val/")})
+        logger.log({"stage": "rl", "step": 0, **val})
     bar = tqdm(total=cfg.rl_steps, initial=state["step"], desc="rl", disable=not (cfg.progress and dist.main))
     for step in range(state["step"], cfg.rl_steps):
         if budget[0] == 0:  # halted; the checkpoint of the previous step is on disk
@@ -520,9 +526,9 @@ def run_rl(run: Run, state: dict, logger: Logger, budget: list[int]) -> bool:
         if state["step"] % cfg.eval_every == 0 or state["step"] == cfg.rl_steps:
             val = run.validate()
             model.train()
-            row.update(scalars(val, "val/"))
-            if val["accuracy"] > state["best_val"]:
-                state["best_val"], state["best_step"] = val["accuracy"], state["step"]
+            row.update(val)
+            if val["val/accuracy"] > state["best_val"]:
+                state["best_val"], state["best_step"] = val["val/accuracy"], state["step"]
                 run.save_model(run.dir / "best")
         logger.log(row)
         bar.update(1)

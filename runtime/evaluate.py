@@ -72,12 +72,13 @@ def evaluate_split(
     predicted = [p.label if p.ok else None for p in parses]
     labels = [r.label for r in records]
     groups = [(r.gold or {}).get("query_type") for r in records]
-    step_correct = None
+    step_correct, verdicts = None, [None] * len(records)
     if fmt == "criteria" and any(r.gold for r in records):
         v = gold_verdicts(texts, parses, [r.gold for r in records])
         step_correct = [
             [bool(c) if k else None for c, k in zip(cr, kr)] for cr, kr in zip(v.correct.tolist(), v.known.tolist())
         ]
+        verdicts = [verdict_string(steps, parse, label) for steps, parse, label in zip(step_correct, parses, labels)]
     metrics = relevance_metrics(predicted, labels, groups=groups if any(groups) else None, step_correct=step_correct)
     metrics.update(
         seconds=seconds,
@@ -87,10 +88,22 @@ def evaluate_split(
         skipped_long_prompts=encoded.skipped,
     )
     preds = [
-        {"id": r.id, "label": r.label, "predicted": p, "status": q.status, "completion": t}
-        for r, p, q, t in zip(records, predicted, parses, texts)
+        {"id": r.id, "label": r.label, "predicted": p, "status": q.status, "completion": t, "verdicts": v}
+        for r, p, q, t, v in zip(records, predicted, parses, texts, verdicts)
     ]
     return metrics, preds
+
+
+# one character per verdict in `verdict_string`: right, wrong, unknown
+VERDICT_CHARS = {True: "1", False: "0", None: "."}
+
+
+def verdict_string(step_correct: list[bool | None], parse, label: int) -> str:
+    """A completion's verdicts as 9 characters (1 right, 0 wrong, . unknown): the 7 criteria steps against their
+    gold values (sam.verdict.gold_verdicts), then boxes 1 and 2 against the label (the verdicts SAM masks on, source
+    "box"). train.py logs them at each validation, so a sweep can count how often a verdict flips during RL."""
+    boxes = [s == label for s in parse.scores[:2]] if parse.ok and len(parse.scores) == 3 else [None, None]
+    return "".join(VERDICT_CHARS[v] for v in [*step_correct, *boxes])
 
 
 def merge_samples(runs: list[tuple[dict, list[dict]]]) -> dict:

@@ -3,8 +3,14 @@ report files, the skip of finished runs, resuming an interrupted run, refusing c
 and the statistics against hand computations."""
 
 import csv
+import fcntl
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -115,7 +121,22 @@ def test_sweep_end_to_end_resumable(bench, tmp_path, capsys):
     row = next(line for line in md.split("## test_random")[1].splitlines() if line.startswith("| sam |"))
     assert row.split("|")[-3].strip().startswith(f"{np.mean(bad):.3f} ±")
     if importlib.util.find_spec("matplotlib") is not None:
-        assert (d / "accuracy.png").stat().st_size > 0 and (d / "curves.png").stat().st_size > 0
+        for plot in ("accuracy.png", "curves.png", "efficiency.png"):
+            assert (d / plot).stat().st_size > 0
+    # every validation logs each record's verdicts; the report counts their flips between validations
+    logged = [json.loads(x) for x in (d / "runs/sam-s0/metrics.jsonl").read_text().splitlines()]
+    verdicts = [r["val/verdicts"] for r in logged if "val/verdicts" in r]
+    assert len(verdicts) == 3 and all(len(v) == 4 and all(len(x) == 9 for x in v) for v in verdicts)
+    flips = list(csv.DictReader((d / "flips.csv").open()))
+    mine = [f for f in flips if (f["arm"], f["seed"]) == ("sam", "0")]
+    assert [(int(f["step"]), f["verdict"]) for f in mine] == [(s, v) for s in (1, 2) for v in ablate.VERDICTS]
+    for f in mine:  # the counts are the logged strings' differences
+        k, (a, b) = ablate.VERDICTS.index(f["verdict"]), verdicts[int(f["step"]) - 1 : int(f["step"]) + 1]
+        known = [(x[k], y[k]) for x, y in zip(a, b) if x[k] in "01" and y[k] in "01"]
+        assert int(f["known"]) == len(known) and int(f["flips"]) == sum(x != y for x, y in known)
+        assert int(f["to_right"]) == sum(x + y == "01" for x, y in known)
+    assert "## Verdict flips during RL" in md  # (the nano model's completions are malformed: nothing known, "-")
+    assert "Highest of the RL arms: **" in md and "Busy wall time" in md
 
     # a rerun skips every finished run and rewrites the same tables
     before = (d / "ablation.csv").read_text()
@@ -143,6 +164,127 @@ def test_sweep_end_to_end_resumable(bench, tmp_path, capsys):
     assert ablate.main(argv) == 2
     assert "already exists with other flags" in capsys.readouterr().err
     assert (d / "ablation.csv").read_text() == before
+
+
+def _wait_for(proc, ready, what: str, timeout: float = 180.0) -> None:
+    """Poll until ready() holds; fail if the sweep ends or the time runs out first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the sweep ended (exit {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
+def _rows(run_dir, stage):
+    path = run_dir / "metrics.jsonl"
+    text = path.read_text() if path.exists() else ""
+    return sum(json.loads(x)["stage"] == stage for x in text.splitlines() if x.endswith("}"))
+
+
+def test_kill_9_in_a_warmup_and_in_an_arm_resumes_to_the_uninterrupted_result(bench, tmp_path, capsys):
+    # each run checkpoints every step and is long enough to be caught in the middle
+    arms = {"outcome": {"rl": ["--policy", "none"]}}
+    base = f"{TINY} --data-dir {bench} --sft-steps 24 --rl-steps 10 --eval-every 5 --save-every 1"
+    argv = ["--preset", "none", "--arms-file", arms_file(tmp_path, arms), "--out-dir", str(tmp_path), "--seeds", "0"]
+    argv += ["--base", base, "--bootstrap", "200", "--no-progress", "--gate", "-1"]
+    assert ablate.main([*argv, "--name", "whole"]) == 0
+    capsys.readouterr()
+    d = tmp_path / "cut"
+    warm, arm = d / "runs/warmup-base-s0", d / "runs/outcome-s0"
+
+    def start():
+        command = [sys.executable, str(ablate.ROOT / "ablate.py"), *argv, "--name", "cut"]
+        return subprocess.Popen(command, cwd=ablate.ROOT, start_new_session=True, stdout=subprocess.DEVNULL)
+
+    # 1. SIGKILL to the whole sweep (ablate.py and its run) in the middle of the warm-up, after a checkpoint
+    proc = start()
+    _wait_for(proc, lambda: (warm / "ckpt").exists() and _rows(warm, "sft") >= 3, "a checkpointed warm-up step")
+    os.killpg(proc.pid, signal.SIGSTOP)  # frozen, so what is checked below is what the kill leaves
+    assert not ablate.finished(warm, "sft") and _rows(warm, "sft") < 24
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    # 2. the rerun resumes the warm-up and starts the arm; SIGKILL to ablate.py alone in the middle of the arm: its
+    #    run lives on (frozen here), holds the sweep's lock, and a third ablate.py refuses to run beside it
+    proc = start()
+    _wait_for(proc, lambda: (arm / "ckpt").exists() and _rows(arm, "rl") >= 3, "a checkpointed RL step")
+    os.killpg(proc.pid, signal.SIGSTOP)
+    assert not ablate.finished(arm, "rl") and _rows(arm, "rl") < 11
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert ablate.main([*argv, "--name", "cut"]) == 2
+    assert "is in use: another ablate.py, or a train.py run" in capsys.readouterr().err
+    os.killpg(proc.pid, signal.SIGKILL)  # the orphaned run
+    deadline = time.monotonic() + 30
+    with open(d / ablate.LOCK) as held:  # the lock is free once the killed run is gone
+        while True:
+            try:
+                fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the killed run still holds the sweep's lock"
+                time.sleep(0.05)
+
+    # 3. the third sitting finishes the sweep, both runs resumed from their checkpoints, with the uninterrupted numbers
+    assert ablate.main([*argv, "--name", "cut"]) == 0
+    for log in ("warmup-base-s0", "outcome-s0"):
+        commands = [x for x in (d / f"logs/{log}.log").read_text().splitlines() if x.startswith("$ ")]
+        assert len(commands) >= 2 and commands[-1].endswith("--resume --no-progress"), log
+    for name in ("ablation.csv", "curves.csv", "flips.csv", "runs/outcome-s0/predictions_rl.jsonl"):
+        assert (d / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+
+
+def test_report_tables_by_hand(tmp_path):
+    cfg = ablate.AblateConfig(preset="none", arms_file="x", out_dir=str(tmp_path), seeds="0,1")
+    arms = {"outcome": ablate.Arm(rl=("--policy", "none")), "sam": ablate.Arm(rl=("--policy", "sam"))}
+    rows = [
+        {"arm": a, "seed": s, "split": "test_random", "metric": f"step_agreement_{i}", "value": v}
+        for a, base in (("outcome", 0.5), ("sam", 0.7))
+        for s in (0, 1)
+        for i, v in enumerate([base + 0.1 * s] * 7, 1)
+    ]
+    curves = [
+        {"arm": a, "seed": s, "step": step, "metric": "val/accuracy", "value": v}
+        for a, s, step, v in [("outcome", 0, 5, 0.6), ("outcome", 1, 5, 0.7), ("sam", 0, 5, 0.8), ("sam", 1, 5, 0.5)]
+        + [("sam", 0, 0, 0.9), ("outcome", 0, 0, 0.1)]  # earlier steps do not count
+    ]
+    flip = {"step": 5, "verdict": "coverage", "known": 10}
+    flips = [
+        {"arm": "sam", "seed": 0, **flip, "flips": 4, "to_right": 3, "to_wrong": 1},
+        {"arm": "sam", "seed": 1, **flip, "flips": 2, "to_right": 0, "to_wrong": 2},
+        {"arm": "outcome", "seed": 0, **dict(flip, known=0), "flips": 0, "to_right": 0, "to_wrong": 0},
+    ]
+    md = ablate.markdown(cfg, [], (), arms, ablate.Results(rows, curves, {}, [], flips), [], {}, None)
+    agreement = md.split("## Per-step agreement")[1].splitlines()
+    assert "| test_random | sam | " + " | ".join(["0.750"] * 7) + " |" in agreement
+    # each run's last validation (step 5), mean ± std over seeds: outcome (0.6, 0.7), sam (0.8, 0.5)
+    assert "outcome 0.650 ± 0.071; sam 0.650 ± 0.212" in md
+    table = md.split("## Verdict flips during RL")[1].split("Net flips")
+    coverage = ablate.VERDICTS.index("coverage") + 2  # cells after the leading '' and the arm
+    sam_flips = next(x for x in table[0].splitlines() if x.startswith("| sam |")).split("|")
+    sam_net = next(x for x in table[1].splitlines() if x.startswith("| sam |")).split("|")
+    outcome_flips = next(x for x in table[0].splitlines() if x.startswith("| outcome |")).split("|")
+    assert sam_flips[coverage].strip() == "30.0"  # (40% + 20%) / 2
+    assert sam_net[coverage].strip() == "+0.0"  # (+2 - 2) / 10 / 2
+    assert outcome_flips[coverage].strip() == "-" and sam_flips[2].strip() == "-"  # nothing known
+
+
+def test_verdict_flips_and_busy_time_by_hand():
+    rows = [
+        {"stage": "rl", "step": 0, "val/verdicts": ["1" * 9, "0" * 9, "." * 9]},
+        {"stage": "rl", "step": 1, "loss": 0.5},
+        {"stage": "rl", "step": 5, "val/verdicts": ["0" + "1" * 8, "1" * 9, "0" * 9]},
+    ]
+    flips = ablate.verdict_flips(rows, "here")
+    assert [f["step"] for f in flips] == [5] * 9
+    need, coverage = flips[0], flips[1]
+    # record 3 was unknown before: not counted; record 1 flips to wrong on `need`, record 2 to right on both
+    assert (need["known"], need["flips"], need["to_right"], need["to_wrong"]) == (2, 2, 1, 1)
+    assert (coverage["known"], coverage["flips"], coverage["to_right"], coverage["to_wrong"]) == (2, 1, 1, 0)
+    with pytest.raises(ablate.DataError, match="same ones"):
+        ablate.verdict_flips([rows[0], {"step": 5, "val/verdicts": ["1" * 9]}], "here")
+    assert ablate.busy_seconds([[0, 10], [5, 12], [20, 21], [11, 11.5]]) == 13
+    assert ablate.busy_seconds([]) == 0
 
 
 def test_failed_warmup_skips_its_arms_and_exits_1(bench, tmp_path, capsys):
@@ -264,9 +406,17 @@ def test_fair_preset_plan():
     seeds = {a: sorted(s for (b, s) in result_of if b == a) for a in arms}
     assert all(seeds[a] == [0, 1, 2, 3, 4] for a in ("outcome", "sam", "random", "gold-box"))
     assert all(len(seeds[a]) >= 3 for a in arms)
-    # more SFT instead of RL: SFT continued from the same warm-up for as many optimizer steps as RL takes (30 x 1)
+    # the amended protocol's budget (docs/ablation.md, 2026-12-07): 100 RL steps, validation of 200 records every 5
+    rl = jobs[result_of["sam", 0]].argv
+    assert [rl[rl.index(f) + 1] for f in ("--rl-steps", "--eval-every", "--val-limit", "--test-limit")] == [
+        "100",
+        "5",
+        "200",
+        "0",
+    ]
+    # more SFT instead of RL: SFT continued from the same warm-up for as many optimizer steps as RL takes (100 x 1)
     more = jobs[result_of["more-sft", 0]].argv
-    assert more[more.index("--stages") + 1] == "sft" and more[more.index("--sft-steps") + 1] == "30"
+    assert more[more.index("--stages") + 1] == "sft" and more[more.index("--sft-steps") + 1] == "100"
     assert more[-1] == jobs[result_of["sam", 0]].argv[-1] == "runs/ablation/runs/warmup-base-s0/sft"
 
 

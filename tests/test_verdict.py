@@ -86,3 +86,14 @@ def test_bad_arguments():
         gold_box_verdicts(parses, golds[:-1], labels)
     with pytest.raises(ValueError, match="source must be"):
         expand_to_segments(gold_box_verdicts(parses, golds, labels), "boxes", source="gold_box")
+
+
+def test_verdict_string_of_the_logged_validation_verdicts():
+    from runtime.evaluate import verdict_string
+
+    steps = [True, False, None, True, True, False, True]
+    # the 7 steps as given, then boxes 1 and 2 against the label (0): box 1 (-1) wrong, box 2 (0) right
+    assert verdict_string(steps, ok(-1, 0, 0), 0) == "10.1101" + "01"
+    # malformed, or the wrong number of boxes: the box verdicts are unknown
+    assert verdict_string([None] * 7, ParseResult("non_integer"), 0) == "." * 9
+    assert verdict_string(steps, ok(0), 0) == "10.1101" + ".."
