@@ -5,6 +5,8 @@
     python ablate.py --arms-file my_arms.json --name my-sweep --base "--rl-lr 1e-4"
     python ablate.py --dry-run                          # print the plan (every train.py command line) and stop
     python ablate.py --report-only                      # tables and plots from the runs finished so far
+    python ablate.py --preset fair-smol --tune-lr 3e-6,1e-5,3e-5 --gpus 0,1,2,3,4,5,6,7   # the study on GPU nodes
+    python ablate.py --preset fair-smol --tune-lr 3e-6,1e-5,3e-5 --smoke                  # ... checked, one step each
 
 An arm is a named pair of train.py flag lists: `warmup` (the warm-up SFT; also passed to the RL run, so `--fmt`
 belongs here) and `rl` (the RL stage; null for an arm that is its warm-up alone). An arm of kind `more-sft`
@@ -18,8 +20,17 @@ hence the same RL budget. An arms file is JSON: {"name": {"warmup": [...], "rl":
 Runs go to <out_dir>/<name>/runs/<run>/ (train.py's layout), their logs to <out_dir>/<name>/logs/. Sweeps are
 resumable: a finished run (results.json and its evaluation files present) is skipped, an interrupted one continues
 with train.py --resume, and plan.json remembers every run's command line so a rerun with different settings for
-an existing run is refused instead of mixing results. Up to --jobs runs go in parallel, each limited to --threads
-threads.
+an existing run is refused instead of mixing results. A sweep survives SIGKILL at any moment: the runs hold the
+sweep folder's lock (.ablate.lock) with the ablate.py that started them, so a rerun while a run of a killed
+ablate.py still works is refused, not started beside it. Up to --jobs runs go in parallel, each limited to
+--threads threads; with --gpus, one run per listed GPU (CUDA_VISIBLE_DEVICES). Each run's wall-clock interval is
+recorded as it ends (intervals.json), so a sweep done in several sittings reports the time it took.
+
+--tune-lr A,B,...: the protocol's tuning of the shared RL learning rate, on the baseline arm and on validation.
+After the warm-ups (and the gate), the baseline arm runs from its first seed's warm-up once per rate, reading no
+test split; the rate with the highest validation accuracy at the last step (tune.json) is given to every RL run.
+--smoke checks a recipe: the baseline arm's first seed and any tuning, every stage cut to one step on a few
+records, in <name>-smoke.
 
 The gate (--gate, on by default): the warm-ups run first, and the runs that start from them only when every
 finished warm-up beats the majority label on validation by the margin (gate.json records the verdict). From a
@@ -44,7 +55,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date
 from pathlib import Path
 
@@ -85,44 +96,53 @@ class Arm:
     seeds: int = 0  # run the first N seeds of --seeds only (0 = all)
 
 
-# The first full ablation (issue 8). Base flags: train.py's defaults, with an RL budget cut to fit the sweep into
-# about an hour on a 2-core CPU (docs/ablation.md has the measured runtime): 15 RL steps of 16 prompts x 8
-# samples, validation (200 records) every 5 steps for the learning curves, and the first 500 records of each test
-# split.
-PRESETS = {
-    # The study on the fair world (issues 23 and 29, protocol and its dated amendments in docs/ablation.md): 5 seeds
-    # for the arms the conclusions rest on (outcome, sam, random, gold-box), 3 for the others; RL budget and
-    # evaluation as the amended protocol fixes them (100 RL steps at train.py's default lr and rollouts; validation
-    # on 200 records every 5 steps for the sample-efficiency curves and the verdict flips; every test record). The
-    # correlated-errors control is the same preset on another world: --arms outcome,sam,random
-    # --base=--data-dir=DIR (a benchmark written with --teacher-errors correlated).
-    "fair": (
-        ("--rl-steps", "100", "--eval-every", "5", "--val-limit", "200", "--test-limit", "0"),
-        {
-            "sft-label": Arm(("--fmt", "label"), None, "warm-up SFT on the label alone, no reasoning", seeds=3),
-            "sft-reasoning": Arm(
-                (), None, "warm-up SFT on the teacher's 7-step traces (every RL arm's start)", seeds=3
-            ),
-            "more-sft": Arm(
-                (), (), "SFT continued on the teacher traces, as many steps as RL", kind="more-sft", seeds=3
-            ),
-            "outcome": Arm((), ("--policy", "none"), "GRPO on the outcome, no masking (OutcomeRL)"),
-            "sam": Arm((), ("--policy", "sam"), "GRPO + SAM, the paper's rule on the 3 box segments"),
-            "random": Arm((), ("--policy", "random"), "control: SAM's masked fraction, segments drawn at random"),
-            "gold-box": Arm((), ("--policy", "sam", "--verdicts", "gold-box"), "oracle: boxes judged by gold values"),
-            "sam-noexc": Arm((), ("--policy", "sam", "--no-exception"), "SAM without the exception", seeds=3),
-            "sam-soft": Arm((), ("--policy", "soft", "--alpha", "0.5"), "SAM, masked segments keep half", seeds=3),
-            "sequence": Arm((), ("--policy", "sequence"), "the whole rollout when SAM masks a segment", seeds=3),
-            "token": Arm((), ("--policy", "token", "--segmenter", "box_tokens"), "SAM on the box tokens", seeds=3),
-            "steps-gold": Arm(
-                (),
-                ("--policy", "sam", "--segmenter", "steps", "--verdicts", "gold"),
-                "SAM on the 7 steps, each judged against its gold value",
-                seeds=3,
-            ),
-            "generic": Arm(("--fmt", "generic"), ("--policy", "none"), "generic 3-step prompt, outcome GRPO", seeds=3),
-        },
+# The study on the fair world (issues 23 and 29, protocol and its dated amendments in docs/ablation.md): 5 seeds for
+# the arms the conclusions rest on (outcome, sam, random, gold-box), 3 for the others; RL budget and evaluation as
+# the amended protocol fixes them (100 RL steps at train.py's default lr and rollouts; validation on 200 records
+# every 5 steps for the sample-efficiency curves and the verdict flips; every test record). The correlated-errors
+# control is the same preset on another world: --arms outcome,sam,random --base=--data-dir=DIR (a benchmark written
+# with --teacher-errors correlated).
+FAIR_BASE = ("--rl-steps", "100", "--eval-every", "5", "--val-limit", "200", "--test-limit", "0")
+FAIR_ARMS = {
+    "sft-label": Arm(("--fmt", "label"), None, "warm-up SFT on the label alone, no reasoning", seeds=3),
+    "sft-reasoning": Arm((), None, "warm-up SFT on the teacher's 7-step traces (every RL arm's start)", seeds=3),
+    "more-sft": Arm((), (), "SFT continued on the teacher traces, as many steps as RL", kind="more-sft", seeds=3),
+    "outcome": Arm((), ("--policy", "none"), "GRPO on the outcome, no masking (OutcomeRL)"),
+    "sam": Arm((), ("--policy", "sam"), "GRPO + SAM, the paper's rule on the 3 box segments"),
+    "random": Arm((), ("--policy", "random"), "control: SAM's masked fraction, segments drawn at random"),
+    "gold-box": Arm((), ("--policy", "sam", "--verdicts", "gold-box"), "oracle: boxes judged by gold values"),
+    "sam-noexc": Arm((), ("--policy", "sam", "--no-exception"), "SAM without the exception", seeds=3),
+    "sam-soft": Arm((), ("--policy", "soft", "--alpha", "0.5"), "SAM, masked segments keep half", seeds=3),
+    "sequence": Arm((), ("--policy", "sequence"), "the whole rollout when SAM masks a segment", seeds=3),
+    "token": Arm((), ("--policy", "token", "--segmenter", "box_tokens"), "SAM on the box tokens", seeds=3),
+    "steps-gold": Arm(
+        (),
+        ("--policy", "sam", "--segmenter", "steps", "--verdicts", "gold"),
+        "SAM on the 7 steps, each judged against its gold value",
+        seeds=3,
     ),
+    "generic": Arm(("--fmt", "generic"), ("--policy", "none"), "generic 3-step prompt, outcome GRPO", seeds=3),
+}
+
+
+PRESETS = {
+    "fair": (FAIR_BASE, FAIR_ARMS),
+    # The same study on GPU nodes with the pretrained SmolLM2-135M-Instruct (docs/ablation.md, "On GPU nodes"): the
+    # warm-up docs/LOG.md found to pass the gate on the CPU (150 SFT steps of 8 traces at lr 1e-4, prompts without
+    # the instruction), the fair preset's arms, seeds and RL budget. Its RL learning rate is not known: run it with
+    # --tune-lr (tuned on the baseline arm, on validation). --base=--model=DIR points at another copy of the model.
+    "fair-smol": (
+        (
+            *FAIR_BASE,
+            *("--model", "models/smollm2-135m", "--instruction", "none", "--sft-steps", "150"),
+            *("--sft-batch-size", "8", "--sft-lr", "1e-4", "--sft-warmup", "20", "--eval-batch-size", "64"),
+        ),
+        FAIR_ARMS,
+    ),
+    # The first full ablation (issue 8). Base flags: train.py's defaults, with an RL budget cut to fit the sweep
+    # into about an hour on a 2-core CPU (docs/ablation.md has the measured runtime): 15 RL steps of 16 prompts x 8
+    # samples, validation (200 records) every 5 steps for the learning curves, and the first 500 records of each
+    # test split.
     "granularity": (
         ("--rl-steps", "15", "--eval-every", "5", "--test-limit", "500"),
         {
@@ -163,6 +183,11 @@ class AblateConfig:
     threads: int = 1  # torch threads per run (OMP_NUM_THREADS)
     bootstrap: int = 2000  # bootstrap resamples for the paired intervals
     gate: float = 0.05  # RL arms run only from warm-ups beating the majority label on validation by this (-1 = off)
+    tune_lr: str = ""  # comma list of RL learning rates: tune on the baseline arm (first seed, validation) first
+    gpus: str = ""  # comma list of GPU ids: one run per GPU at a time (CUDA_VISIBLE_DEVICES), instead of --jobs
+    smoke: bool = (
+        False  # check the recipe: the baseline arm's first seed (and any tuning), one step each, a few records
+    )
     report_only: bool = False  # do not run anything: report the runs finished so far
     dry_run: bool = False  # print the plan and stop
     progress: bool = True  # print a line as each run starts and ends
@@ -182,11 +207,28 @@ class AblateConfig:
             raise ConfigError(f"--seeds must be a comma list of integers, got {self.seeds!r}") from None
         if not seeds or len(set(seeds)) != len(seeds):
             raise ConfigError(f"--seeds must list distinct integers, got {self.seeds!r}")
+        try:
+            lrs = [float(x) for x in self.lr_list]
+        except ValueError:
+            raise ConfigError(f"--tune-lr must be a comma list of learning rates, got {self.tune_lr!r}") from None
+        if len(set(lrs)) != len(lrs) or not all(0 < x < 1 for x in lrs):
+            raise ConfigError(f"--tune-lr must list distinct learning rates in (0, 1), got {self.tune_lr!r}")
+        ids = [g.strip() for g in self.gpus.split(",") if g.strip()]
+        if not all(g.isdigit() for g in ids) or len(set(ids)) != len(ids) or (self.gpus.strip() and not ids):
+            raise ConfigError(f"--gpus must be a comma list of distinct GPU ids (0,1,...), got {self.gpus!r}")
         check_run_name(self.name)
 
     @property
     def seed_list(self) -> list[int]:
         return [int(s) for s in self.seeds.split(",") if s.strip()]
+
+    @property
+    def lr_list(self) -> list[str]:
+        return [x.strip() for x in self.tune_lr.split(",") if x.strip()]
+
+    @property
+    def gpu_list(self) -> list[str]:
+        return [g.strip() for g in self.gpus.split(",") if g.strip()]
 
     @property
     def sweep_dir(self) -> Path:
@@ -289,8 +331,11 @@ def arm_seeds(cfg: AblateConfig, arm: Arm) -> list[int]:
     return cfg.seed_list[: arm.seeds] if arm.seeds else cfg.seed_list
 
 
-def plan(cfg: AblateConfig, base: tuple[str, ...], arms: dict[str, Arm]) -> tuple[dict[str, Job], dict]:
-    """(jobs by name, {(arm, seed): job name that holds the arm's result}). Warm-ups come first."""
+def plan(
+    cfg: AblateConfig, base: tuple[str, ...], arms: dict[str, Arm], rl_extra: tuple[str, ...] = ()
+) -> tuple[dict[str, Job], dict]:
+    """(jobs by name, {(arm, seed): job name that holds the arm's result}). Warm-ups come first. `rl_extra`: flags
+    of every RL run's RL stage (the tuned learning rate), before the arm's own."""
     runs_dir = str(cfg.sweep_dir / "runs")
     warmups, rls, result_of = {}, {}, {}
     for seed in cfg.seed_list:
@@ -311,13 +356,67 @@ def plan(cfg: AblateConfig, base: tuple[str, ...], arms: dict[str, Arm]) -> tupl
                 stage, extra = "sft", ["--sft-steps", str(rl_budget(base, arm, arm_name))]
             else:
                 stage, extra = "rl", []
-            argv = [*base, *arm.warmup, *arm.rl, *extra, *placement, "--name", name, "--stages", stage, "--init", init]
+            flags = [*arm.warmup, *(rl_extra if stage == "rl" else ()), *arm.rl, *extra]
+            argv = [*base, *flags, *placement, "--name", name, "--stages", stage, "--init", init]
             rls[name] = Job(name, argv, stage, [warm])
             result_of[arm_name, seed] = name
     # warm-ups that unlock the most RL runs first: the sweep's critical path
     users = {w: sum(w in j.deps for j in rls.values()) for w in warmups}
     order = sorted(warmups, key=lambda w: -users[w])
     return {**{w: warmups[w] for w in order}, **rls}, result_of
+
+
+def tuning_jobs(cfg: AblateConfig, base: tuple[str, ...], arms: dict[str, Arm]) -> dict[str, Job]:
+    """--tune-lr: the baseline arm from its first seed's warm-up, once per learning rate, validation only (no test
+    split is read): the protocol's "shared hyper-parameters tuned on the baseline arm, on validation"."""
+    if not cfg.lr_list:
+        return {}
+    arm = arms[cfg.baseline]
+    if arm.rl is None or arm.kind != "rl":
+        raise ConfigError(f"--tune-lr tunes the baseline arm's RL stage, and {cfg.baseline!r} has none")
+    seed = arm_seeds(cfg, arm)[0]
+    warm = f"warmup-{_slug(arm.warmup)}-s{seed}"
+    init = str(cfg.sweep_dir / "runs" / warm / "sft")
+    jobs = {}
+    for lr in cfg.lr_list:
+        name = f"tune-{cfg.baseline}-lr{lr}-s{seed}"
+        flags = [*arm.warmup, "--rl-lr", lr, *arm.rl, "--test-splits", ""]
+        placement = ["--seed", str(seed), "--out-dir", str(cfg.sweep_dir / "runs"), "--name", name]
+        jobs[name] = Job(name, [*base, *flags, *placement, "--stages", "rl", "--init", init], "rl", [warm])
+    return jobs
+
+
+def last_val_accuracy(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["val/accuracy"] for r in rows if r["stage"] == "rl" and "val/accuracy" in r][-1]
+
+
+def tuned_lr(cfg: AblateConfig, tune: dict[str, Job]) -> str | None:
+    """The learning rate chosen by an earlier tuning of this sweep (tune.json), or None before one finished. A
+    tuning of another grid is refused: the sweep's RL runs would mix learning rates chosen two ways."""
+    path = cfg.sweep_dir / "tune.json"
+    if not tune or not path.exists():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        grid, chosen = saved["grid"], saved["chosen"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"{path}: not a tuning record written by ablate.py; restore it or choose another --name"
+        ) from None
+    if grid != cfg.lr_list:
+        raise ConfigError(f"{path}: this sweep was tuned over --tune-lr {','.join(grid)}; choose another --name")
+    return chosen
+
+
+def choose_lr(cfg: AblateConfig, tune: dict[str, Job]) -> str:
+    """The learning rate whose tuning run ends with the highest validation accuracy (the first of the grid on a
+    tie); tune.json records every run's figure and the choice."""
+    scores = {lr: last_val_accuracy(cfg.sweep_dir / "runs" / name) for lr, name in zip(cfg.lr_list, tune)}
+    chosen = max(cfg.lr_list, key=lambda lr: scores[lr])
+    record = {"grid": cfg.lr_list, "val_accuracy": scores, "chosen": chosen, "arm": cfg.baseline}
+    write_text_atomic(cfg.sweep_dir / "tune.json", json.dumps(record, indent=1) + "\n")
+    return chosen
 
 
 def check_plan(base, arms: dict[str, Arm], jobs: dict[str, Job]) -> str:
@@ -439,7 +538,8 @@ def execute(
     logs.mkdir(parents=True, exist_ok=True)
     done = {n for n, j in jobs.items() if finished(runs_dir / n, j.stage)}
     pending = [j for n, j in jobs.items() if n not in done and n not in failed_before]
-    width = cfg.jobs or max(1, (os.cpu_count() or 1) // cfg.threads)
+    free_gpus = list(cfg.gpu_list)  # with --gpus: one run per GPU, the GPU given back when the run ends
+    width = len(free_gpus) or cfg.jobs or max(1, (os.cpu_count() or 1) // cfg.threads)
     env = dict(os.environ, OMP_NUM_THREADS=str(cfg.threads), MKL_NUM_THREADS=str(cfg.threads))
     say = print if cfg.progress else (lambda *a, **k: None)
     say(f"{len(jobs)} runs: {len(done)} finished before, {len(pending)} to run, {width} at a time", flush=True)
@@ -463,25 +563,29 @@ def execute(
                         shutil.rmtree(run_dir)
                     log = open(logs / f"{job.name}.log", "a")
                     cmd = [sys.executable, str(ROOT / "train.py"), *argv, "--no-progress"]
-                    log.write(f"$ {shlex.join(cmd)}\n")
+                    gpu = free_gpus.pop(0) if free_gpus else None
+                    job_env = env if gpu is None else dict(env, CUDA_VISIBLE_DEVICES=gpu)
+                    log.write(f"$ {'' if gpu is None else f'CUDA_VISIBLE_DEVICES={gpu} '}{shlex.join(cmd)}\n")
                     log.flush()
                     proc = subprocess.Popen(
                         cmd,
                         stdout=log,
                         stderr=subprocess.STDOUT,
-                        env=env,
+                        env=job_env,
                         cwd=os.getcwd(),
                         pass_fds=() if lock is None else (lock,),
                     )
-                    running[job.name] = (proc, log, time.time())
+                    running[job.name] = (proc, log, time.time(), gpu)
                     started = total - len(pending)
                     say(f"start {job.name} ({started}/{total}){' (resumed)' if '--resume' in argv else ''}", flush=True)
             time.sleep(0.2)
-            for name, (proc, log, t0) in list(running.items()):
+            for name, (proc, log, t0, gpu) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 log.close()
                 del running[name]
+                if gpu is not None:
+                    free_gpus.append(gpu)
                 seconds[name] = time.time() - t0
                 record_time(cfg.sweep_dir, name, t0, seconds[name])
                 if proc.returncode == 0 and finished(runs_dir / name, jobs[name].stage):
@@ -497,9 +601,9 @@ def execute(
                         flush=True,
                     )
     except KeyboardInterrupt:
-        for proc, _, _ in running.values():
+        for proc, *_ in running.values():
             proc.terminate()
-        for proc, log, _ in running.values():
+        for proc, log, *_ in running.values():
             proc.wait()
             log.close()
         raise
@@ -705,6 +809,14 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
         f"Commit: {_commit()}, written {date.today()}  ",
         f"Seeds: {cfg.seed_list}; base train.py flags: `{shlex.join(base) or '(none)'}`  ",
     ]
+    tuned = cfg.sweep_dir / "tune.json"
+    if tuned.exists():
+        t = json.loads(tuned.read_text())
+        runs = ", ".join(f"{lr}: {acc:.3f}" for lr, acc in t["val_accuracy"].items())
+        lines.append(
+            f"RL learning rate tuned on `{t['arm']}` (first seed, validation accuracy at the last step): {runs}; "
+            f"every RL arm runs at **{t['chosen']}**  "
+        )
     if seconds:
         lines.append(
             f"Runtime this invocation: {_fmt_s(wall or 0)} wall, {len(seconds)} runs, "
@@ -1016,24 +1128,59 @@ def report(cfg, argv, base, arms, result_of, jobs, seconds, wall) -> Path:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# the smoke check of a recipe (--smoke): every stage for one step on a few records
+SMOKE = (
+    *("--sft-steps", "1", "--sft-batch-size", "2", "--rl-steps", "1", "--prompts-per-step", "2", "--group-size", "2"),
+    *("--micro-batch", "2", "--eval-every", "1", "--val-limit", "2", "--test-limit", "2", "--save-every", "1"),
+)
+
+
+def smoke_config(cfg: AblateConfig) -> AblateConfig:
+    """--smoke: the baseline arm, the first seed, any tuning, each run cut to SMOKE, no gate, in <name>-smoke."""
+    return replace(
+        cfg,
+        name=f"{cfg.name}-smoke",
+        arms=cfg.baseline,
+        seeds=str(cfg.seed_list[0]),
+        base=f"{cfg.base} {shlex.join(SMOKE)}",
+        gate=-1,
+        smoke=False,
+    )
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg, _ = parse_config(AblateConfig, argv, __doc__)
     started = time.perf_counter()
     try:
+        if cfg.smoke:
+            cfg = smoke_config(cfg)
         base, arms = select_arms(cfg)
-        jobs, result_of = plan(cfg, base, arms)
-        data_dir = check_plan(base, arms, jobs)
+        tune = tuning_jobs(cfg, base, arms)
+        chosen = tuned_lr(cfg, tune)  # from an earlier invocation, when its tuning finished
+        # the RL runs at the tuned rate; before it is known, checked at the grid's first (and shown as TUNED)
+        jobs, result_of = plan(cfg, base, arms, ("--rl-lr", chosen or cfg.lr_list[0]) if tune else ())
+        data_dir = check_plan(base, arms, {**jobs, **tune})
         if cfg.dry_run:
-            for job in jobs.values():
+            if tune and not chosen:
+                jobs, _ = plan(cfg, base, arms, ("--rl-lr", "TUNED"))
+            for job in [
+                *(j for j in jobs.values() if not j.deps),
+                *tune.values(),
+                *(j for j in jobs.values() if j.deps),
+            ]:
                 print(f"{job.name}: python train.py {shlex.join(job.argv)}")
+            if tune and not chosen:
+                print(f"(TUNED: the --tune-lr learning rate whose {cfg.baseline} run validates best)")
             return 0
         if cfg.report_only and not (cfg.sweep_dir / "plan.json").exists():
             raise ConfigError(f"--report-only: no sweep in {cfg.sweep_dir} (no plan.json); run it first")
         if not cfg.report_only:
             if data_dir != BUILTIN_DIR and not Path(data_dir).is_dir():
                 raise ConfigError(f"--data-dir {data_dir}: no such folder (python -m data.synthetic --out DIR)")
-            merge_plan(cfg.sweep_dir, jobs)
+            waiting = bool(tune) and not chosen  # RL runs wait for the tuned rate: planned once it is known
+            known = {n: j for n, j in jobs.items() if not (waiting and j.stage == "rl" and j.deps)}
+            merge_plan(cfg.sweep_dir, {**known, **tune})
             if data_dir == BUILTIN_DIR:
                 ensure_builtin(data_dir)  # once, here: parallel runs must not generate it concurrently
             lock = lock_sweep(cfg.sweep_dir)  # last: every path from here on releases it
@@ -1043,16 +1190,28 @@ def main(argv=None) -> int:
     failed, seconds, closed = [], {}, []
     if not cfg.report_only:  # `lock` is held
         try:
+            warmups = {n: j for n, j in jobs.items() if not j.deps}
             if cfg.gate >= 0:  # the warm-ups first, then the gate, then the runs from them
-                failed, seconds = execute(cfg, {n: j for n, j in jobs.items() if not j.deps}, lock=lock)
+                failed, seconds = execute(cfg, warmups, lock=lock)
                 closed = gate_failures(cfg, jobs)
                 write_text_atomic(cfg.sweep_dir / "gate.json", json.dumps({"margin": cfg.gate, "failed": closed}))
-            if not closed:
+            if tune and not closed and not chosen:  # then the tuning, then the RL runs at the rate it chose
+                failed, more_seconds = execute(cfg, {**warmups, **tune}, failed_before=failed, lock=lock)
+                seconds.update(more_seconds)
+                if not any(n in failed for n in tune):
+                    chosen = choose_lr(cfg, tune)
+                    jobs, result_of = plan(cfg, base, arms, ("--rl-lr", chosen))
+                    merge_plan(cfg.sweep_dir, jobs)
+                    print(f"tuned: --rl-lr {chosen} (tune.json)", flush=True)
+            if not closed and (chosen or not tune):
                 failed, more_seconds = execute(cfg, jobs, failed_before=failed, lock=lock)
                 seconds.update(more_seconds)
         except KeyboardInterrupt:
             print("interrupted; run the same command again to continue the sweep", file=sys.stderr)
             return 130
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         finally:
             os.close(lock)
     try:
@@ -1073,7 +1232,12 @@ def main(argv=None) -> int:
     if failed:
         print(f"error: {len(failed)} run(s) failed or were skipped: {', '.join(failed)}", file=sys.stderr)
         return 1
-    return 4 if closed else 0
+    if closed:
+        return 4
+    if tune and not chosen and not cfg.report_only:
+        print("error: the tuning did not finish, so no RL run was started", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

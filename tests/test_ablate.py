@@ -319,6 +319,10 @@ def test_failed_warmup_skips_its_arms_and_exits_1(bench, tmp_path, capsys):
 
 
 BAD = [
+    (["--tune-lr", "1e-3,x"], "--tune-lr must be a comma list"),
+    (["--tune-lr", "1e-3,1e-3"], "distinct learning rates"),
+    (["--tune-lr", "1e-3", "--baseline", "sft-reasoning"], "'sft-reasoning' has none"),
+    (["--gpus", "0,a"], "--gpus must be a comma list"),
     (["--arms", "nope"], "unknown arm"),
     (["--arms", ",,"], "--arms ',,' names no arm"),
     (["--baseline", "nope"], "--baseline 'nope' is not among the arms"),
@@ -418,6 +422,61 @@ def test_fair_preset_plan():
     more = jobs[result_of["more-sft", 0]].argv
     assert more[more.index("--stages") + 1] == "sft" and more[more.index("--sft-steps") + 1] == "100"
     assert more[-1] == jobs[result_of["sam", 0]].argv[-1] == "runs/ablation/runs/warmup-base-s0/sft"
+
+
+def test_fair_smol_preset_plan_with_tuning(capsys):
+    cfg = ablate.AblateConfig(preset="fair-smol", seeds="0,1,2,3,4", tune_lr="3e-6,1e-5")
+    base, arms = ablate.select_arms(cfg)
+    assert arms == ablate.PRESETS["fair"][1]  # the same study: arms and seeds
+    tune = ablate.tuning_jobs(cfg, base, arms)
+    jobs, result_of = ablate.plan(cfg, base, arms, ("--rl-lr", "1e-5"))
+    ablate.check_plan(base, arms, {**jobs, **tune})
+    warm = jobs["warmup-base-s0"].argv
+    # the warm-up docs/LOG.md found for SmolLM2-135M (150 SFT steps of 8 at lr 1e-4, no instruction)
+    for flag, value in [("--model", "models/smollm2-135m"), ("--sft-steps", "150"), ("--sft-lr", "1e-4")]:
+        assert warm[warm.index(flag) + 1] == value
+    assert "--rl-lr" not in warm  # the tuned rate is the RL stage's: warm-ups are planned before it is known
+    # tuning: the baseline arm from seed 0's warm-up at each rate, validation only
+    assert list(tune) == ["tune-outcome-lr3e-6-s0", "tune-outcome-lr1e-5-s0"]
+    t = tune["tune-outcome-lr1e-5-s0"].argv
+    assert t[t.index("--rl-lr") + 1] == "1e-5" and t[t.index("--test-splits") + 1] == ""
+    assert t[t.index("--policy") + 1] == "none" and t[-1] == "runs/ablation/runs/warmup-base-s0/sft"
+    sam = jobs[result_of["sam", 3]].argv
+    assert sam[sam.index("--rl-lr") + 1] == "1e-5" and "--test-splits" not in sam
+    more = jobs[result_of["more-sft", 0]].argv
+    steps = [more[i + 1] for i, flag in enumerate(more) if flag == "--sft-steps"]
+    assert "--rl-lr" not in more and steps == ["150", "100"]  # the warm-up's, then the control's (the later wins)
+    # the dry run prints the plan, the tuning before the RL runs, and changes nothing
+    assert (
+        ablate.main(["--preset", "fair-smol", "--tune-lr", "3e-6,1e-5", "--dry-run", "--out-dir", "/nonexistent"]) == 0
+    )
+    out = capsys.readouterr().out.splitlines()
+    names = [line.split(":")[0] for line in out if ": python train.py" in line]
+    assert names.index("tune-outcome-lr1e-5-s0") < names.index("outcome-s0") and len(names) == 52 + 2
+    assert "--rl-lr TUNED" in next(line for line in out if line.startswith("sam-s0:"))
+
+
+def test_tuning_on_the_baseline_then_every_arm_at_the_chosen_rate_one_run_per_gpu(bench, tmp_path, capsys):
+    argv = sweep_args(bench, tmp_path, "--seeds", "0", "--tune-lr", "1e-3,3e-4", "--gpus", "3,5", "--name", "tuned")
+    assert ablate.main(argv) == 0
+    d = tmp_path / "tuned"
+    tuned = json.loads((d / "tune.json").read_text())
+    scores = {lr: ablate.last_val_accuracy(d / f"runs/tune-outcome-lr{lr}-s0") for lr in ("1e-3", "3e-4")}
+    assert tuned["val_accuracy"] == scores and tuned["chosen"] == max(["1e-3", "3e-4"], key=scores.get)
+    for run in ("outcome-s0", "sam-s0"):
+        cfg = json.loads((d / f"runs/{run}/config.json").read_text())
+        assert cfg["rl_lr"] == float(tuned["chosen"])
+    # the tuning runs read no test split
+    assert not (d / "runs/tune-outcome-lr1e-3-s0/predictions_rl.jsonl").read_text()
+    # each run saw one GPU of the pool
+    for log in (d / "logs").iterdir():
+        assert log.read_text().startswith(("$ CUDA_VISIBLE_DEVICES=3 ", "$ CUDA_VISIBLE_DEVICES=5 ")), log.name
+    assert f"every RL arm runs at **{tuned['chosen']}**" in (d / "ablation.md").read_text()
+    # a rerun reuses the tuning; another grid on the same sweep is refused
+    capsys.readouterr()
+    assert ablate.main(argv) == 0 and "tuned:" not in capsys.readouterr().out
+    argv[argv.index("--tune-lr") + 1] = "1e-3"
+    assert ablate.main(argv) == 2 and "was tuned over --tune-lr 1e-3,3e-4" in capsys.readouterr().err
 
 
 def test_metric_on_matches_sam_metrics():

@@ -297,3 +297,24 @@ def test_tiny_end_to_end_run_with_the_real_model(smol, tmp_path, capsys):
     scored = json.loads(result.read_text())
     assert scored["with_instruction"] is False and sum(m["n"] for m in scored["results"].values()) == 4
     shutil.rmtree(tmp_path / "runs")  # about 3 GB of checkpoints (weights + AdamW state) that pytest would keep
+
+
+def test_the_gpu_study_recipe_smoke_on_the_cpu(smol, tmp_path):
+    """docs/ablation.md's recipe for GPU nodes (ablate.py --preset fair-smol --tune-lr ...), checked as its dry run
+    (the whole plan, tuning included) and its --smoke: the real model's warm-up and its baseline arm at the recipe's
+    settings, one step each on a few records (the tuning itself: tests/test_ablate.py, on a tiny model)."""
+    import ablate
+
+    data = tmp_path / "data"
+    synthetic.write_benchmark(data, seed=0, sizes={"sft": 4, "rl": 4, "val": 2, "test_random": 2, "test_longtail": 2})
+    argv = ["--preset", "fair-smol", "--out-dir", str(tmp_path), "--no-progress", "--jobs", "1", "--threads", "2"]
+    argv += ["--base", f"--model {smol} --data-dir {data} --max-new-tokens 80 --test-splits test_random"]
+    assert ablate.main([*argv, "--tune-lr", "3e-6,1e-5,3e-5", "--dry-run"]) == 0  # every command line is valid
+    assert ablate.main([*argv, "--smoke"]) == 0
+    d = tmp_path / "ablation-smoke"
+    assert sorted(p.name for p in (d / "runs").iterdir()) == ["outcome-s0", "warmup-base-s0"]
+    cfg = json.loads((d / "runs/outcome-s0/config.json").read_text())
+    assert cfg["rl_steps"] == 1 and cfg["policy"] == "none" and cfg["instruction"] == "none"
+    warm = json.loads((d / "runs/warmup-base-s0/config.json").read_text())
+    assert warm["model"] == str(smol) and warm["sft_lr"] == 1e-4 and warm["sft_steps"] == 1
+    assert "| outcome | 1 |" in (d / "ablation.md").read_text()
