@@ -374,6 +374,8 @@ def tuning_jobs(cfg: AblateConfig, base: tuple[str, ...], arms: dict[str, Arm]) 
     arm = arms[cfg.baseline]
     if arm.rl is None or arm.kind != "rl":
         raise ConfigError(f"--tune-lr tunes the baseline arm's RL stage, and {cfg.baseline!r} has none")
+    if "--rl-lr" in (*base, *arm.warmup, *arm.rl) or any(f.startswith("--rl-lr=") for f in (*base, *arm.rl)):
+        raise ConfigError("--tune-lr chooses --rl-lr; leave --rl-lr out of --base and of the baseline arm")
     seed = arm_seeds(cfg, arm)[0]
     warm = f"warmup-{_slug(arm.warmup)}-s{seed}"
     init = str(cfg.sweep_dir / "runs" / warm / "sft")
@@ -409,12 +411,20 @@ def tuned_lr(cfg: AblateConfig, tune: dict[str, Job]) -> str | None:
     return chosen
 
 
-def choose_lr(cfg: AblateConfig, tune: dict[str, Job]) -> str:
+def choose_lr(cfg: AblateConfig, tune: dict[str, Job], failed=()) -> str | None:
     """The learning rate whose tuning run ends with the highest validation accuracy (the first of the grid on a
-    tie); tune.json records every run's figure and the choice."""
-    scores = {lr: last_val_accuracy(cfg.sweep_dir / "runs" / name) for lr, name in zip(cfg.lr_list, tune)}
-    chosen = max(cfg.lr_list, key=lambda lr: scores[lr])
-    record = {"grid": cfg.lr_list, "val_accuracy": scores, "chosen": chosen, "arm": cfg.baseline}
+    tie), among the runs that finished (a rate whose run failed, e.g. diverged, is out; None when none finished);
+    tune.json records every run's figure, the failures and the choice."""
+    scores = {
+        lr: last_val_accuracy(cfg.sweep_dir / "runs" / name)
+        for lr, name in zip(cfg.lr_list, tune)
+        if name not in failed
+    }
+    if not scores:
+        return None
+    chosen = max(scores, key=lambda lr: scores[lr])
+    out = [lr for lr, name in zip(cfg.lr_list, tune) if name in failed]
+    record = {"grid": cfg.lr_list, "val_accuracy": scores, "failed": out, "chosen": chosen, "arm": cfg.baseline}
     write_text_atomic(cfg.sweep_dir / "tune.json", json.dumps(record, indent=1) + "\n")
     return chosen
 
@@ -445,8 +455,10 @@ def check_plan(base, arms: dict[str, Arm], jobs: dict[str, Job]) -> str:
     return data_dirs.pop()
 
 
-def merge_plan(sweep_dir: Path, jobs: dict[str, Job]) -> None:
-    """Refuse a rerun that would change an existing run's command line; remember the new ones (plan.json)."""
+def merge_plan(sweep_dir: Path, jobs: dict[str, Job], pending=()) -> None:
+    """Refuse a rerun that would change an existing run's command line; remember the new ones (plan.json).
+    `pending`: runs whose command line is not known yet (the RL runs waiting for the tuned rate); one that the plan
+    already holds was planned another way (without --tune-lr), and is refused before any tuning run is spent."""
     path = sweep_dir / "plan.json"
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -459,6 +471,12 @@ def merge_plan(sweep_dir: Path, jobs: dict[str, Job]) -> None:
         ) from None
     if not isinstance(saved, dict) or not all(isinstance(v, list) for v in saved.values()):
         raise ConfigError(f"{path}: not a plan written by ablate.py (a JSON object of run name -> flags)")
+    early = [n for n in pending if n in saved]
+    if early:
+        raise ConfigError(
+            f"{sweep_dir}: run {early[0]} (and {len(early) - 1} more) is planned already with {saved[early[0]]!r}, "
+            "not at a rate --tune-lr will choose; choose another --name"
+        )
     changed = [n for n, job in jobs.items() if n in saved and saved[n] != job.argv]
     if changed:
         n = changed[0]
@@ -485,9 +503,10 @@ def lock_sweep(sweep_dir: Path) -> int:
     process holding it ends. Returns the file descriptor (kept open for the process's life)."""
     path = sweep_dir / LOCK
     try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot create the sweep's lock file: {exc.strerror or exc}") from None
+    except OSError as exc:  # --out-dir or <out-dir>/<name> is a file, or the folder cannot be made
+        raise ConfigError(f"{sweep_dir}: cannot create or read the sweep folder: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -681,6 +700,7 @@ def verdict_flips(rows: list[dict], where: str) -> list[dict]:
                 {
                     "step": step,
                     "verdict": name,
+                    "records": len(after),
                     "known": len(known),
                     "flips": sum(a != b for a, b in known),
                     "to_right": sum(a == "0" and b == "1" for a, b in known),
@@ -820,7 +840,8 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
     if seconds:
         lines.append(
             f"Runtime this invocation: {_fmt_s(wall or 0)} wall, {len(seconds)} runs, "
-            f"{_fmt_s(sum(seconds.values()))} summed over runs, {cfg.jobs or 'auto'} at a time  "
+            f"{_fmt_s(sum(seconds.values()))} summed over runs, "
+            f"{len(cfg.gpu_list) or cfg.jobs or 'auto'}{' GPUs' if cfg.gpu_list else ''} at a time  "
         )
     timings = cfg.sweep_dir / "timings.json"
     recorded = json.loads(timings.read_text()) if timings.exists() else {}
@@ -882,7 +903,9 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
             "",
             "## Per-step agreement with the gold values (mean over seeds)",
             "",
-            "The share of test records whose step says what the gold trace says (unknown claims count as wrong).",
+            "The share of test records whose step says what the gold trace says, among the records whose step "
+            "can be read (a malformed completion or an unreadable claim is left out, so a high malformed rate "
+            "flatters it).",
             "",
             "| split | arm | " + " | ".join(f"{i + 1} {VERDICTS[i]}" for i in range(7)) + " |",
             "|---|---|" + "---|" * 7,
@@ -913,7 +936,8 @@ def markdown(cfg, argv, base, arms, res: Results, cmps, seconds: dict, wall: flo
                 "",
                 "Validation accuracy at each run's last step, mean ± std over seeds: "
                 + "; ".join(f"{a} {_mean_std(v)}" for a, v in last.items())
-                + f". Highest of the RL arms: **{best}** (the arm a distillation starts from).",
+                + f". Highest of the RL arms: **{best}** (the arm a distillation starts from; oracle arms, which "
+                "judge verdicts by gold values, are eligible).",
             ]
     if res.flips:
         lines += flips_tables(res.flips)
@@ -961,15 +985,16 @@ def last_validation(res: Results) -> dict[str, list[float]]:
 
 def flip_summary(flips: list[dict]) -> dict:
     """{(arm, verdict): (flip share, net share)}: flips per known record and interval, pooled over a run's
-    intervals, then the mean over seeds; net: (to right - to wrong) over the run per validation record (the
-    change in agreement that the flips add up to), mean over seeds."""
+    intervals, then the mean over seeds; net: (to right - to wrong) summed over the run's intervals per validation
+    record, mean over seeds. The net counts only changes between two readable verdicts: a record that goes from
+    malformed to right (or right to malformed) is not in it, so it is not the change in agreement."""
     runs = {}
     for f in flips:
         t = runs.setdefault((f["arm"], f["verdict"], f["seed"]), [0, 0, 0, 0])
         t[0] += f["known"]
         t[1] += f["flips"]
         t[2] += f["to_right"] - f["to_wrong"]
-        t[3] = max(t[3], f["known"])
+        t[3] = max(t[3], f["records"])
     by = {}
     for (arm, verdict, _), (known, n, net, most) in runs.items():
         share = by.setdefault((arm, verdict), ([], []))
@@ -991,7 +1016,9 @@ def flips_tables(flips: list[dict]) -> list[str]:
         f"How often a validation record's verdict changes between two validations ({gap} RL steps apart): the "
         "share of records whose verdict is known at both that flipped, pooled over the run, mean over seeds (%). "
         "Verdicts 1-7 are the criteria steps against their gold values; the last two are boxes 1 and 2 against "
-        "the label (the verdicts SAM masks on). Per interval: flips.csv.",
+        "the label (the verdicts SAM masks on). Per interval: flips.csv. Validation is greedy by default; at "
+        "--eval-temperature > 0 the flips include sampling noise (and with --eval-samples > 1 the first pass is "
+        "logged).",
         "",
         header,
         "|---|" + "---|" * len(VERDICTS),
@@ -1001,7 +1028,8 @@ def flips_tables(flips: list[dict]) -> list[str]:
         lines.append(f"| {arm} | " + " | ".join(_pct(c) for c in cells) + " |")
     lines += [
         "",
-        "Net flips over the run, (to right - to wrong) per 100 validation records, mean over seeds:",
+        "Net flips over the run, (to right - to wrong) per 100 validation records, mean over seeds (changes "
+        "between two readable verdicts only, so not the change in agreement):",
         "",
         header,
         "|---|" + "---|" * len(VERDICTS),
@@ -1178,12 +1206,16 @@ def main(argv=None) -> int:
         if not cfg.report_only:
             if data_dir != BUILTIN_DIR and not Path(data_dir).is_dir():
                 raise ConfigError(f"--data-dir {data_dir}: no such folder (python -m data.synthetic --out DIR)")
-            waiting = bool(tune) and not chosen  # RL runs wait for the tuned rate: planned once it is known
-            known = {n: j for n, j in jobs.items() if not (waiting and j.stage == "rl" and j.deps)}
-            merge_plan(cfg.sweep_dir, {**known, **tune})
-            if data_dir == BUILTIN_DIR:
-                ensure_builtin(data_dir)  # once, here: parallel runs must not generate it concurrently
-            lock = lock_sweep(cfg.sweep_dir)  # last: every path from here on releases it
+            lock = lock_sweep(cfg.sweep_dir)  # before the folder is read or written; every path releases it
+            try:
+                waiting = bool(tune) and not chosen  # RL runs wait for the tuned rate: planned once it is known
+                held = {n for n, j in jobs.items() if waiting and j.stage == "rl" and j.deps}
+                merge_plan(cfg.sweep_dir, {**{n: j for n, j in jobs.items() if n not in held}, **tune}, held)
+                if data_dir == BUILTIN_DIR:
+                    ensure_builtin(data_dir)  # once, here: parallel runs must not generate it concurrently
+            except BaseException:
+                os.close(lock)
+                raise
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -1198,8 +1230,8 @@ def main(argv=None) -> int:
             if tune and not closed and not chosen:  # then the tuning, then the RL runs at the rate it chose
                 failed, more_seconds = execute(cfg, {**warmups, **tune}, failed_before=failed, lock=lock)
                 seconds.update(more_seconds)
-                if not any(n in failed for n in tune):
-                    chosen = choose_lr(cfg, tune)
+                chosen = choose_lr(cfg, tune, failed)
+                if chosen:
                     jobs, result_of = plan(cfg, base, arms, ("--rl-lr", chosen))
                     merge_plan(cfg.sweep_dir, jobs)
                     print(f"tuned: --rl-lr {chosen} (tune.json)", flush=True)
@@ -1214,8 +1246,8 @@ def main(argv=None) -> int:
             return 2
         finally:
             os.close(lock)
-    try:
-        md = report(cfg, argv, base, arms, result_of, jobs, seconds, time.perf_counter() - started)
+    try:  # (the tuning runs count in the recorded times)
+        md = report(cfg, argv, base, arms, result_of, {**jobs, **tune}, seconds, time.perf_counter() - started)
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

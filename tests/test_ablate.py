@@ -175,13 +175,25 @@ def _wait_for(proc, ready, what: str, timeout: float = 180.0) -> None:
         time.sleep(0.02)
 
 
+def _untimed(path):
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not (k.endswith("_s") or k.endswith("_per_s"))} for r in rows]
+
+
 def _rows(run_dir, stage):
     path = run_dir / "metrics.jsonl"
     text = path.read_text() if path.exists() else ""
     return sum(json.loads(x)["stage"] == stage for x in text.splitlines() if x.endswith("}"))
 
 
-def test_kill_9_in_a_warmup_and_in_an_arm_resumes_to_the_uninterrupted_result(bench, tmp_path, capsys):
+def _kill_group(proc) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_kill_9_in_a_warmup_and_in_an_arm_resumes_to_the_uninterrupted_result(bench, tmp_path, capsys, request):
     # each run checkpoints every step and is long enough to be caught in the middle
     arms = {"outcome": {"rl": ["--policy", "none"]}}
     base = f"{TINY} --data-dir {bench} --sft-steps 24 --rl-steps 10 --eval-every 5 --save-every 1"
@@ -192,9 +204,13 @@ def test_kill_9_in_a_warmup_and_in_an_arm_resumes_to_the_uninterrupted_result(be
     d = tmp_path / "cut"
     warm, arm = d / "runs/warmup-base-s0", d / "runs/outcome-s0"
 
+    started = []  # whatever happens, no sweep of this test outlives it (frozen or running)
+    request.addfinalizer(lambda: [_kill_group(p) for p in started])
+
     def start():
         command = [sys.executable, str(ablate.ROOT / "ablate.py"), *argv, "--name", "cut"]
-        return subprocess.Popen(command, cwd=ablate.ROOT, start_new_session=True, stdout=subprocess.DEVNULL)
+        started.append(subprocess.Popen(command, cwd=ablate.ROOT, start_new_session=True, stdout=subprocess.DEVNULL))
+        return started[-1]
 
     # 1. SIGKILL to the whole sweep (ablate.py and its run) in the middle of the warm-up, after a checkpoint
     proc = start()
@@ -232,6 +248,13 @@ def test_kill_9_in_a_warmup_and_in_an_arm_resumes_to_the_uninterrupted_result(be
         assert len(commands) >= 2 and commands[-1].endswith("--resume --no-progress"), log
     for name in ("ablation.csv", "curves.csv", "flips.csv", "runs/outcome-s0/predictions_rl.jsonl"):
         assert (d / name).read_text() == (tmp_path / "whole" / name).read_text(), name
+    # the nano model's answers hardly move, so the training itself is compared: every logged loss, gradient norm
+    # and reward of both runs, and the final weights
+    for run in ("warmup-base-s0", "outcome-s0"):
+        rows = [_untimed(tmp_path / sweep / f"runs/{run}/metrics.jsonl") for sweep in ("whole", "cut")]
+        assert rows[0] == rows[1] and len(rows[0]) > 10, run
+    weights = [(tmp_path / s / "runs/outcome-s0/ckpt/model.safetensors").read_bytes() for s in ("whole", "cut")]
+    assert weights[0] == weights[1]
 
 
 def test_report_tables_by_hand(tmp_path):
@@ -248,10 +271,10 @@ def test_report_tables_by_hand(tmp_path):
         for a, s, step, v in [("outcome", 0, 5, 0.6), ("outcome", 1, 5, 0.7), ("sam", 0, 5, 0.8), ("sam", 1, 5, 0.5)]
         + [("sam", 0, 0, 0.9), ("outcome", 0, 0, 0.1)]  # earlier steps do not count
     ]
-    flip = {"step": 5, "verdict": "coverage", "known": 10}
+    flip = {"step": 5, "verdict": "coverage", "records": 20, "known": 10}
     flips = [
         {"arm": "sam", "seed": 0, **flip, "flips": 4, "to_right": 3, "to_wrong": 1},
-        {"arm": "sam", "seed": 1, **flip, "flips": 2, "to_right": 0, "to_wrong": 2},
+        {"arm": "sam", "seed": 1, **flip, "flips": 2, "to_right": 1, "to_wrong": 1},
         {"arm": "outcome", "seed": 0, **dict(flip, known=0), "flips": 0, "to_right": 0, "to_wrong": 0},
     ]
     md = ablate.markdown(cfg, [], (), arms, ablate.Results(rows, curves, {}, [], flips), [], {}, None)
@@ -265,8 +288,29 @@ def test_report_tables_by_hand(tmp_path):
     sam_net = next(x for x in table[1].splitlines() if x.startswith("| sam |")).split("|")
     outcome_flips = next(x for x in table[0].splitlines() if x.startswith("| outcome |")).split("|")
     assert sam_flips[coverage].strip() == "30.0"  # (40% + 20%) / 2
-    assert sam_net[coverage].strip() == "+0.0"  # (+2 - 2) / 10 / 2
+    assert sam_net[coverage].strip() == "+5.0"  # per validation record: ((3 - 1) / 20 + (1 - 1) / 20) / 2
     assert outcome_flips[coverage].strip() == "-" and sam_flips[2].strip() == "-"  # nothing known
+
+
+def test_choose_lr_takes_the_best_finished_tuning_run(tmp_path):
+    cfg = ablate.AblateConfig(preset="fair", out_dir=str(tmp_path), seeds="0", tune_lr="1e-4,3e-4,1e-3")
+    base, arms = ablate.select_arms(cfg)
+    tune = ablate.tuning_jobs(cfg, base, arms)
+    # the last validation counts, not the best one along the way; 1e-3 "diverged" (its run failed)
+    for name, accs in zip(tune, [(0.9, 0.5), (0.4, 0.6), (0.2, 0.8)]):
+        run = tmp_path / "ablation/runs" / name
+        run.mkdir(parents=True)
+        rows = [{"stage": "rl", "step": 5 * i, "val/accuracy": a} for i, a in enumerate(accs)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert ablate.choose_lr(cfg, tune) == "1e-3"
+    assert ablate.choose_lr(cfg, tune, failed=["tune-outcome-lr1e-3-s0"]) == "3e-4"
+    saved = json.loads((tmp_path / "ablation/tune.json").read_text())
+    assert saved["failed"] == ["1e-3"] and saved["val_accuracy"] == {"1e-4": 0.5, "3e-4": 0.6}
+    assert ablate.tuned_lr(cfg, tune) == "3e-4"
+    assert ablate.choose_lr(cfg, tune, failed=list(tune)) is None
+    # a baseline that sets its own rate would make every grid point the same run
+    with pytest.raises(ablate.ConfigError, match="leave --rl-lr out"):
+        ablate.tuning_jobs(cfg, (*base, "--rl-lr", "1e-4"), arms)
 
 
 def test_verdict_flips_and_busy_time_by_hand():
@@ -477,6 +521,12 @@ def test_tuning_on_the_baseline_then_every_arm_at_the_chosen_rate_one_run_per_gp
     assert ablate.main(argv) == 0 and "tuned:" not in capsys.readouterr().out
     argv[argv.index("--tune-lr") + 1] = "1e-3"
     assert ablate.main(argv) == 2 and "was tuned over --tune-lr 1e-3,3e-4" in capsys.readouterr().err
+    # a sweep whose RL runs were planned without tuning refuses a tuning before spending a run on it
+    plain = sweep_args(bench, tmp_path, "--seeds", "0", "--name", "plain", "--gate", "0.99")
+    assert ablate.main(plain) == 4  # the gate closes: the warm-up ran, the RL runs are planned, none started
+    assert ablate.main([*plain, "--gate", "-1", "--tune-lr", "1e-3"]) == 2
+    assert "is planned already" in capsys.readouterr().err
+    assert not list((tmp_path / "plain/runs").glob("tune-*"))
 
 
 def test_metric_on_matches_sam_metrics():
