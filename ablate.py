@@ -1145,7 +1145,7 @@ def report(cfg, argv, base, arms, result_of, jobs, seconds, wall) -> Path:
     d = cfg.sweep_dir
     write_text_atomic(d / "ablation.csv", _csv(res.rows, ["arm", "seed", "split", "metric", "value"]))
     write_text_atomic(d / "curves.csv", _csv(res.curves, ["arm", "seed", "step", "metric", "value"]))
-    flip_columns = ["arm", "seed", "step", "verdict", "known", "flips", "to_right", "to_wrong"]
+    flip_columns = ["arm", "seed", "step", "verdict", "records", "known", "flips", "to_right", "to_wrong"]
     write_text_atomic(d / "flips.csv", _csv(res.flips, flip_columns))
     write_text_atomic(d / "comparisons.json", json.dumps(cmps, indent=1) + "\n")
     write_text_atomic(d / "ablation.md", markdown(cfg, argv, base, arms, res, cmps, seconds, wall, jobs))
