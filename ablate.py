@@ -388,9 +388,10 @@ def tuning_jobs(cfg: AblateConfig, base: tuple[str, ...], arms: dict[str, Arm]) 
     return jobs
 
 
-def last_val_accuracy(run_dir: Path) -> float:
+def last_val_accuracy(run_dir: Path, stage: str = "rl") -> float:
+    """The validation accuracy a run's stage logged last (metrics.jsonl)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["val/accuracy"] for r in rows if r["stage"] == "rl" and "val/accuracy" in r][-1]
+    return [r["val/accuracy"] for r in rows if r["stage"] == stage and "val/accuracy" in r][-1]
 
 
 def tuned_lr(cfg: AblateConfig, tune: dict[str, Job]) -> str | None:
@@ -654,8 +655,7 @@ def gate_failures(cfg: AblateConfig, jobs: dict[str, Job]) -> list[str]:
             continue  # a warm-up no run starts from (an arm of its own), or one that failed (its runs skip)
         try:
             run = json.loads((run_dir / "config.json").read_text())
-            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            acc = [r["val/accuracy"] for r in rows if r["stage"] == "sft" and "val/accuracy" in r][-1]
+            acc = last_val_accuracy(run_dir, "sft")
             label, base = majority_rate(run["data_dir"], run["rl_split"], run["val_split"], run["val_limit"])
         except (OSError, ValueError, KeyError, IndexError) as exc:  # DataError and RecordError are ValueErrors
             out.append(f"{job.name}: cannot check it ({type(exc).__name__}: {exc})")
